@@ -1,0 +1,157 @@
+"""Checkpoints: atomic save, safe load, and building a model from whatever `init_from` names.
+
+A checkpoint is one `ckpt.pt` holding plain data only (tensors, numbers, strings, lists,
+dicts), so it loads with `torch.load(weights_only=True)`: model and optimizer state, the
+model's shape (`model_args`), the resolved config, the tokenizer metadata, iteration, best
+val loss, every RNG state and the data loader's state.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.model import GPT, GPTConfig
+
+CKPT_NAME = "ckpt.pt"
+FORMAT = "ngpt/1"
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`:
+    a crash at any moment leaves either the old checkpoint or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def checkpoint_file(location: str | os.PathLike) -> Path:
+    """An out_dir (holding ckpt.pt) or a checkpoint file -> the file."""
+    path = Path(location).expanduser()
+    return path / CKPT_NAME if path.is_dir() or not path.suffix else path
+
+
+def load_checkpoint(location: str | os.PathLike) -> dict:
+    """Load a checkpoint safely (no arbitrary unpickling); clear errors for missing or corrupt files."""
+    path = checkpoint_file(location)
+    if not path.is_file():
+        raise NgptError(f"no checkpoint at {path}; train one first (`ngpt train ... --out_dir={path.parent}`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200]
+        raise NgptError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {reason})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise NgptError(f"{path} is not an ngpt or nanoGPT checkpoint (no 'model' and 'model_args')")
+    ckpt["model"] = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    return ckpt
+
+
+def load_state_checked(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """load_state_dict, but a mismatch says which keys and shapes differ."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    if shapes:
+        problems.append(f"shape of {'; '.join(shapes[:3])}")
+    if problems:
+        raise NgptError(f"{source} does not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state_dict)
+
+
+def model_from_checkpoint(ckpt: dict, source: str, dropout: float | None = None) -> GPT:
+    known = GPTConfig.__dataclass_fields__
+    args = {k: v for k, v in ckpt["model_args"].items() if k in known}
+    if dropout is not None:
+        args["dropout"] = dropout
+    try:
+        model = GPT(GPTConfig(**args))
+    except (AssertionError, TypeError, ValueError) as e:
+        raise NgptError(f"{source} has invalid model_args {ckpt['model_args']}: {e}") from None
+    load_state_checked(model, ckpt["model"], source)
+    return model
+
+
+def checkpoint_meta(ckpt: dict, location: str | os.PathLike) -> dict:
+    """The tokenizer metadata of a checkpoint: stored in ngpt's; found beside nanoGPT's."""
+    if "meta" in ckpt:
+        return ckpt["meta"]
+    from nanogpt_cli import hf
+
+    return hf.find_nanogpt_meta(checkpoint_file(location).parent, ckpt.get("config", {}))
+
+
+def load_model(init_from: str, out_dir: str, dropout: float | None = None) -> tuple[GPT, dict, dict | None]:
+    """(model, tokenizer meta, checkpoint or None) for `init_from`:
+    resume (out_dir's checkpoint), a checkpoint path or out_dir, gpt2*, or a Hugging Face folder/hub id."""
+    if init_from == "resume":
+        location = out_dir
+    elif Path(init_from).expanduser().exists() and not (Path(init_from).expanduser() / "config.json").is_file():
+        location = init_from
+    else:
+        location = None
+    if location is not None:
+        ckpt = load_checkpoint(location)
+        model = model_from_checkpoint(ckpt, str(checkpoint_file(location)), dropout)
+        return model, checkpoint_meta(ckpt, location), ckpt
+    if init_from == "scratch":
+        raise UsageError("init_from=scratch has no weights to load; use resume, a checkpoint, or gpt2*")
+    from nanogpt_cli import hf
+
+    if not hf.is_hf_source(init_from):
+        raise UsageError(f"unknown init_from {init_from!r}: use scratch, resume, gpt2, gpt2-medium, gpt2-large, "
+                         "gpt2-xl, a checkpoint path, or a Hugging Face folder or hub id")
+    model, meta = hf.load_hf_gpt2(init_from, dropout=dropout)
+    return model, meta, None
+
+
+# ---------------------------------------------------------------- RNG state for exact resume
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *map(float, np_state[2:])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

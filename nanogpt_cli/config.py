@@ -1,0 +1,375 @@
+"""Typed configuration: dataclasses whose fields carry their help, presets, overrides.
+
+One flow for every command: dataclass defaults < preset (`--preset NAME|PATH.toml`) <
+command line (`--key=value`, `--key value`, dashes or underscores, `--no-flag`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """Where prepared datasets live: the argument, else $NGPT_DATA_DIR, else a per-user data folder."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get("NGPT_DATA_DIR"):
+        return Path(os.environ["NGPT_DATA_DIR"]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("ngpt")) / "data"
+
+
+def cache_dir() -> Path:
+    """Downloads (corpora, benchmark files) are cached here; $NGPT_CACHE_DIR overrides."""
+    if os.environ.get("NGPT_CACHE_DIR"):
+        return Path(os.environ["NGPT_CACHE_DIR"]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("ngpt"))
+
+
+import dataclasses
+import difflib
+import math
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+
+from nanogpt_cli.errors import UsageError
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    raise ImportError("nanogpt-cli needs Python 3.11 or newer")
+
+
+def opt(default, help: str, panel: str = "Options", choices: tuple | None = None):
+    """A config field with its help text (shown by `--help` and `ngpt presets show`)."""
+    return field(default=default, metadata={"help": help, "panel": panel, "choices": choices})
+
+
+AUTO = None  # fields typed `X | None` read "auto" as None: the engine chooses for the device
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training (or finetuning, or evaluation) run needs; keys are nanoGPT's."""
+
+    # I/O
+    out_dir: str = opt("out", "folder for checkpoints, metrics.jsonl and config.toml", "I/O")
+    init_from: str = opt("scratch", "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face "
+                         "folder or hub id | an ngpt out_dir or checkpoint file", "I/O")
+    eval_interval: int = opt(2000, "evaluate train/val loss every this many iterations", "I/O")
+    log_interval: int = opt(1, "log loss, lr and speed every this many iterations", "I/O")
+    eval_iters: int = opt(200, "batches per split in each evaluation", "I/O")
+    eval_only: bool = opt(False, "evaluate once and exit", "I/O")
+    always_save_checkpoint: bool = opt(True, "save at every eval, not only when val loss improves", "I/O")
+    on_nonfinite: str = opt("stop", "on a NaN/inf loss: stop (keep the last good checkpoint) or skip the step",
+                            "I/O", ("stop", "skip"))
+    # logging
+    wandb_log: bool = opt(False, "log to Weights & Biases (pip install 'nanogpt-cli[wandb]')", "Logging")
+    wandb_project: str = opt("owt", "wandb project", "Logging")
+    wandb_run_name: str = opt("gpt2", "wandb run name", "Logging")
+    # data
+    dataset: str = opt("openwebtext", "prepared dataset name (a folder under data_dir), or 'synthetic'", "Data")
+    data_dir: str | None = opt(None, "where prepared datasets live (default: $NGPT_DATA_DIR or a per-user folder)",
+                               "Data")
+    gradient_accumulation_steps: int = opt(40, "micro-steps per optimizer step, across all processes", "Data")
+    batch_size: int = opt(12, "sequences per micro-step per process", "Data")
+    block_size: int = opt(1024, "context length in tokens", "Data")
+    # model
+    n_layer: int = opt(12, "transformer blocks", "Model")
+    n_head: int = opt(12, "attention heads per block", "Model")
+    n_embd: int = opt(768, "embedding width (divisible by n_head)", "Model")
+    dropout: float = opt(0.0, "dropout rate (0 for pretraining, 0.1+ for finetuning)", "Model")
+    bias: bool = opt(False, "bias in Linear and LayerNorm layers (GPT-2 has them)", "Model")
+    vocab_size: int | None = opt(None, "vocabulary size (auto: the dataset's, padded to a multiple of 64 for BPE)",
+                                 "Model")
+    # optimizer
+    learning_rate: float = opt(6e-4, "peak learning rate", "Optimizer")
+    max_iters: int = opt(600000, "total optimizer steps", "Optimizer")
+    weight_decay: float = opt(1e-1, "AdamW weight decay (matrices only)", "Optimizer")
+    beta1: float = opt(0.9, "AdamW beta1", "Optimizer")
+    beta2: float = opt(0.95, "AdamW beta2", "Optimizer")
+    grad_clip: float = opt(1.0, "clip gradients at this norm (0 disables)", "Optimizer")
+    decay_lr: bool = opt(True, "cosine learning-rate decay after warmup", "Optimizer")
+    warmup_iters: int = opt(2000, "linear warmup steps", "Optimizer")
+    lr_decay_iters: int = opt(600000, "steps until the learning rate reaches min_lr (about max_iters)", "Optimizer")
+    min_lr: float = opt(6e-5, "final learning rate (about learning_rate / 10)", "Optimizer")
+    # system
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps", "System")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (autocast precision)", "System",
+                     ("auto", "float32", "bfloat16", "float16"))
+    compile: bool | None = opt(AUTO, "torch.compile the model (auto: on for cuda)", "System")
+    seed: int = opt(1337, "random seed (each process adds its rank)", "System")
+    backend: str = opt("auto", "torch.distributed backend: auto (nccl on cuda, gloo on cpu) | nccl | gloo", "System")
+    strategy: str = opt("ddp", "multi-process strategy: ddp, or fsdp to shard parameters and optimizer state",
+                        "System", ("ddp", "fsdp"))
+
+    def validate(self) -> "TrainConfig":
+        positive = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
+                    "eval_interval", "log_interval", "eval_iters")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr",
+                     "learning_rate"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UsageError(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UsageError("--beta1 and --beta2 must be in [0, 1)")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise UsageError(f"--vocab_size must be positive, got {self.vocab_size}")
+        validate_device_name(self.device)
+        return self
+
+
+def validate_device_name(device: str) -> None:
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class SampleConfig:
+    """Generation from a trained checkpoint or a pretrained GPT-2; keys are nanoGPT's sample.py keys."""
+
+    out_dir: str = opt("out", "an ngpt out_dir (or a nanoGPT one) to load ckpt.pt from", "Model")
+    init_from: str = opt("resume", "resume (the checkpoint in out_dir) | gpt2* | a Hugging Face folder or hub id",
+                         "Model")
+    prompt: str | None = opt(None, "text to continue (default: a newline); '-' reads stdin", "Prompt")
+    start: str | None = opt(None, "nanoGPT's spelling of the prompt; FILE:path reads the prompt from a file",
+                            "Prompt")
+    prompt_file: str | None = opt(None, "read the prompt from this file", "Prompt")
+    num_samples: int = opt(10, "how many samples to draw (as one batch)", "Sampling")
+    max_new_tokens: int = opt(500, "tokens generated per sample", "Sampling")
+    temperature: float = opt(0.8, "1.0 = the model's distribution, lower = more conservative, 0 = greedy",
+                             "Sampling")
+    top_k: int | None = opt(200, "keep only the k most likely tokens (0 or none: all)", "Sampling")
+    top_p: float | None = opt(None, "nucleus sampling: keep the smallest set of tokens with this much mass", "Sampling")
+    stop: str | None = opt(None, "stop a sample when this string appears", "Sampling")
+    stop_at_eot: bool = opt(True, "stop a sample at <|endoftext|> (BPE models)", "Sampling")
+    use_cache: bool = opt(True, "use the KV cache (false recomputes the context each step, as nanoGPT)", "Sampling")
+    seed: int = opt(1337, "random seed; the same seed gives the same samples", "Sampling")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps", "System")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16", "System", ("auto", "float32", "bfloat16", "float16"))
+    compile: bool = opt(False, "torch.compile the model", "System")
+
+    def validate(self) -> "SampleConfig":
+        if self.num_samples <= 0:
+            raise UsageError(f"--num_samples must be positive, got {self.num_samples}")
+        if self.max_new_tokens <= 0:
+            raise UsageError(f"--max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must not be negative, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise UsageError(f"--top_k must not be negative, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError(f"--top_p must be in (0, 1], got {self.top_p}")
+        validate_device_name(self.device)
+        return self
+
+
+# ---------------------------------------------------------------- presets
+
+def presets_dir() -> Path:
+    """Presets ship inside the wheel (nanogpt_cli/presets); in a source checkout they are ../presets."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "presets", here.parent / "presets"):
+        if candidate.is_dir():
+            return candidate
+    raise UsageError("the presets folder is missing from this installation")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name (`shakespeare-char`) or a path to a .toml file -> a flat dict of keys."""
+    path = Path(name_or_path).expanduser()
+    if not (name_or_path.endswith(".toml") or path.is_file()):
+        path = presets_dir() / f"{name_or_path.replace('_', '-')}.toml"
+        if not path.is_file():
+            raise UsageError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())}")
+    if not path.is_file():
+        raise UsageError(f"preset file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"preset {str(path)!r} is not valid TOML: {e}") from None
+    flat: dict = {}
+    for key, value in data.items():  # tables ([model], [optimizer]) are only grouping
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    flat.pop("description", None)
+    return flat
+
+
+def preset_description(name: str) -> str:
+    path = presets_dir() / f"{name}.toml"
+    return str(tomllib.loads(path.read_text(encoding="utf-8")).get("description", ""))
+
+
+# ---------------------------------------------------------------- overrides and coercion
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def coerce(value, typ, key: str):
+    """Turn a command-line string (or a TOML value) into the field's type, or fail clearly."""
+    args = typing.get_args(typ)
+    optional = (typing.get_origin(typ) in (typing.Union, types.UnionType)) and type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "auto", "null", "")):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    if isinstance(value, str):
+        text = value.strip()
+        if typ is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on", "y", "t"):
+                return True
+            if lowered in ("false", "0", "no", "off", "n", "f"):
+                return False
+        elif typ is int:
+            try:
+                return int(text)
+            except ValueError:
+                try:
+                    as_float = float(text)
+                except ValueError:
+                    as_float = None
+                if as_float is not None and as_float.is_integer():
+                    return int(as_float)
+        elif typ is float:
+            try:
+                number = float(text)
+            except ValueError:
+                number = None
+            if number is not None and math.isfinite(number):
+                return number
+            if number is not None:
+                raise UsageError(f"--{key} must be a finite number, got {value!r}")
+        elif typ is str:
+            return value
+        raise UsageError(f"--{key} expects {typ.__name__}, got {value!r}")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    raise UsageError(f"--{key} expects {typ.__name__}, got {value!r}")
+
+
+def _unknown(key: str, valid: list[str]) -> UsageError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean --{close[0]}?" if close else f"; see --help for the {len(valid)} keys"
+    return UsageError(f"unknown option --{key}{hint}")
+
+
+def parse_overrides(args: list[str], cls) -> dict:
+    """`--key=value`, `--key value`, `--flag`, `--no-flag` (dashes or underscores) -> {field: raw value}."""
+    types_ = _field_types(cls)
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise UsageError(f"unexpected argument {arg!r}; config keys are given as --key=value")
+        body = arg[2:]
+        key, has_value, value = body.partition("=")
+        key = key.replace("-", "_")
+        if key not in types_ and key.startswith("no_") and key[3:] in types_ and not has_value:
+            if types_[key[3:]] not in (bool, bool | None):
+                raise UsageError(f"--{body} only applies to true/false keys")
+            out[key[3:]] = False
+            i += 1
+            continue
+        if key not in types_:
+            raise _unknown(key, list(types_))
+        if not has_value:
+            is_bool = types_[key] in (bool, bool | None)
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is not None and not nxt.startswith("--"):
+                value = nxt
+                i += 1
+            elif is_bool:
+                value = "true"
+            else:
+                raise UsageError(f"--{key} needs a value")
+        out[key] = value
+        i += 1
+    return out
+
+
+def build(cls, preset: str | None = None, args: list[str] | None = None, **values):
+    """Resolve a config: dataclass defaults < preset < `values` < command-line args; then validate."""
+    types_ = _field_types(cls)
+    merged: dict = {}
+    if preset:
+        for key, value in load_preset(preset).items():
+            if key not in types_:
+                raise UsageError(f"preset {preset!r}: {_unknown(key, list(types_))}")
+            merged[key] = value
+    merged.update({k: v for k, v in values.items() if v is not None})
+    merged.update(parse_overrides(args or [], cls))
+    typed = {key: coerce(value, types_[key], key) for key, value in merged.items()}
+    cfg = cls(**typed)
+    for f in fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise UsageError(f"--{f.name} must be one of {', '.join(map(str, choices))}, got {getattr(cfg, f.name)!r}")
+    return cfg.validate()
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config saved in a checkpoint, ignoring keys this version no longer has."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def to_toml(cfg) -> str:
+    """The resolved config as TOML (None values are left out: TOML has no null)."""
+    lines = []
+    for key, value in to_dict(cfg).items():
+        if value is None:
+            lines.append(f"# {key} = auto")
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value!r}")
+        else:
+            escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            lines.append(f'{key} = "{escaped}"')
+    return "\n".join(lines) + "\n"
+
+
+def help_epilog(cls) -> str:
+    """The config keys of `cls`, grouped by panel, for a command's --help."""
+    hints = _field_types(cls)
+    groups: dict[str, list[str]] = {}
+    for f in fields(cls):
+        typ = hints[f.name]
+        tname = getattr(typ, "__name__", None) or str(typ).replace("NoneType", "auto").replace(" | ", "|")
+        default = "auto" if f.default is None else f.default
+        groups.setdefault(f.metadata.get("panel", "Options"), []).append(
+            f"  --{f.name}  [{tname}, default {default}]  {f.metadata.get('help', '')}")
+    parts = ["Config keys (--key=value or --key value; dashes or underscores; --no-FLAG for false):"]
+    parts += ["\n".join([f"{panel}:", *rows]) for panel, rows in groups.items()]
+    return "\n\n".join(parts)

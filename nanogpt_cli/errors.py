@@ -1,0 +1,57 @@
+"""The project's own error type: a message for the user and an exit code, never a traceback."""
+
+
+class NgptError(Exception):
+    """A failure the user can act on. The CLI prints `error: <message>` on one line and exits
+    with `exit_code`: 2 for usage errors (bad options, values, names), 1 for runtime errors."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(NgptError):
+    """Bad command-line input: an unknown key, an ill-typed or out-of-range value."""
+
+    exit_code = 2
+
+
+def debug_enabled() -> bool:
+    """`ngpt --debug ...` or NGPT_DEBUG=1: let tracebacks through."""
+    import os
+    import sys
+
+    return "--debug" in sys.argv or os.environ.get("NGPT_DEBUG", "") not in ("", "0")
+
+
+def report_errors(func):
+    """Decorate a CLI command: the project's errors become one line on stderr and an exit code;
+    anything unexpected does too (with a hint), unless debugging is on."""
+    import functools
+    import sys
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except NgptError as e:
+            if debug_enabled():
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(e.exit_code) from None
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        except SystemExit:
+            raise
+        except Exception as e:
+            if debug_enabled() or type(e).__name__ in ("Exit", "Abort"):  # typer/click control flow
+                raise
+            message = " ".join(str(e).split()) or type(e).__name__
+            print(f"error: {type(e).__name__}: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return wrapper

@@ -1,0 +1,75 @@
+"""Loss and perplexity of a model on the splits of a prepared dataset.
+
+    ngpt eval --init_from=resume --out_dir=out/shakespeare-char --dataset=shakespeare_char
+    ngpt eval --preset eval-gpt2
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nanogpt_cli.config import TrainConfig
+from nanogpt_cli.device import DistEnv, autocast, choose_dtype, resolve_device
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: str, seed: int,
+                  env: DistEnv | None = None, splits=("train", "val")) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split; with several processes each evaluates a share
+    and the results are averaged. Batches come from a generator seeded by `seed`, and the
+    loader's own state is restored afterwards, so evaluating never shifts the training stream."""
+    env = env or DistEnv()
+    was_training = model.training
+    model.eval()
+    state = loader.state_dict()
+    out = {}
+    for i, split in enumerate(splits):
+        loader.generator.manual_seed(seed + 104729 * i + env.rank)
+        share = max(1, math.ceil(eval_iters / env.world_size))
+        total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, count)
+        for _ in range(share):
+            X, Y = loader.get_batch(split)
+            with autocast(device, dtype):
+                _, loss = model(X, Y)
+            total[0] += loss.double()
+            total[1] += 1
+        if env.is_distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    loader.load_state_dict(state)
+    model.train(was_training)
+    return out
+
+
+def evaluate(cfg: TrainConfig) -> dict:
+    """Loss and perplexity per split for cfg.init_from (an ngpt checkpoint or any importable model)."""
+    from nanogpt_cli.checkpoint import load_model
+    from nanogpt_cli.data import BatchLoader, dataset_path, load_meta
+    from nanogpt_cli.errors import NgptError, UsageError
+
+    device = resolve_device(cfg.device)
+    dtype, _ = choose_dtype(device, cfg.dtype)
+    if cfg.init_from == "scratch":
+        raise UsageError("ngpt eval needs weights: --init_from=resume (with --out_dir), a checkpoint, or gpt2*")
+    model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
+    folder = dataset_path(cfg.dataset, cfg.data_dir)
+    data_meta = load_meta(folder)
+    if data_meta.get("tokenizer") != meta.get("tokenizer") or data_meta["vocab_size"] > model.config.vocab_size:
+        raise NgptError(f"the dataset {cfg.dataset!r} ({data_meta.get('tokenizer')}, vocab {data_meta['vocab_size']})"
+                        f" does not match the model ({meta.get('tokenizer')}, vocab {model.config.vocab_size})")
+    block_size = min(cfg.block_size, model.config.block_size)
+    model.to(device)
+    loader = BatchLoader(folder, data_meta, cfg.batch_size, block_size, device, cfg.seed)
+    losses = evaluate_loss(model, loader, cfg.eval_iters, device, dtype, cfg.seed)
+    return {
+        "model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir,
+        "dataset": cfg.dataset,
+        "block_size": block_size,
+        "tokens_per_split": cfg.eval_iters * cfg.batch_size * block_size,
+        **{f"{split}_loss": loss for split, loss in losses.items()},
+        **{f"{split}_perplexity": math.exp(loss) for split, loss in losses.items()},
+    }

@@ -1,0 +1,90 @@
+"""Run metrics, always on: metrics.jsonl in out_dir, and Weights & Biases when asked.
+
+Each line of metrics.jsonl is one JSON object: training steps carry iter, loss, lr,
+tokens_per_s, mfu and ms; evaluations carry iter, train_loss and val_loss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from nanogpt_cli.config import TrainConfig, to_dict
+from nanogpt_cli.errors import NgptError
+
+
+class MetricsLog:
+    def __init__(self, out_dir: Path, cfg: TrainConfig, enabled: bool = True, resume_from: int = 0,
+                 run_id: str | None = None):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.run_id = run_id
+        self.wandb = None
+        self.records: list[dict] = []
+        self.file = None
+        if not enabled:
+            return
+        if resume_from > 0 and self.path.is_file():
+            # A resumed run repeats the steps after its checkpoint: drop the ones logged past it.
+            kept = [r for r in read_jsonl(self.path) if r.get("iter", 0) < resume_from
+                    or (r.get("iter") == resume_from and "val_loss" in r)]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            self.records = kept
+        elif not cfg.eval_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("", encoding="utf-8")
+        if not cfg.eval_only:
+            self.file = open(self.path, "a", encoding="utf-8")
+        if cfg.wandb_log:
+            self.wandb = start_wandb(cfg, run_id)
+            self.run_id = self.wandb.id
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record["time"] = round(time.time(), 3)
+        self.records.append(record)
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("iter", "time") and v is not None},
+                           step=record["iter"])
+
+    def step(self, it: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None, ms: float) -> None:
+        self.write({"iter": it, "loss": loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
+                    "mfu": None if mfu is None else round(mfu, 5), "ms": round(ms, 2)})
+
+    def eval(self, it: int, losses: dict, lr: float) -> None:
+        self.write({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+
+    def history(self) -> list[dict]:
+        return self.records
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return out
+
+
+def start_wandb(cfg: TrainConfig, run_id: str | None):
+    """A wandb run with the resolved config; a resumed training run continues the same wandb run."""
+    try:
+        import wandb
+    except ImportError:
+        raise NgptError("--wandb_log=True needs wandb: pip install 'nanogpt-cli[wandb]'") from None
+    kwargs = {"id": run_id, "resume": "allow"} if run_id else {}
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=to_dict(cfg),
+                      dir=str(Path(cfg.out_dir)), **kwargs)

@@ -1,0 +1,267 @@
+"""The GPT-2 language model, top to bottom: attention, MLP, block, GPT.
+
+Parameter names and shapes follow nanoGPT (and so, after transposing Conv1D weights,
+OpenAI's GPT-2 in Hugging Face `transformers`). This module imports only torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context the position table covers
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (torch's LayerNorm cannot turn the bias off alone)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated to `block_size` positions.
+
+    `pos` is how many positions are filled. Generation prefills the prompt once, then
+    feeds one token at a time; `GPT.generate` rebuilds the cache when it is full.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, head_size)
+        self.cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k, v):
+        """Store k, v (B, nh, T, hs) after the filled positions; return all keys and values so far."""
+        T = k.size(2)
+        end = self.pos + T
+        self.cache[layer, 0, :, :, self.pos:end] = k
+        self.cache[layer, 1, :, :, self.pos:end] = v
+        return self.cache[layer, 0, :, :, :end], self.cache[layer, 1, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer_idx = layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x, kv_cache: KVCache | None = None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if kv_cache is None or kv_cache.pos == 0:
+            if kv_cache is not None:
+                kv_cache.update(self.layer_idx, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            past = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
+            if T == 1:  # one new token attends to everything before it
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:  # a chunk after a filled cache: query i sees keys up to past + i
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's gelu
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache: KVCache | None = None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: the token embedding is the output projection (GPT-2 does this).
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of residual projections: std 0.02 / sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings are left out by default, as GPT-2 reports do
+        (token embeddings count, being tied to the output layer)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, all_logits: bool = False):
+        """idx (B, T) token ids -> (logits, loss).
+
+        With targets: logits (B, T, vocab) and the mean cross-entropy (ignore_index -1).
+        Without: logits for the last position only (B, 1, vocab), unless all_logits.
+        With a kv_cache, positions continue from the cache and the cache advances by T.
+        """
+        device = idx.device
+        b, t = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + t > self.config.block_size:
+            raise ValueError(f"sequence of length {start + t} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + t, dtype=torch.long, device=device)  # (t,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, n_embd)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += t
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        if all_logits:
+            return self.lm_head(x), None
+        return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to generate
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context (e.g. load GPT-2's 1024 and train at 256)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices only (not biases, norms or position vectors)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # The fused kernel is one launch per step instead of one per tensor: on cuda and cpu.
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        extra = {"fused": True} if fused else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward and backward), PaLM appendix B: 6N + 12 L H Q T."""
+        cfg = self.config
+        N = self.get_num_params()
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * N + 12 * L * H * Q * T
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float | None) -> float | None:
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+        if not peak_flops:
+            return None
+        return self.flops_per_token() * tokens_per_second / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 generator=None, use_cache=True, stop_token=None):
+        """Extend idx (B, T) by max_new_tokens tokens, yielding each new column (B, 1).
+
+        With use_cache, the prompt is prefilled once and each step feeds one token against
+        cached keys and values; when the cache is full it is rebuilt from the last half
+        block of context. Without, every step recomputes the last block_size tokens.
+        """
+        block_size = self.config.block_size
+        cache = None
+        next_input = idx
+        for _ in range(max_new_tokens):
+            if use_cache:
+                if cache is None or cache.pos + next_input.size(1) > block_size:
+                    keep = idx[:, -(block_size // 2 or 1):] if cache is not None else idx[:, -block_size:]
+                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                    next_input = keep
+                logits, _ = self(next_input, kv_cache=cache)
+            else:
+                logits, _ = self(idx[:, -block_size:])
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, next_token), dim=1)
+            next_input = next_token
+            yield next_token
+            if stop_token is not None and bool((next_token == stop_token).all()):
+                return
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token (B, 1) from logits (B, vocab): greedy at temperature 0,
+    otherwise sampled after temperature, top-k and nucleus (top-p) filtering."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits[remove] = -float("inf")
+        logits = torch.full_like(logits, -float("inf")).scatter(1, sorted_idx, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

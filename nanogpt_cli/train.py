@@ -1,0 +1,386 @@
+"""The training loop, shared by `ngpt train` and `ngpt finetune`; DDP-aware under torchrun.
+
+    ngpt train --preset shakespeare-char
+    torchrun --standalone --nproc_per_node=8 -m nanogpt_cli train --preset gpt2-124m
+
+train() sets up (device, data, model, optimizer) and runs Trainer.run(), which is
+evaluate -> checkpoint -> train_step (-> forward_backward per micro-step) -> log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanogpt_cli import checkpoint as ckpt_io
+from nanogpt_cli.config import TrainConfig, from_dict, to_dict, to_toml
+from nanogpt_cli.data import BatchLoader, SyntheticLoader, dataset_path, load_meta
+from nanogpt_cli.device import (DistEnv, autocast, choose_compile, choose_dtype, cleanup_distributed,
+                                dist_env_from_environ, init_distributed, peak_flops, resolve_device)
+from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.evaluate import evaluate_loss
+from nanogpt_cli.model import GPT, GPTConfig
+from nanogpt_cli.progress import TrainProgress, console
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+
+
+@dataclass
+class TrainResult:
+    iter_num: int
+    best_val_loss: float
+    last_eval: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM" or "nonfinite" when the run ended early
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def padded_vocab(meta: dict) -> int:
+    """BPE vocabularies are padded to a multiple of 64 (50257 -> 50304) for faster matmuls."""
+    vocab = int(meta["vocab_size"])
+    return vocab if meta.get("tokenizer") == "char" else (vocab + 63) // 64 * 64
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: finish the step, save, exit 130/143. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        self.signal_name = signal.Signals(signum).name
+        console.print(f"[yellow]{self.signal_name}: finishing this step and saving a checkpoint "
+                      "(Ctrl-C again to abort now)[/yellow]")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, device: torch.device, env: DistEnv, finetune: bool = False):
+        self.cfg, self.device, self.env, self.finetune = cfg, device, env, finetune
+        self.out_dir = Path(cfg.out_dir).expanduser()
+        self.dtype, dtype_why = choose_dtype(device, cfg.dtype)
+        use_compile, compile_why = choose_compile(device, cfg.compile)
+        if cfg.gradient_accumulation_steps % env.world_size:
+            raise UsageError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "
+                             f"by the number of processes ({env.world_size})")
+        self.accum_steps = cfg.gradient_accumulation_steps // env.world_size
+        self.tokens_per_iter = self.accum_steps * env.world_size * cfg.batch_size * cfg.block_size
+        self.iter_num, self.best_val_loss, self.wandb_run_id = 0, float("inf"), None
+        torch.manual_seed(cfg.seed + env.rank)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed on Ampere and newer
+            torch.backends.cudnn.allow_tf32 = True
+
+        resume = self.load_initial(cfg)
+        self.loader = self.make_loader()
+        self.check_vocab()
+        self.model.to(device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(self.dtype == "float16" and device.type == "cuda"))
+        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                                         (cfg.beta1, cfg.beta2), device.type)
+        if resume is not None:
+            self.restore(resume)
+        self.raw_model = self.model
+        if use_compile:
+            self.model = torch.compile(self.model)
+        if env.is_distributed:
+            from nanogpt_cli.distributed import wrap_model
+
+            self.model = wrap_model(self.model, cfg, device, env)
+        self.peak, peak_why = peak_flops(device, self.dtype)
+        n_params = self.raw_model.get_num_params()
+        console.print(f"[bold]device[/bold] {device} ({env.world_size} process{'es' if env.world_size > 1 else ''})"
+                      f"  [bold]dtype[/bold] {self.dtype}: {dtype_why}  [bold]compile[/bold] {use_compile}: "
+                      f"{compile_why}")
+        console.print(f"[bold]model[/bold] {n_params / 1e6:.2f}M parameters  [bold]tokens/iter[/bold] "
+                      f"{self.tokens_per_iter:,}  [bold]peak[/bold] "
+                      f"{f'{self.peak / 1e12:.2f} TFLOP/s' if self.peak else 'unknown'} ({peak_why})")
+
+    # -------------------------------------------------------------- setup steps
+    def load_initial(self, cfg: TrainConfig) -> dict | None:
+        """Build self.model from scratch, a checkpoint (resume or finetune) or pretrained weights."""
+        self.data_meta = self.read_data_meta()
+        if cfg.init_from == "scratch":
+            vocab = cfg.vocab_size or (padded_vocab(self.data_meta) if self.data_meta else 50304)
+            self.model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS if k != "vocab_size"},
+                                       vocab_size=vocab))
+            self.meta = self.data_meta or {"tokenizer": "gpt2", "vocab_size": 50257}
+            return None
+        if cfg.init_from == "resume":
+            resume = ckpt_io.load_checkpoint(self.out_dir)
+            saved = from_dict(TrainConfig, resume.get("config", {}))
+            for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_size"):  # the shape is the checkpoint's
+                setattr(cfg, key, resume["model_args"].get(key, getattr(cfg, key)))
+            if saved.dataset != cfg.dataset:
+                console.print(f"[yellow]resuming a run trained on {saved.dataset!r} with {cfg.dataset!r}[/yellow]")
+            self.model = ckpt_io.model_from_checkpoint(resume, str(ckpt_io.checkpoint_file(self.out_dir)), cfg.dropout)
+            self.meta = ckpt_io.checkpoint_meta(resume, self.out_dir)
+            self.check_block_size()
+            return resume
+        # Finetuning: weights from pretrained GPT-2, a Hugging Face model or another ngpt run.
+        self.model, self.meta, _ = ckpt_io.load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout)
+        for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_size"):
+            setattr(cfg, key, getattr(self.model.config, key))
+        self.check_block_size()
+        return None
+
+    def check_block_size(self) -> None:
+        model_block = self.model.config.block_size
+        if self.cfg.block_size > model_block:
+            raise UsageError(f"--block_size={self.cfg.block_size} is larger than the model's {model_block}")
+        if self.cfg.block_size < model_block:
+            self.model.crop_block_size(self.cfg.block_size)
+
+    def read_data_meta(self) -> dict | None:
+        if self.cfg.dataset == "synthetic":
+            return None
+        folder = dataset_path(self.cfg.dataset, self.cfg.data_dir)
+        self.data_folder = folder
+        return load_meta(folder)
+
+    def make_loader(self):
+        cfg = self.cfg
+        if self.data_meta is None:
+            return SyntheticLoader(self.model.config.vocab_size, cfg.batch_size, cfg.block_size, self.device,
+                                   cfg.seed, self.env.rank)
+        return BatchLoader(self.data_folder, self.data_meta, cfg.batch_size, cfg.block_size, self.device,
+                           cfg.seed, self.env.rank)
+
+    def check_vocab(self) -> None:
+        if self.data_meta is None:
+            return
+        data_tok, model_tok = self.data_meta.get("tokenizer"), self.meta.get("tokenizer")
+        if data_tok != model_tok or (data_tok == "char" and self.data_meta.get("itos") != self.meta.get("itos")):
+            raise NgptError(f"the dataset {self.cfg.dataset!r} uses the {data_tok!r} tokenizer but the model was "
+                            f"trained with {model_tok!r}; prepare the data with the model's tokenizer")
+        if self.data_meta["vocab_size"] > self.model.config.vocab_size:
+            raise NgptError(f"the dataset's vocabulary ({self.data_meta['vocab_size']}) is larger than the model's "
+                            f"({self.model.config.vocab_size})")
+
+    def restore(self, resume: dict) -> None:
+        self.iter_num = int(resume.get("iter_num", 0))
+        self.best_val_loss = float(resume.get("best_val_loss", float("inf")))
+        self.wandb_run_id = resume.get("wandb_run_id")
+        if "optimizer" in resume:
+            self.optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler"):
+            self.scaler.load_state_dict(resume["scaler"])
+        if "rng" in resume:
+            ckpt_io.set_rng_state(resume["rng"])
+        if "loader" in resume and self.env.world_size == resume.get("world_size", 1):
+            self.loader.load_state_dict(resume["loader"])
+        console.print(f"resuming from iteration {self.iter_num} (best val loss {self.best_val_loss:.4f})")
+
+    # -------------------------------------------------------------- the steps
+    def evaluate(self) -> dict:
+        """Train and val loss; seeded by the iteration so that evaluations are repeatable."""
+        return evaluate_loss(self.model, self.loader, self.cfg.eval_iters, self.device, self.dtype,
+                             self.cfg.seed + 7919 * (self.iter_num + 1), self.env)
+
+    def forward_backward(self, X, Y, last: bool) -> torch.Tensor:
+        """One micro-step; gradients sync across ranks only on the last micro-step."""
+        sync = contextlib.nullcontext() if last or not self.env.is_distributed else self.model.no_sync()
+        with sync:
+            with autocast(self.device, self.dtype):
+                _, loss = self.model(X, Y)
+                loss = loss / self.accum_steps  # the mean over the whole accumulated batch
+            self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def train_step(self, lr: float) -> torch.Tensor:
+        """One optimizer step over accum_steps micro-batches; returns the summed (mean) loss, unsynced."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum_steps):
+            X, Y = self.next_batch if micro == 0 else self.loader.get_batch("train")
+            total += self.forward_backward(X, Y, last=micro == self.accum_steps - 1)
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if not self.loss_is_finite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            return total
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def loss_is_finite(self, total: torch.Tensor) -> bool:
+        finite = torch.isfinite(total).float()
+        if self.env.is_distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 1.0 or self.scaler.is_enabled():  # fp16 overflow is the scaler's business
+            return True
+        self.nonfinite_steps += 1
+        if self.cfg.on_nonfinite == "stop":
+            raise NgptError(f"the loss became {total.item()} at iteration {self.iter_num}; stopped (the last "
+                            f"checkpoint in {self.out_dir} is intact). Lower --learning_rate, or use "
+                            "--on_nonfinite=skip to skip such steps")
+        console.print(f"[yellow]non-finite loss at iteration {self.iter_num}: step skipped[/yellow]")
+        return False
+
+    def fetch_first_batch(self) -> None:
+        """The step's first micro-batch, fetched ahead; the loader state before it is what a checkpoint keeps."""
+        self.loader_state = self.loader.state_dict()
+        self.next_batch = self.loader.get_batch("train")
+
+    def save(self) -> None:
+        state = {
+            "format": ckpt_io.FORMAT,
+            "model": self.raw_model.state_dict(),
+            "model_args": {k: getattr(self.raw_model.config, k) for k in MODEL_KEYS},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "iter_num": self.iter_num,
+            "best_val_loss": self.best_val_loss,
+            "config": to_dict(self.cfg),
+            "meta": self.meta,
+            "rng": ckpt_io.rng_state(),
+            "loader": self.loader_state,
+            "world_size": self.env.world_size,
+            "wandb_run_id": self.wandb_run_id,
+        }
+        if self.env.is_main:
+            ckpt_io.atomic_save(state, self.out_dir / ckpt_io.CKPT_NAME)
+
+    # -------------------------------------------------------------- the loop
+    def run(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        from nanogpt_cli.metrics import MetricsLog
+
+        metrics = MetricsLog(self.out_dir, cfg, enabled=env.is_main, resume_from=self.iter_num,
+                             run_id=self.wandb_run_id)
+        self.wandb_run_id = metrics.run_id
+        self.nonfinite_steps = 0
+        result = TrainResult(self.iter_num, self.best_val_loss)
+        start_iter, t_start = self.iter_num, time.perf_counter()
+        self.fetch_first_batch()
+        progress = TrainProgress(cfg.max_iters, start_iter)
+        with StopRequest() as stop, progress:
+            t_log, iters_since_log = time.perf_counter(), 0
+            while True:
+                lr = lr_at(self.iter_num, cfg)
+                resumed_here = self.iter_num == start_iter > 0  # the checkpoint already holds this eval
+                if (self.iter_num % cfg.eval_interval == 0 and not resumed_here) or cfg.eval_only:
+                    losses = self.evaluate()
+                    result.last_eval = losses
+                    metrics.eval(self.iter_num, losses, lr)
+                    progress.eval(self.iter_num, losses)
+                    if losses["val"] < self.best_val_loss or cfg.always_save_checkpoint:
+                        self.best_val_loss = min(self.best_val_loss, losses["val"])
+                        if self.iter_num > 0:
+                            self.save()
+                    t_log = time.perf_counter()  # evaluation time is not training speed
+                if cfg.eval_only:
+                    break
+                loss = self.train_step(lr)
+                iters_since_log += 1
+                self.iter_num += 1
+                if self.iter_num % cfg.log_interval == 0 or self.iter_num > cfg.max_iters:
+                    lossf = loss.item()  # the only host sync of the step, once per log interval
+                    now = time.perf_counter()
+                    ms_per_iter = 1000 * (now - t_log) / iters_since_log
+                    tokens_per_s = self.tokens_per_iter * iters_since_log / (now - t_log)
+                    mfu = self.raw_model.estimate_mfu(tokens_per_s / env.world_size, self.peak)
+                    metrics.step(self.iter_num - 1, lossf, lr, tokens_per_s, mfu, ms_per_iter)
+                    progress.step(self.iter_num, lossf, lr, tokens_per_s, mfu, ms_per_iter)
+                    result.tokens_per_second = tokens_per_s
+                    t_log, iters_since_log = now, 0
+                if self.iter_num > cfg.max_iters:
+                    break
+                self.fetch_first_batch()
+                if self.stop_requested(stop):
+                    self.save()
+                    result.stopped_by = stop.signal_name
+                    break
+        metrics.close()
+        result.iter_num, result.best_val_loss = self.iter_num, self.best_val_loss
+        result.seconds = time.perf_counter() - t_start
+        progress.summary(result, metrics.history(), self.out_dir, self.iter_num - start_iter)
+        return result
+
+    def stop_requested(self, stop: StopRequest) -> bool:
+        """Every rank stops at the same step when any rank got a signal."""
+        flag = stop.signal_name is not None
+        if self.env.is_distributed:
+            import torch.distributed as dist
+
+            t = torch.tensor([float(flag)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and stop.signal_name is None:
+                stop.signal_name = "SIGTERM"
+        return flag
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint, when out_dir cannot be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise NgptError(f"cannot write to out_dir {out_dir}: {e.strerror or e}") from None
+
+
+def train(cfg: TrainConfig, finetune: bool = False) -> TrainResult:
+    """Run training as `cfg` says; under torchrun each process calls this."""
+    env = dist_env_from_environ()
+    device = resolve_device(cfg.device, env.local_rank)
+    if env.is_main and not cfg.eval_only:
+        check_out_dir(Path(cfg.out_dir).expanduser())
+    env = init_distributed(device, cfg.backend)
+    try:
+        trainer = Trainer(cfg, device, env, finetune=finetune)
+        if env.is_main and not cfg.eval_only:
+            (trainer.out_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        return trainer.run()
+    finally:
+        cleanup_distributed()
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,60 @@
+"""Shared fixtures: small datasets written by the tests themselves, and tiny configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanogpt_cli.config import TrainConfig, build
+
+TEXT = "".join(f"{w} the quick brown fox jumps over the lazy dog {i % 7}.\n"
+               for i, w in enumerate(["ROMEO:", "JULIET:", "First Citizen:", "MENENIUS:"] * 150))
+
+
+def write_char_dataset(data_dir: Path, name: str = "tiny_char", text: str = TEXT) -> Path:
+    """A character-level dataset in the prepared format (train.bin, val.bin, meta.json)."""
+    folder = data_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    cut = int(len(text) * 0.9)
+    for split, part in (("train", text[:cut]), ("val", text[cut:])):
+        np.array([stoi[c] for c in part], dtype=np.uint16).tofile(folder / f"{split}.bin")
+    meta = {"format": 1, "name": name, "tokenizer": "char", "vocab_size": len(chars), "itos": chars,
+            "dtype": "uint16", "eot_token": None,
+            "splits": {"train": {"file": "train.bin", "tokens": cut}, "val": {"file": "val.bin",
+                                                                             "tokens": len(text) - cut}}}
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--gradient_accumulation_steps=1", "--max_iters=6", "--lr_decay_iters=6", "--warmup_iters=2",
+        "--eval_interval=3", "--eval_iters=2", "--log_interval=1", "--compile=False", "--dataset=tiny_char",
+        "--learning_rate=1e-3", "--dtype=float32"]
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    d = tmp_path / "data"
+    write_char_dataset(d)
+    return d
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, data_dir):
+    def make(*extra: str) -> TrainConfig:
+        return build(TrainConfig, None, [*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", *extra])
+    return make
+
+
+def shared_file(var: str) -> Path:
+    """A file of the shared test material, found through an environment variable, or a skip."""
+    value = os.environ.get(var)
+    if not value or not Path(value).exists():
+        pytest.skip(f"{var} is not set (it points at shared test material; .ci/run sets it)")
+    return Path(value)

@@ -1,0 +1,95 @@
+"""The GPT model: shapes, init, weight tying, cropping, optimizer groups, KV-cache equivalence."""
+
+import math
+
+import pytest
+import torch
+
+from nanogpt_cli.model import GPT, GPTConfig, KVCache, sample_next
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def test_forward_shapes_and_initial_loss():
+    model = tiny()
+    x = torch.randint(50, (3, 16))
+    logits, loss = model(x, x)
+    assert logits.shape == (3, 16, 50)
+    assert abs(loss.item() - math.log(50)) < 0.3  # untrained: close to uniform
+    logits, loss = model(x)
+    assert logits.shape == (3, 1, 50) and loss is None
+
+
+def test_weight_tying_and_residual_init():
+    model = tiny(n_layer=4)
+    assert model.transformer.wte.weight is model.lm_head.weight
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(8)) < 0.003
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(ValueError, match="block_size"):
+        tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_crop_block_size():
+    model = tiny()
+    model.crop_block_size(8)
+    assert model.transformer.wpe.weight.shape == (8, 16)
+    model(torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_optimizer_groups_decay_matrices_only():
+    model = tiny(bias=False)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_kv_cache_matches_full_forward_at_every_step():
+    model = tiny(block_size=32)
+    idx = torch.randint(50, (2, 5))
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    logits, _ = model(idx, kv_cache=cache)
+    for _ in range(10):
+        full, _ = model(idx)
+        torch.testing.assert_close(logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat([idx, nxt], 1)
+        logits, _ = model(nxt, kv_cache=cache)
+    chunk = torch.randint(50, (2, 3))  # a multi-token chunk after a filled cache
+    logits, _ = model(chunk, kv_cache=cache, all_logits=True)
+    full, _ = model(torch.cat([idx, chunk], 1), all_logits=True)
+    torch.testing.assert_close(logits, full[:, -3:], atol=1e-5, rtol=1e-5)
+
+
+def test_generation_with_and_without_cache_agree_greedily_past_block_size():
+    model = tiny(block_size=8)
+    idx = torch.randint(50, (1, 4))
+    cached = torch.cat(list(model.generate(idx, 6, temperature=0)), 1)
+    full = torch.cat(list(model.generate(idx, 6, temperature=0, use_cache=False)), 1)
+    assert torch.equal(cached, full)  # within block_size the two paths are the same computation
+    long = torch.cat(list(model.generate(idx, 30, temperature=0)), 1)
+    assert long.shape == (1, 30)
+
+
+def test_sample_next_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert sample_next(logits, temperature=0).item() == 3
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(50)}
+    assert picks <= {2, 3}
+    picks = {sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(50)}
+    assert picks == {3}  # the top token alone holds more than half the mass
+
+
+def test_estimate_mfu():
+    model = tiny()
+    assert model.estimate_mfu(1000.0, None) is None
+    assert model.estimate_mfu(1000.0, 1e12) == pytest.approx(model.flops_per_token() * 1000 / 1e12)

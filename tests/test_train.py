@@ -1,0 +1,125 @@
+"""The training loop on CPU: learning, checkpoints, metrics, exact resume, refusals."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanogpt_cli.checkpoint import load_checkpoint
+from nanogpt_cli.config import TrainConfig, build
+from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.metrics import read_jsonl
+from nanogpt_cli.train import lr_at, train
+
+
+def losses(out_dir):
+    return {r["iter"]: r["loss"] for r in read_jsonl(out_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_training_learns_and_writes_its_outputs(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("--max_iters=40", "--lr_decay_iters=40", "--eval_interval=20", "--learning_rate=3e-3")
+    result = train(cfg)
+    out = tmp_path / "out"
+    assert result.iter_num == 41
+    history = losses(out)
+    assert history[40] < history[0] - 0.5, history
+    ckpt = load_checkpoint(out)
+    assert ckpt["iter_num"] == 40 and ckpt["config"]["n_layer"] == 2
+    assert ckpt["meta"]["tokenizer"] == "char" and ckpt["model_args"]["vocab_size"] == ckpt["meta"]["vocab_size"]
+    assert {"python", "numpy", "torch"} <= set(ckpt["rng"]) and "generator" in ckpt["loader"]
+    assert build(TrainConfig, str(out / "config.toml")).max_iters == 40
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 20, 40]
+
+
+def test_resume_is_exact(tiny_cfg, tmp_path):
+    full = tiny_cfg("--out_dir=" + str(tmp_path / "full"), "--dropout=0.1")
+    train(full)
+    half = tiny_cfg("--out_dir=" + str(tmp_path / "half"), "--dropout=0.1", "--max_iters=3")
+    train(half)
+    resumed = tiny_cfg("--out_dir=" + str(tmp_path / "half"), "--dropout=0.1", "--init_from=resume")
+    result = train(resumed)
+    assert result.iter_num == 7
+    assert losses(tmp_path / "full") == losses(tmp_path / "half")
+
+
+def test_lr_schedule():
+    cfg = build(TrainConfig, None, ["--warmup_iters=10", "--lr_decay_iters=100", "--learning_rate=1",
+                                    "--min_lr=0.1"])
+    assert lr_at(0, cfg) == pytest.approx(1 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(1000, cfg) == 0.1
+    assert lr_at(500, build(TrainConfig, None, ["--no-decay_lr", "--learning_rate=0.5"])) == 0.5
+
+
+def test_eval_only_writes_nothing(tiny_cfg, tmp_path):
+    result = train(tiny_cfg("--eval_only=True"))
+    assert set(result.last_eval) == {"train", "val"}
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_missing_dataset_names_the_prepare_command(tiny_cfg):
+    with pytest.raises(NgptError, match="ngpt prepare shakespeare-char"):
+        train(tiny_cfg("--dataset=shakespeare_char"))
+
+
+def test_block_size_larger_than_checkpoint_is_refused(tiny_cfg):
+    train(tiny_cfg("--max_iters=3"))
+    with pytest.raises(UsageError, match="larger than the model's"):
+        train(tiny_cfg("--init_from=resume", "--block_size=64"))
+
+
+def test_resume_without_checkpoint(tiny_cfg):
+    with pytest.raises(NgptError, match="no checkpoint"):
+        train(tiny_cfg("--init_from=resume"))
+
+
+def poison_loss_from(monkeypatch, call: int):
+    """Make the model's loss NaN from its `call`-th training forward on."""
+    from nanogpt_cli.model import GPT
+
+    original, calls = GPT.forward, [0]
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = original(self, idx, targets, **kw)
+        if self.training and loss is not None:
+            calls[0] += 1
+            if calls[0] >= call:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    train(tiny_cfg("--max_iters=3"))
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    poison_loss_from(monkeypatch, 2)
+    with pytest.raises(NgptError, match="loss became nan"):
+        train(tiny_cfg("--init_from=resume"))
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_nonfinite_steps_can_be_skipped(tiny_cfg, tmp_path, monkeypatch):
+    poison_loss_from(monkeypatch, 2)
+    result = train(tiny_cfg("--on_nonfinite=skip"))
+    assert result.iter_num == 7
+    weights = load_checkpoint(tmp_path / "out")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_finetune_from_an_ngpt_checkpoint(tiny_cfg, tmp_path):
+    train(tiny_cfg("--max_iters=3"))
+    result = train(tiny_cfg(f"--init_from={tmp_path / 'out'}", f"--out_dir={tmp_path / 'ft'}", "--block_size=16"),
+                   finetune=True)
+    assert result.iter_num == 7
+    assert load_checkpoint(tmp_path / "ft")["model_args"]["block_size"] == 16
+    assert math.isfinite(result.best_val_loss)
+
+
+def test_config_toml_and_metrics_are_plain_files(tiny_cfg, tmp_path):
+    train(tiny_cfg())
+    for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
