@@ -64,7 +64,10 @@ def load_checkpoint(location: str | os.PathLike) -> dict:
         raise NgptError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise NgptError(f"{path} is not an ngpt or nanoGPT checkpoint (no 'model' and 'model_args')")
-    ckpt["model"] = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    # Saved from a compiled or DDP-wrapped model (nanoGPT does): strip the wrappers' prefixes; drop the
+    # causal-mask buffers of old nanoGPT versions, which are not weights.
+    ckpt["model"] = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()
+                     if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     return ckpt
 
 

@@ -9,13 +9,23 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from nanogpt_cli import __version__
-from nanogpt_cli.config import (SampleConfig, TrainConfig, build, help_epilog, list_presets, load_preset,
-                                preset_description, to_dict, to_toml)
+from nanogpt_cli.cli_data import data_app, prepare_app
+from nanogpt_cli.config import (
+    SampleConfig,
+    TrainConfig,
+    build,
+    help_epilog,
+    list_presets,
+    load_preset,
+    preset_description,
+    to_dict,
+    to_toml,
+)
 from nanogpt_cli.errors import UsageError, report_errors
 from nanogpt_cli.progress import console, echo
 
@@ -28,9 +38,12 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+app.add_typer(prepare_app, name="prepare")
+app.add_typer(data_app, name="data")
+
 # Config keys are parsed by config.parse_overrides, not by click: they arrive as extra args.
 CONFIG_KEYS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
-PresetOption = Annotated[Optional[str], typer.Option(
+PresetOption = Annotated[str | None, typer.Option(
     "--preset", help="a preset name (see `ngpt presets`) or a path to a .toml file")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 
@@ -192,6 +205,34 @@ def bench(
     console.print(f"{result.params_millions:.1f}M params on {result.device} ({result.dtype}, compile "
                   f"{result.compile}): {result.ms_per_iter:.1f} ms/iter, {result.tokens_per_second:,.0f} tokens/s, "
                   f"MFU {mfu}, peak memory {result.peak_memory_mb:,.0f} MB")
+
+
+@app.command()
+@report_errors
+def export(
+    out_dir: Annotated[str, typer.Argument(help="an ngpt out_dir (or checkpoint file), or gpt2* / a Hugging Face "
+                                                 "folder to re-export")],
+    dest: Annotated[str, typer.Argument(help="the folder to write")],
+    to: Annotated[str, typer.Option("--to", help="export format: hf (a transformers GPT2LMHeadModel folder)")] = "hf",
+    force: Annotated[bool, typer.Option("--force", help="write into a non-empty DEST")] = False,
+) -> None:
+    """Export a checkpoint to a Hugging Face folder that transformers' GPT2LMHeadModel loads.
+
+    Example: ngpt export out/shakespeare-char --to hf hf-shakespeare-char
+    """
+    from pathlib import Path
+
+    from nanogpt_cli.checkpoint import load_model
+    from nanogpt_cli.hf import export_hf
+
+    if to != "hf":
+        raise UsageError(f"unknown export format {to!r}; the only one is hf")
+    target = Path(dest).expanduser()
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not force)):
+        raise UsageError(f"{dest} exists and is not an empty folder; choose another DEST or add --force")
+    model, meta, _ = load_model(out_dir, out_dir)
+    path = export_hf(model, target, meta)
+    console.print(f"wrote {path} (load it with transformers.GPT2LMHeadModel.from_pretrained({str(path)!r}))")
 
 
 presets_app = typer.Typer(help="List the presets, or show one's resolved values.", no_args_is_help=False)

@@ -6,8 +6,17 @@ command line (`--key=value`, `--key value`, dashes or underscores, `--no-flag`).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
 import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from nanogpt_cli.errors import UsageError
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -29,20 +38,6 @@ def cache_dir() -> Path:
 
     return Path(platformdirs.user_cache_dir("ngpt"))
 
-
-import dataclasses
-import difflib
-import math
-import sys
-import tomllib
-import types
-import typing
-from dataclasses import dataclass, field, fields
-
-from nanogpt_cli.errors import UsageError
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    raise ImportError("nanogpt-cli needs Python 3.11 or newer")
 
 
 def opt(default, help: str, panel: str = "Options", choices: tuple | None = None):
@@ -108,7 +103,7 @@ class TrainConfig:
     strategy: str = opt("ddp", "multi-process strategy: ddp, or fsdp to shard parameters and optimizer state",
                         "System", ("ddp", "fsdp"))
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         positive = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
                     "eval_interval", "log_interval", "eval_iters")
         for name in positive:
@@ -158,10 +153,11 @@ class SampleConfig:
     use_cache: bool = opt(True, "use the KV cache (false recomputes the context each step, as nanoGPT)", "Sampling")
     seed: int = opt(1337, "random seed; the same seed gives the same samples", "Sampling")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps", "System")
-    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16", "System", ("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16", "System",
+                     ("auto", "float32", "bfloat16", "float16"))
     compile: bool = opt(False, "torch.compile the model", "System")
 
-    def validate(self) -> "SampleConfig":
+    def validate(self) -> SampleConfig:
         if self.num_samples <= 0:
             raise UsageError(f"--num_samples must be positive, got {self.num_samples}")
         if self.max_new_tokens <= 0:

@@ -118,7 +118,7 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_cpu_peak_flops(dtype: str = "float32", size: int = 1024, seconds: float = 0.3) -> float:
     """CPU peak, measured: FLOP/s of a square matmul in `dtype` with the current thread count."""
     a = torch.randn(size, size, dtype=DTYPES[dtype])

@@ -21,14 +21,15 @@ class CharTokenizer:
         self.name = "char"
 
     @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
+    def from_text(cls, text: str) -> CharTokenizer:
         return cls(sorted(set(text)))
 
     def encode(self, text: str) -> list[int]:
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            raise UsageError(f"character {e.args[0]!r} is not in this model's {self.vocab_size}-character vocabulary") from None
+            raise UsageError(f"character {e.args[0]!r} is not in this model's "
+                             f"{self.vocab_size}-character vocabulary") from None
 
     def decode(self, ids) -> str:
         return "".join(self.itos[int(i)] for i in ids)

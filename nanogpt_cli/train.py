@@ -23,8 +23,17 @@ import torch
 from nanogpt_cli import checkpoint as ckpt_io
 from nanogpt_cli.config import TrainConfig, from_dict, to_dict, to_toml
 from nanogpt_cli.data import BatchLoader, SyntheticLoader, dataset_path, load_meta
-from nanogpt_cli.device import (DistEnv, autocast, choose_compile, choose_dtype, cleanup_distributed,
-                                dist_env_from_environ, init_distributed, peak_flops, resolve_device)
+from nanogpt_cli.device import (
+    DistEnv,
+    autocast,
+    choose_compile,
+    choose_dtype,
+    cleanup_distributed,
+    dist_env_from_environ,
+    init_distributed,
+    peak_flops,
+    resolve_device,
+)
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.evaluate import evaluate_loss
 from nanogpt_cli.model import GPT, GPTConfig

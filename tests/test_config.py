@@ -2,8 +2,16 @@
 
 import pytest
 
-from nanogpt_cli.config import (SampleConfig, TrainConfig, build, coerce, list_presets, load_preset,
-                                parse_overrides, to_toml)
+from nanogpt_cli.config import (
+    SampleConfig,
+    TrainConfig,
+    build,
+    coerce,
+    list_presets,
+    load_preset,
+    parse_overrides,
+    to_toml,
+)
 from nanogpt_cli.errors import UsageError
 
 

@@ -1,0 +1,122 @@
+"""End to end through the real CLI: prepare from a local file, train, resume, sample, eval, export."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nanogpt_cli import __version__
+from nanogpt_cli.cli import app
+from nanogpt_cli.config import list_presets
+from tests.conftest import TEXT
+
+runner = CliRunner()
+
+TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--max_iters=10", "--lr_decay_iters=10", "--warmup_iters=2", "--eval_interval=5",
+        "--eval_iters=2", "--log_interval=1"]
+
+
+def ngpt(*args: str, code: int = 0):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    return result
+
+
+def test_version_and_help():
+    assert ngpt("--version").stdout.strip() == f"ngpt {__version__}"
+    for command in ("train", "finetune", "sample", "eval", "bench", "presets", "export", "prepare", "data"):
+        out = ngpt(command, "--help").stdout
+        assert "Usage" in out
+    assert "Example" in ngpt("train", "--help").stdout and "--n_layer" in ngpt("train", "--help").stdout
+
+
+def test_prepare_train_resume_sample_eval_export(tmp_path, monkeypatch):
+    corpus = tmp_path / "input.txt"
+    corpus.write_text(TEXT * 3)
+    data, out = tmp_path / "data", tmp_path / "out"
+    monkeypatch.setenv("NGPT_DATA_DIR", str(data))
+    ngpt("prepare", "shakespeare-char", "--source", str(corpus))
+    assert (data / "shakespeare_char" / "train.bin").is_file()
+
+    ngpt("train", "--preset", "shakespeare-char", *TINY, f"--out-dir={out}", "--dropout=0.0")
+    ckpt_before = (out / "ckpt.pt").stat().st_mtime_ns
+    ngpt("train", "--preset", "shakespeare-char", *TINY, "--out_dir", str(out), "--init_from=resume",
+         "--max_iters=15", "--lr_decay_iters=15")
+    assert (out / "ckpt.pt").stat().st_mtime_ns != ckpt_before
+    iters = [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert iters == list(range(16))  # resumed at 10 without repeating or skipping a step
+
+    result = ngpt("sample", f"--out-dir={out}", "--prompt", "ROMEO:", "--num-samples=2", "--max-new-tokens=20",
+                  "--seed=1")
+    assert result.stdout.count("ROMEO:") == 2
+    again = ngpt("sample", f"--out-dir={out}", "--prompt", "ROMEO:", "--num-samples=2", "--max-new-tokens=20",
+                 "--seed=1")
+    assert again.stdout == result.stdout  # a seed makes samples reproducible
+
+    report = json.loads(ngpt("eval", f"--out_dir={out}", "--dataset=shakespeare_char", "--device=cpu",
+                             "--eval_iters=2", "--batch_size=4", "--block_size=32", "--json").stdout)
+    assert report["val_loss"] > 0 and report["val_perplexity"] == pytest.approx(2.718281828 ** report["val_loss"])
+
+    ngpt("export", str(out), "--to", "hf", str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_loads_and_runs_through_the_cli(preset):
+    shown = ngpt("presets", "show", preset).stdout
+    assert "n_layer" in shown
+    tiny = ["--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--batch_size=1",
+            "--gradient_accumulation_steps=1", "--init_from=scratch", "--device=cpu", "--compile=False"]
+    result = ngpt("bench", "--preset", preset, *tiny, "--iters", "1", "--warmup", "0", "--json")
+    assert json.loads(result.stdout.strip().splitlines()[-1])["iters"] == 1
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    cases = [
+        (["train", "--preset", "nope"], 2, "available:"),
+        (["train", "--n_layr=4"], 2, "did you mean --n_layer"),
+        (["train", "--n_layer=x"], 2, "expects int"),
+        (["train", "--device=cpu", f"--data_dir={tmp_path}", "--dataset=shakespeare_char"], 1, "ngpt prepare"),
+        (["sample", f"--out_dir={tmp_path}"], 1, "no checkpoint"),
+    ]
+    for args, code, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == code, (args, result.stdout, result.stderr)
+        assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "nanogpt_cli", "--version"], capture_output=True, text=True,
+                         env={**os.environ, "NO_COLOR": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == f"ngpt {__version__}"
+
+
+def test_presets_ship_inside_the_wheel(tmp_path):
+    """A non-editable install into a fresh venv still finds the presets."""
+    repo = Path(__file__).resolve().parent.parent
+    wheel_dir = tmp_path / "wheel"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(wheel_dir), str(repo)], capture_output=True, text=True)
+    if build.returncode != 0 and "hatchling" in build.stderr:
+        pytest.skip("hatchling is not installed (pip install -e '.[dev]' brings it)")
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(wheel_dir.glob("*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
+                   check=True, capture_output=True)
+    probe = ("import nanogpt_cli.config as c, pathlib; print(c.__file__); print(c.presets_dir()); "
+             "print(','.join(c.list_presets()))")
+    out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    module_file, folder, names = out.stdout.strip().splitlines()
+    assert str(venv) in module_file and str(venv) in folder  # the installed copy, not this checkout
+    assert set(names.split(",")) == set(list_presets())

@@ -1,0 +1,414 @@
+"""Hugging Face GPT-2 interop (both directions) and nanoGPT checkpoints, on tiny models made here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+
+from nanogpt_cli import hf
+from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.model import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test may touch the network: the hub is off, so any attempt fails at once."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def _randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+    """Non-trivial values everywhere (transformers and ngpt start biases at 0 and norms at 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            norm_gain = ".ln_" in f".{name}" and name.endswith(".weight")
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if norm_gain else 0.0))
+
+
+def make_hf_folder(path, seed=0, **overrides):
+    """A random GPT2LMHeadModel saved with save_pretrained; returns (folder, model)."""
+    args = dict(vocab_size=97, n_positions=16, n_embd=8, n_layer=1, n_head=2,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    args.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**args)).eval()
+    _randomize(model, seed)
+    model.save_pretrained(str(path))
+    return path, model
+
+
+def ngpt_logits(model: GPT, idx):
+    with torch.no_grad():
+        return model(idx, all_logits=True)[0]
+
+
+def hf_logits(model, idx):
+    with torch.no_grad():
+        return model(idx).logits
+
+
+def ngpt_greedy(model: GPT, idx, n):
+    return torch.cat([idx, *model.generate(idx, n, temperature=0)], dim=1)
+
+
+def hf_greedy(model, idx, n):
+    with torch.no_grad():
+        return model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
+                              min_new_tokens=n, pad_token_id=0)
+
+
+# --------------------------------------------------------------------------- import: parity
+
+
+@pytest.mark.parametrize(
+    "vocab,block,n_layer,n_head,n_embd",
+    [(97, 16, 1, 1, 8), (256, 32, 2, 4, 32), (1000, 24, 3, 3, 24), (50257, 12, 1, 2, 8)],
+)
+def test_import_matches_transformers(tmp_path, vocab, block, n_layer, n_head, n_embd):
+    folder, ref = make_hf_folder(tmp_path / "m", seed=vocab, vocab_size=vocab, n_positions=block,
+                                 n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    model, meta = hf.load_hf_gpt2(str(folder))
+    model.eval()
+    cfg = model.config
+    shape = (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd)
+    assert shape == (vocab, block, n_layer, n_head, n_embd)
+    assert cfg.bias is True and cfg.dropout == 0.0
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(p.dtype == torch.float32 and not p.is_meta for p in model.parameters())
+    if vocab == 50257:
+        assert meta == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}
+    else:
+        assert meta == {"tokenizer": None, "vocab_size": vocab}
+
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, vocab, (3, block), generator=g)
+    torch.testing.assert_close(ngpt_logits(model, idx), hf_logits(ref, idx), atol=TOL, rtol=0)
+    _, loss = model(idx[:, :-1], targets=idx[:, 1:])
+    with torch.no_grad():
+        ref_loss = ref(idx, labels=idx).loss
+    torch.testing.assert_close(loss, ref_loss, atol=TOL, rtol=0)
+
+    prompt = idx[:2, :3]
+    n = block - 3
+    assert torch.equal(ngpt_greedy(model, prompt, n), hf_greedy(ref, prompt, n))
+
+
+def test_import_dropout_override(tmp_path):
+    folder, _ = make_hf_folder(tmp_path / "m")
+    model, _ = hf.load_hf_gpt2(str(folder), dropout=0.1)
+    assert model.config.dropout == 0.1
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_no_bias_model_loads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=16, bias=False)).eval()
+    _randomize(model, 3)
+    itos = [chr(32 + i) for i in range(65)]
+    meta = {"tokenizer": "char", "vocab_size": 65, "itos": itos}
+    dest = hf.export_hf(model, tmp_path / "out", meta)
+
+    assert (dest / "model.safetensors").is_file() and (dest / "config.json").is_file()
+    assert not (dest / "vocab.json").exists() and not (dest / "tokenizer.json").exists()  # char-level: no tokenizer
+    ref = transformers.GPT2LMHeadModel.from_pretrained(str(dest)).eval()
+    assert all(not t.any() for k, t in ref.state_dict().items() if k.endswith(".bias"))  # zero = no bias
+    idx = torch.randint(0, 65, (2, 16))
+    torch.testing.assert_close(hf_logits(ref, idx), ngpt_logits(model, idx), atol=TOL, rtol=0)
+    assert torch.equal(hf_greedy(ref, idx[:, :4], 12), ngpt_greedy(model, idx[:, :4], 12))
+
+    back, back_meta = hf.load_hf_gpt2(str(dest))  # ngpt_meta.json brings the char vocab and bias=False back
+    assert back_meta == meta
+    assert back.config == model.config
+    _assert_same_state(back, model)
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_export_logits_and_round_trip(tmp_path, bias):
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=24, vocab_size=300, n_layer=2, n_head=4, n_embd=32, bias=bias)).eval()
+    _randomize(model, 4)
+    dest = hf.export_hf(model, tmp_path / "hf", {"tokenizer": None, "vocab_size": 300})
+    config = json.loads((dest / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_positions"] == 24 and config["vocab_size"] == 300
+    assert config.get("tie_word_embeddings", True) is True  # transformers 4 leaves defaults out
+    assert (dest / "generation_config.json").is_file()
+    ref = transformers.GPT2LMHeadModel.from_pretrained(str(dest)).eval()
+    idx = torch.randint(0, 300, (2, 24))
+    torch.testing.assert_close(hf_logits(ref, idx), ngpt_logits(model, idx), atol=TOL, rtol=0)
+    back, _ = hf.load_hf_gpt2(str(dest))
+    _assert_same_state(back, model)
+
+
+def test_hf_import_export_import_is_lossless(tmp_path):
+    folder, ref = make_hf_folder(tmp_path / "a", seed=5, vocab_size=128, n_positions=20, n_layer=2, n_head=2, n_embd=16)
+    model, meta = hf.load_hf_gpt2(str(folder))
+    dest = hf.export_hf(model, tmp_path / "b", meta)
+    again, meta2 = hf.load_hf_gpt2(str(dest))
+    _assert_same_state(again, model)
+    assert meta2 == meta
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(dest))
+    s_ref, s_new = ref.state_dict(), reloaded.state_dict()
+    for k, v in s_ref.items():
+        assert torch.equal(v, s_new[k]), k
+
+
+def test_export_refuses_a_file_destination(tmp_path):
+    (tmp_path / "f").write_text("x")
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(UsageError):
+        hf.export_hf(model, tmp_path / "f", {"tokenizer": None, "vocab_size": 16})
+
+
+def _tiktoken_file(url: str) -> str | None:
+    """A file in tiktoken's cache: it names them by the sha1 of their URL."""
+    path = os.path.join(os.environ["TIKTOKEN_CACHE_DIR"], hashlib.sha1(url.encode()).hexdigest())
+    return path if os.path.isfile(path) else None
+
+
+@pytest.mark.skipif(not os.environ.get("TIKTOKEN_CACHE_DIR"), reason="needs tiktoken's gpt2 files (TIKTOKEN_CACHE_DIR)")
+def test_export_writes_gpt2_tokenizer(tmp_path):
+    import tiktoken
+
+    enc = tiktoken.get_encoding("gpt2")
+    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=8)).eval()
+    dest = hf.export_hf(model, tmp_path / "bpe", {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256})
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (dest / name).is_file(), name
+    gen = json.loads((dest / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 50256 and gen["bos_token_id"] == 50256
+
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(dest))
+    assert len(tok) == 50257 and tok.eos_token_id == 50256 and tok.model_max_length == 32
+    samples = ["Hello world", " leading space", "It's 3.14159 — naïve café's déjà vu!\n\n\tTabs   and  spaces  ",
+               "日本語のテキスト 🤖🎉", "def f(x):\n    return x ** 2  # comment\n"]
+    for text in samples:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == enc.encode_ordinary(text), text
+        assert tok.decode(ids) == text
+
+    # the rebuilt files are OpenAI's own, when tiktoken's cache has those
+    bpe = _tiktoken_file("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe")
+    encoder = _tiktoken_file("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
+    if bpe and encoder:
+        with open(bpe, encoding="utf-8") as f:
+            want = [line for line in f.read().split("\n")[1:] if line]
+        got = [line for line in (dest / "merges.txt").read_text(encoding="utf-8").split("\n")[1:] if line]
+        assert got == want
+        with open(encoder, encoding="utf-8") as f:
+            assert json.loads((dest / "vocab.json").read_text(encoding="utf-8")) == json.load(f)
+
+    back, meta = hf.load_hf_gpt2(str(dest))
+    assert back.config.vocab_size == 50304 and meta["tokenizer"] == "gpt2"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_is_hf_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", "someone/some-gpt2"):
+        assert hf.is_hf_source(name), name
+    for name in ("scratch", "resume", "", "llama7b"):
+        assert not hf.is_hf_source(name), name
+    (tmp_path / "with_config").mkdir()
+    (tmp_path / "with_config" / "config.json").write_text("{}")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "runs" / "one").mkdir(parents=True)
+    assert hf.is_hf_source(str(tmp_path / "with_config")) and hf.is_hf_source("with_config")
+    assert not hf.is_hf_source(str(tmp_path / "plain"))
+    assert not hf.is_hf_source("runs/one")  # an existing local path is never a hub id
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    assert not hf.is_hf_source(str(tmp_path / "ckpt.pt"))
+
+
+@pytest.mark.parametrize("name", ["gpt2-huge", "llama7b", "not a model"])
+def test_unknown_name(name):
+    with pytest.raises(UsageError) as e:
+        hf.load_hf_gpt2(name)
+    message = str(e.value)
+    assert "\n" not in message and "gpt2-medium" in message and "gpt2-xl" in message
+
+
+def test_folder_of_another_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(UsageError, match="llama"):
+        hf.load_hf_gpt2(str(tmp_path))
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(UsageError, match="config.json"):
+        hf.load_hf_gpt2(str(tmp_path))
+
+
+def test_hub_unreachable():
+    with pytest.raises(NgptError) as e:
+        hf.load_hf_gpt2("someone/some-gpt2")
+    message = str(e.value)
+    assert "could not be reached" in message and "--init_from=" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "override,word",
+    [({"activation_function": "relu"}, "activation_function"),
+     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+     ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn"),
+     ({"n_inner": 24}, "n_inner"),
+     ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon")],
+)
+def test_refuses_unrepresentable_options(tmp_path, override, word):
+    folder, _ = make_hf_folder(tmp_path / "m", **override)
+    with pytest.raises(UsageError, match=word):
+        hf.load_hf_gpt2(str(folder))
+
+
+def test_refuses_untied_output_layer(tmp_path):
+    folder, _ = make_hf_folder(tmp_path / "m", tie_word_embeddings=False)
+    with pytest.raises(UsageError, match="tie"):
+        hf.load_hf_gpt2(str(folder))
+
+
+def test_transformers_missing(tmp_path, monkeypatch):
+    folder, _ = make_hf_folder(tmp_path / "m")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    with pytest.raises(NgptError, match=r"pip install 'nanogpt-cli\[hf\]'"):
+        hf.load_hf_gpt2(str(folder))
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(NgptError, match="hf extra"):
+        hf.export_hf(model, tmp_path / "out", {"tokenizer": None, "vocab_size": 16})
+
+
+# --------------------------------------------------------------------------- nanoGPT checkpoints
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+
+
+class Evil:
+    """Unpickling this runs a shell command: what a malicious file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_nanogpt_run(root, dataset="shakespeare_char", meta_at="data"):
+    """A fake nanoGPT run: root/out/ckpt.pt as nanoGPT's train.py saves it (compiled model) and
+    the dataset's meta.pkl as prepare.py writes it."""
+    chars = sorted(set(TEXT))
+    model_args = dict(n_layer=2, n_head=2, n_embd=16, block_size=32, bias=False, vocab_size=len(chars), dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**model_args))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, len(chars), (2, 8))
+    model(x, targets=x)[1].backward()
+    opt.step()
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    state["_orig_mod.transformer.h.0.attn.bias"] = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)  # old mask
+    config = {"out_dir": "out", "dataset": dataset, "batch_size": 12, "learning_rate": 1e-3, "compile": True,
+              "dtype": "bfloat16", "init_from": "scratch", "always_save_checkpoint": False, "betas": (0.9, 0.99)}
+    out = root / "out"
+    out.mkdir(parents=True)
+    torch.save({"model": state, "model_args": model_args, "iter_num": 5, "best_val_loss": torch.tensor(2.0),
+                "config": config, "optimizer": opt.state_dict()}, out / "ckpt.pt")
+    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+    if meta_at == "data":
+        meta_dir = root / "data" / dataset
+    elif meta_at == "out":
+        meta_dir = out
+    else:
+        meta_dir = None
+    if meta_dir is not None:
+        meta_dir.mkdir(parents=True, exist_ok=True)
+        with open(meta_dir / "meta.pkl", "wb") as f:
+            pickle.dump(meta, f)
+    return out, model, chars
+
+
+def test_load_nanogpt_checkpoint(tmp_path):
+    out, model, chars = write_nanogpt_run(tmp_path)
+    for where in (out, out / "ckpt.pt", str(out)):
+        state, model_args = hf.load_nanogpt_checkpoint(where)
+        assert not any(k.startswith("_orig_mod.") for k in state)
+        assert "transformer.h.0.attn.bias" not in state
+        assert model_args == dict(n_layer=2, n_head=2, n_embd=16, block_size=32, bias=False,
+                                  vocab_size=len(chars), dropout=0.0)
+        loaded = GPT(GPTConfig(**model_args))
+        loaded.load_state_dict(state, strict=True)
+        _assert_same_state(loaded, model)
+
+    meta = hf.find_nanogpt_meta(out)  # <out_dir>/../data/<dataset>/meta.pkl, config read from the checkpoint
+    assert meta == {"tokenizer": "char", "vocab_size": len(chars), "itos": chars}
+    ckpt = hf.read_nanogpt_checkpoint(out)
+    assert ckpt["iter_num"] == 5 and float(ckpt["best_val_loss"]) == 2.0
+    assert hf.find_nanogpt_meta(out, ckpt["config"]) == meta
+
+
+def test_find_nanogpt_meta_locations(tmp_path, monkeypatch):
+    out, _, chars = write_nanogpt_run(tmp_path / "a", meta_at="out")  # next to the checkpoint
+    assert hf.find_nanogpt_meta(out)["itos"] == chars
+
+    out, _, chars = write_nanogpt_run(tmp_path / "b", meta_at=None)  # in ./data/<dataset>/ of the cwd
+    assert hf.find_nanogpt_meta(out) == hf.GPT2_META  # nothing found: GPT-2 BPE, as nanoGPT assumes
+    cwd = tmp_path / "cwd"
+    (cwd / "data" / "shakespeare_char").mkdir(parents=True)
+    with open(cwd / "data" / "shakespeare_char" / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 2, "itos": {0: "a", 1: "b"}, "stoi": {"a": 0, "b": 1}}, f)
+    monkeypatch.chdir(cwd)
+    assert hf.find_nanogpt_meta(out, {"dataset": "shakespeare_char"})["itos"] == ["a", "b"]
+    assert hf.find_nanogpt_meta(out, {"dataset": "openwebtext"}) == hf.GPT2_META
+
+
+def test_malicious_meta_pkl_is_refused_unexecuted(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "meta.pkl"
+    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
+        with open(path, "wb") as f:
+            pickle.dump({"vocab_size": 1, "itos": {0: Evil(marker)}, "stoi": {}}, f, protocol=protocol)
+        with pytest.raises(NgptError, match="refusing"):
+            hf.read_nanogpt_meta_pkl(path)
+        assert not marker.exists()
+
+
+def test_malicious_checkpoint_is_refused_unexecuted(tmp_path):
+    marker = tmp_path / "pwned"
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"model": {}, "model_args": {}, "config": Evil(marker)}, out / "ckpt.pt")
+    with pytest.raises(NgptError, match="refusing"):
+        hf.load_nanogpt_checkpoint(out)
+    assert not marker.exists()
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(NgptError, match="no nanoGPT checkpoint"):
+        hf.load_nanogpt_checkpoint(tmp_path)
+    torch.save({"weights": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(NgptError, match="not a nanoGPT checkpoint"):
+        hf.load_nanogpt_checkpoint(tmp_path)
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 3, "stoi": {}}, f)
+    with pytest.raises(NgptError, match="itos"):
+        hf.read_nanogpt_meta_pkl(tmp_path / "meta.pkl")
