@@ -31,7 +31,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed for choosing the val doc
 Tokenizer = Annotated[str, typer.Option("--tokenizer", help="char, gpt2 or any tiktoken encoding (cl100k_base, ...).")]
 Errors = Annotated[str, typer.Option("--errors", help="Invalid UTF-8: 'strict' stops, 'replace' substitutes U+FFFD.")]
 TextField = Annotated[str, typer.Option("--text-field", help="JSONL field or parquet/dataset column with the text.")]
-NumProc = Annotated[int, typer.Option("--num-proc", help="Tokenizer threads (0 = one per core).")]
+NumProc = Annotated[int, typer.Option("--num-proc", help="Tokenizer threads, 0 = one per core.")]
 Source = Annotated[str | None, typer.Option(
     "--source", help="A local file or URL instead of downloading the corpus.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
@@ -51,10 +51,10 @@ def _show_summary(summary: dict) -> None:
     """The result as a table, or one line when nothing needed doing."""
     from rich.table import Table
 
-    from nanogpt_cli.progress import console
+    from nanogpt_cli.progress import out
 
     if summary["status"] == "up to date":
-        console.print(f"{summary['name']}: up to date ({summary['path']}); use --force to rebuild", markup=False)
+        out.print(f"{summary['name']}: up to date ({summary['path']}); use --force to rebuild", markup=False)
         return
     table = Table(title=f"prepared {summary['name']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -67,15 +67,17 @@ def _show_summary(summary: dict) -> None:
             ("time", f"{summary['seconds']:.1f} s")]
     for key, value in rows:
         table.add_row(key, value)
-    console.print(table)
+    out.print(table)
 
 
 @prepare_app.command("shakespeare-char")
 @report_errors
 def shakespeare_char(source: Source = None, data_dir: DataDir = None, name: Name = None, force: Force = False,
                      val_fraction: ValFraction = 0.1, quiet: Quiet = False) -> None:
-    """Tiny Shakespeare, one token per character (nanoGPT's shakespeare_char): 65 characters,
-    first 90% of the text for train.
+    """Tiny Shakespeare, one token per character (nanoGPT's shakespeare_char).
+
+    The vocabulary (65 characters) comes from the data; the first 90% of the characters train,
+    the rest val. The corpus is downloaded into the cache once, unless --source names a file or URL.
 
     Example: ngpt prepare shakespeare-char --source input.txt
     """
@@ -90,7 +92,9 @@ def shakespeare_char(source: Source = None, data_dir: DataDir = None, name: Name
 def shakespeare(source: Source = None, data_dir: DataDir = None, name: Name = None, force: Force = False,
                 val_fraction: ValFraction = 0.1, tokenizer: Tokenizer = "gpt2",
                 quiet: Quiet = False) -> None:
-    """Tiny Shakespeare in GPT-2 BPE (nanoGPT's shakespeare): split 90/10 by characters, no EOT.
+    """Tiny Shakespeare in GPT-2 BPE (nanoGPT's shakespeare).
+
+    Split 90/10 by characters like shakespeare-char, each part encoded on its own, no EOT.
 
     Example: ngpt prepare shakespeare --data-dir ./data
     """
@@ -114,8 +118,12 @@ def openwebtext(
     val_fraction: ValFraction = 0.0005, seed: Seed = 2357, tokenizer: Tokenizer = "gpt2",
     text_field: TextField = "text", quiet: Quiet = False,
 ) -> None:
-    """OpenWebText the nanoGPT way: train_test_split(test_size=0.0005, seed=2357), EOT after every
-    document, GPT-2 BPE in uint16 (about 9B train tokens, 17 GB; the download is about 55 GB).
+    """OpenWebText, the nanoGPT recipe (about 9B train tokens, 17 GB; the download is about 55 GB).
+
+    Hugging Face `datasets` loads the whole train split, train_test_split(test_size=0.0005, seed=2357,
+    shuffle=True) holds out val, and GPT-2 BPE tokens go out in uint16 with an EOT after every document.
+    The Hub's automatic parquet export (the default revision) may hold only part of a large dataset:
+    for all of it, pass --data-files with local parquet files, or a --revision that has them.
 
     Example: ngpt prepare openwebtext --num-proc 8
     """
@@ -137,9 +145,12 @@ def text(
         "--eot/--no-eot", help="Append the end-of-text token after every document (BPE).")] = True,
     num_proc: NumProc = 0, quiet: Quiet = False,
 ) -> None:
-    """Local text: each .txt file is one document, each JSONL line or parquet row one document.
-    Val takes whole documents (a single document: its last characters). Output folder: --name,
-    else the first path's name.
+    """Local .txt, .jsonl and .parquet files, folders (recursive) and globs.
+
+    Each .txt file is one document (read a few MB at a time, however large), each JSONL line or
+    parquet row one document; an EOT token follows every document. Val takes whole documents at
+    random (--val-fraction, --seed); a single document gives val its last characters instead.
+    The output folder is --name, else the first path's name.
 
     Example: ngpt prepare text corpus/ extra/*.jsonl --tokenizer gpt2 --name mycorpus
     """
@@ -162,7 +173,9 @@ def hf(
     force: Force = False, val_fraction: ValFraction = 0.1, seed: Seed = 2357,
     num_proc: NumProc = 0, quiet: Quiet = False,
 ) -> None:
-    """Any Hugging Face dataset, streamed when possible; val takes whole documents.
+    """Any Hugging Face dataset: a Hub id (streamed), a save_to_disk folder, or a folder of data files.
+
+    Val takes whole documents at random (--val-fraction, --seed); an EOT token follows every document.
 
     Example: ngpt prepare hf roneneldan/TinyStories --val-fraction 0.01
     """
@@ -195,7 +208,7 @@ def list_command(data_dir: DataDir = None, as_json: JsonFlag = False) -> None:
 
     from nanogpt_cli.config import resolve_data_dir
     from nanogpt_cli.prepare import list_datasets
-    from nanogpt_cli.progress import console, echo
+    from nanogpt_cli.progress import echo, out
 
     rows = list_datasets(data_dir)
     if as_json:
@@ -203,11 +216,13 @@ def list_command(data_dir: DataDir = None, as_json: JsonFlag = False) -> None:
         return
     root = resolve_data_dir(data_dir)
     if not rows:
-        console.print(f"no datasets in {root}; make one with `ngpt prepare shakespeare-char`", markup=False)
+        out.print(f"no datasets in {root}; make one with `ngpt prepare shakespeare-char`", markup=False)
         return
     table = Table(title=f"datasets in {root}", title_justify="left")
     for column in ("name", "tokenizer", "train", "val", "size", "source"):
-        table.add_column(column, justify="right" if column in ("train", "val", "size") else "left")
+        # every column but the source keeps its width; a long source wraps
+        table.add_column(column, justify="right" if column in ("train", "val", "size") else "left",
+                         no_wrap=column != "source", overflow="fold")
     for row in rows:
         if "error" in row:
             table.add_row(row["name"], "-", "-", "-", "-", row["error"])
@@ -215,7 +230,7 @@ def list_command(data_dir: DataDir = None, as_json: JsonFlag = False) -> None:
         tokens = row["tokens"]
         table.add_row(row["name"], row["tokenizer"], f"{tokens.get('train', 0):,}", f"{tokens.get('val', 0):,}",
                       _size(row["bytes"]), str(row["source"]))
-    console.print(table)
+    out.print(table)
 
 
 @data_app.command("info")
@@ -231,11 +246,11 @@ def info_command(
     from rich.table import Table
 
     from nanogpt_cli.prepare import dataset_info
-    from nanogpt_cli.progress import console, echo
+    from nanogpt_cli.progress import echo, out
 
     meta = dataset_info(name, data_dir)
     if as_json:
-        echo(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+        echo(json.dumps(meta, indent=1) + "\n")
         return
     table = Table(title=meta["path"], show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -251,4 +266,4 @@ def info_command(
         elif isinstance(value, dict):
             value = json.dumps(value)
         table.add_row(key, str(value))
-    console.print(table)
+    out.print(table)

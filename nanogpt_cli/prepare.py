@@ -171,6 +171,11 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
             yield Document([(text or "", per_row)])
 
 
+def _absolute(arg: str) -> str:
+    """A path or glob as given, made absolute (for meta.json's source)."""
+    return os.path.abspath(os.path.expanduser(arg))
+
+
 def _looks_like_glob(arg: str) -> bool:
     return any(c in arg for c in "*?[")
 
@@ -212,7 +217,7 @@ class FileCorpus(Corpus):
             raise UsageError("give at least one file, folder or glob")
         self.files = resolve_paths(self.args)
         self.text_field, self.errors = text_field, errors
-        self.source = ", ".join(self.args)
+        self.source = ", ".join(_absolute(a) for a in self.args)
         self.total = sum(p.stat().st_size for p in self.files)
         self.single_document = len(self.files) == 1 and self.files[0].suffix.lower() in TEXT_SUFFIXES
 
@@ -278,7 +283,7 @@ class HFCorpus(Corpus):
             raise UsageError(f"{name_or_path} is a file; `prepare hf` takes a Hub id or a folder "
                              "(for files use `ngpt prepare text`)")
         self.local = self.path.is_dir()
-        self.source = name_or_path
+        self.source = str(self.path.resolve()) if self.local else name_or_path
 
     def identity(self) -> object:
         where = _folder_identity(self.path) if self.local else self.name
@@ -324,7 +329,8 @@ class OpenWebTextCorpus(Corpus):
         if self.path.is_file():
             raise UsageError(f"--dataset-id {dataset_id} is a file; give a Hub id or a folder, "
                              "or pass files with --data-files")
-        self.source = ", ".join(data_files) if data_files else dataset_id
+        self.source = ", ".join(map(_absolute, data_files)) if data_files else (
+            str(self.path.resolve()) if self.path.is_dir() else dataset_id)
 
     def identity(self) -> object:
         if self.files:
@@ -437,17 +443,22 @@ class Progress:
     def advance(self, amount: float, tokens: int = 0) -> None:
         self.done += amount
         self.tokens += tokens
-        if self.bar is not None:
+        if self.quiet:
+            return
+        now = time.time()
+        if self.bar is not None and now - self.last_line >= 0.1:  # called per document: redraw 10 times a second
+            self.last_line = now
             self.bar.update(self.task, completed=self.done, info=self._info())
-        elif not self.quiet and time.time() - self.last_line >= PROGRESS_SECONDS:
-            self.last_line = time.time()
+        elif self.bar is None and now - self.last_line >= PROGRESS_SECONDS:
+            self.last_line = now
             eta = ""
             if self.total and self.done:
-                eta = f", ETA {(self.total - self.done) * (self.last_line - self.start) / self.done:.0f}s"
+                eta = f", ETA {(self.total - self.done) * (now - self.start) / self.done:.0f}s"
             self.console.print(f"{self.description}: {self._info()}{eta}", markup=False)
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, info=self._info())
             self.bar.stop()
             self.bar = None
 
@@ -476,7 +487,8 @@ def _scan(corpus: Corpus, opts: PrepareOptions, collect_chars: bool) -> _Scan:
     """A first streaming pass: the character set (char vocabulary) and the character count."""
     chars: set = set()
     n_chars = documents = 0
-    progress = Progress("scanning", corpus.total, corpus.unit, opts.quiet)
+    progress = Progress("collecting characters" if collect_chars else "counting characters", corpus.total,
+                        corpus.unit, opts.quiet)
     try:
         for doc in corpus.documents():
             doc_chars = 0
@@ -566,7 +578,18 @@ def _make_encoder(tokenizer, dtype: str):
 
         return encode
     enc = tokenizer.enc
-    return lambda text: np.asarray(enc.encode_ordinary(text), dtype=dtype)
+
+    def encode(text: str) -> np.ndarray:
+        try:
+            if hasattr(enc, "encode_to_numpy"):  # tiktoken >= 0.7: no Python list of ints in between
+                # nothing allowed or disallowed: special-token text is plain text, as in encode_ordinary
+                ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+                return ids.astype(dtype, copy=False)
+            return np.asarray(enc.encode_ordinary(text), dtype=dtype)
+        except UnicodeEncodeError:  # lone surrogates (JSON can escape them): replaced, as tiktoken does
+            return encode(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+
+    return encode
 
 
 def _encode_and_write(units: Iterator[list[Segment]], encode, files: dict, eot: np.ndarray | None,
@@ -716,7 +739,7 @@ def _prepare(recipe: str, corpus: Corpus, opts: PrepareOptions, split_by_chars: 
                     seconds=round(time.time() - started, 2), recipe=recipe,
                     options={"val_fraction": opts.val_fraction, "seed": opts.seed, "errors": opts.errors,
                              "append_eot": opts.append_eot and tokenizer is not None})
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         _commit(tmp, out)
     finally:  # success, error, Ctrl-C: the temporary folder goes
         shutil.rmtree(tmp, ignore_errors=True)

@@ -155,6 +155,15 @@ def test_jsonl_and_parquet_documents(tmp_path):
     assert sorted(text) == sorted("".join(f"line {i}" for i in range(5)) + "row onerow two")
 
 
+def test_char_vocabulary_survives_any_character(tmp_path):
+    docs = ["emoji 🙂 and é", "lone \ud800 surrogate", "<|endoftext|>"]
+    (tmp_path / "u.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    P.prepare_text([str(tmp_path / "u.jsonl")], opts(tmp_path, tokenizer="char"))
+    meta, bins = load(tmp_path, "u")
+    assert meta["itos"] == sorted(set("".join(docs)))
+    assert "".join(meta["itos"][i] for s in ("train", "val") for i in bins[s]) == "".join(docs)
+
+
 def test_jsonl_errors_name_file_and_line(tmp_path):
     (tmp_path / "missing.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     with pytest.raises(NgptError, match=r"missing\.jsonl:2: no 'text' field \(found: body\).*--text-field"):
@@ -248,6 +257,17 @@ def test_failures_leave_the_previous_dataset_intact(tmp_path, monkeypatch):
     assert calls["n"] >= 3
     assert _snapshot(tmp_path / "data" / "ds") == before
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["ds"]  # no temporary folders
+
+
+@needs_gpt2
+def test_special_token_text_and_lone_surrogates_are_plain_text(tmp_path, gpt2):
+    docs = ["say <|endoftext|> twice <|endoftext|>", "lone \ud800 surrogate"]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    P.prepare_text([str(tmp_path / "s.jsonl")], opts(tmp_path, name="s", val_fraction=0.5))
+    _, bins = load(tmp_path, "s")
+    tokens = np.concatenate([bins["train"], bins["val"]]).tolist()
+    expected = gpt2.encode_ordinary(docs[0]) + [50256] + gpt2.encode_ordinary("lone \ufffd surrogate") + [50256]
+    assert tokens == expected
 
 
 @needs_gpt2
