@@ -8,6 +8,7 @@ val loss, every RNG state and the data loader's state.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -20,21 +21,27 @@ from nanogpt_cli.model import GPT, GPTConfig
 
 CKPT_NAME = "ckpt.pt"
 FORMAT = "ngpt/1"
+TMP_PREFIX = ".{name}.tmp-"  # + the writer's pid: atomic_save's temporary file
 
 
 def atomic_save(obj, path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`:
-    a crash at any moment leaves either the old checkpoint or the new one, never half of one."""
+    a crash at any moment leaves either the old checkpoint or the new one, never half of one.
+    A failed write (full disk, I/O error) removes the temporary file and leaves the old checkpoint as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX.format(name=path.name)}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            kept = "the previous checkpoint is intact" if path.is_file() else "no checkpoint was written"
+            raise NgptError(f"could not save the checkpoint {path}: {e.strerror or e}; {kept}") from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -44,11 +51,39 @@ def atomic_save(obj, path: Path) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+    remove_stale_temps(path)
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temporary files that killed writers (SIGKILL, power loss) left beside `path`;
+    a temporary file of a process that is still running is left alone."""
+    removed = []
+    prefix = TMP_PREFIX.format(name=path.name)
+    for tmp in path.parent.glob(f"{prefix}*"):
+        pid = tmp.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    return True
 
 
 def checkpoint_file(location: str | os.PathLike) -> Path:
     """An out_dir (holding ckpt.pt) or a checkpoint file -> the file."""
     path = Path(location).expanduser()
+    if path.is_file():
+        return path
     return path / CKPT_NAME if path.is_dir() or not path.suffix else path
 
 
@@ -64,6 +99,9 @@ def load_checkpoint(location: str | os.PathLike) -> dict:
         raise NgptError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise NgptError(f"{path} is not an ngpt or nanoGPT checkpoint (no 'model' and 'model_args')")
+    if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["model"], dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        raise NgptError(f"{path} is damaged: 'model' must map names to tensors and 'model_args' must be a table")
     # Saved from a compiled or DDP-wrapped model (nanoGPT does): strip the wrappers' prefixes; drop the
     # causal-mask buffers of old nanoGPT versions, which are not weights.
     ckpt["model"] = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()

@@ -65,31 +65,113 @@ def version_callback(value: bool) -> None:
 
 
 @app.callback()
+@report_errors
 def main_options(
     version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
                                           help="print the version and exit")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks instead of one-line errors")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only errors and data (samples, JSON, "
+                                        "results); no logs or progress")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="a log line per step even on a terminal "
+                                          "(no live bar), plus debug details")] = False,
 ) -> None:
-    """ngpt: nanoGPT as one installable command. Start with `ngpt prepare shakespeare-char`."""
+    """ngpt: nanoGPT as one installable command. Start with `ngpt prepare shakespeare-char`.
+
+    Data (samples, JSON, results) goes to stdout; logs and progress go to stderr, without colour or live
+    bars when it is not a terminal or NO_COLOR is set. Shell completion: `ngpt --install-completion`.
+    """
+    from nanogpt_cli.progress import configure
+
+    configure(quiet=quiet, verbose=verbose)
 
 
 def _finish_training(result, command: str) -> None:
-    if result.stopped_by:
-        argv = [a for a in sys.argv[1:] if not a.startswith("--init_from") and not a.startswith("--init-from")]
-        console.print(f"stopped by {result.stopped_by} at iteration {result.iter_num}; checkpoint saved. Resume with:\n"
-                      f"  ngpt {shlex.join(argv)} --init_from=resume")
-        raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
+    """A run stopped by SIGINT/SIGTERM saved a checkpoint: say how to resume it, exit 130 / 143 (128 + signal)."""
+    if not result.stopped_by:
+        return
+    import os
+
+    from nanogpt_cli.errors import current_context
+
+    ctx = current_context()
+    if ctx is not None:  # the command as given (also right when invoked in-process, where sys.argv is not ours)
+        preset = ctx.params.get("preset")
+        args = [command, *(["--preset", preset] if preset else []), *ctx.args]
+    else:
+        args = [command, *sys.argv[2:]]
+    kept, skip = [], False
+    for arg in args:  # drop --init_from X / --init_from=X: the resume replaces it
+        if skip:
+            skip = False
+        elif arg.replace("-", "_") == "__init_from":
+            skip = True
+        elif not arg.replace("-", "_").startswith("__init_from="):
+            kept.append(arg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prog = f"torchrun --nproc_per_node={world} -m nanogpt_cli" if world > 1 else "ngpt"
+    if int(os.environ.get("RANK", "0")) == 0:  # printed even with --quiet: it says what the exit code means
+        print(f"stopped by {result.stopped_by} at iteration {result.iter_num}; checkpoint saved. Resume with:\n"
+              f"  {prog} {shlex.join(kept)} --init_from=resume", file=sys.stderr, flush=True)
+    raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
+
+
+# `ngpt train --nproc-per-node N ...` = `torchrun --nproc-per-node N -m nanogpt_cli train ...`
+LAUNCH = "Multi-process (through torchrun)"
+NprocOption = Annotated[int | None, typer.Option(
+    "--nproc-per-node", min=1, rich_help_panel=LAUNCH, show_default=False,
+    help="start N processes on this node (one per GPU) with PyTorch's launcher, torch.distributed.run")]
+NnodesOption = Annotated[int, typer.Option("--nnodes", min=1, rich_help_panel=LAUNCH,
+                                           help="number of machines; run the same command on each")]
+NodeRankOption = Annotated[int, typer.Option("--node-rank", min=0, rich_help_panel=LAUNCH,
+                                             help="this machine's index, 0 to nnodes-1")]
+MasterAddrOption = Annotated[str | None, typer.Option("--master-addr", rich_help_panel=LAUNCH, show_default=False,
+                                                      help="address of node 0, reachable from every node")]
+MasterPortOption = Annotated[int | None, typer.Option("--master-port", rich_help_panel=LAUNCH, show_default=False,
+                                                      help="a free TCP port on node 0 [default: 29500]")]
+
+
+def _launch_if_asked(ctx: typer.Context, command: str, preset: str | None, nproc: int | None, nnodes: int,
+                     node_rank: int, master_addr: str | None, master_port: int | None) -> None:
+    """With launcher options, run this command again under torchrun (in this process) and exit with its code."""
+    if nproc is None and nnodes == 1 and node_rank == 0 and master_addr is None and master_port is None:
+        return
+    import os
+
+    from nanogpt_cli.distributed import launch, launcher_args
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        raise UsageError("--nproc-per-node/--nnodes start torchrun, but this process already is a torchrun "
+                         "worker: drop them (or run `ngpt train --nproc-per-node N ...` without torchrun)")
+    build(TrainConfig, preset, config_args(ctx))  # bad keys fail here, once, not in N processes
+    torchrun_args = launcher_args(nproc or 1, nnodes, node_rank, master_addr, master_port)
+    root = ctx.find_root().params  # the global flags reach the workers through the environment
+    for flag in ("debug", "quiet", "verbose"):
+        if root.get(flag):
+            os.environ[f"NGPT_{flag.upper()}"] = "1"
+    raise typer.Exit(launch(torchrun_args, [command, *(["--preset", preset] if preset else []), *ctx.args],
+                            nproc or 1))
 
 
 @app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))
 @report_errors
-def train(ctx: typer.Context, preset: PresetOption = None) -> None:
+def train(
+    ctx: typer.Context,
+    preset: PresetOption = None,
+    nproc_per_node: NprocOption = None,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    master_addr: MasterAddrOption = None,
+    master_port: MasterPortOption = None,
+) -> None:
     """Train a GPT from scratch, or resume a run with --init_from=resume.
 
     Example: ngpt train --preset shakespeare-char --max_iters=2000 --device=cpu
+
+    On 8 GPUs: ngpt train --nproc-per-node 8 --preset gpt2-124m (--strategy=fsdp shards the model)
     """
     from nanogpt_cli.train import train as run_training
 
+    _launch_if_asked(ctx, "train", preset, nproc_per_node, nnodes, node_rank, master_addr, master_port)
     cfg = build(TrainConfig, preset, config_args(ctx))
     show_config(cfg)
     _finish_training(run_training(cfg), "train")
@@ -97,13 +179,22 @@ def train(ctx: typer.Context, preset: PresetOption = None) -> None:
 
 @app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))
 @report_errors
-def finetune(ctx: typer.Context, preset: PresetOption = None) -> None:
+def finetune(
+    ctx: typer.Context,
+    preset: PresetOption = None,
+    nproc_per_node: NprocOption = None,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    master_addr: MasterAddrOption = None,
+    master_port: MasterPortOption = None,
+) -> None:
     """Finetune pretrained weights (gpt2*, a Hugging Face folder, or an ngpt checkpoint) on a dataset.
 
-    Example: ngpt finetune --preset finetune-shakespeare --init_from=gpt2
+    Example: ngpt finetune --preset finetune-shakespeare --init_from=gpt2 (--nproc-per-node N: N processes)
     """
     from nanogpt_cli.train import train as run_training
 
+    _launch_if_asked(ctx, "finetune", preset, nproc_per_node, nnodes, node_rank, master_addr, master_port)
     cfg = build(TrainConfig, preset, config_args(ctx))
     if cfg.init_from == "scratch":
         raise UsageError("finetune starts from weights: set --init_from to gpt2*, a Hugging Face folder or an "
@@ -114,39 +205,25 @@ def finetune(ctx: typer.Context, preset: PresetOption = None) -> None:
 
 @app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(SampleConfig))
 @report_errors
-def sample(ctx: typer.Context, preset: PresetOption = None, as_json: JsonOption = False) -> None:
+def sample(
+    ctx: typer.Context,
+    preset: PresetOption = None,
+    as_json: JsonOption = False,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="read prompts from stdin, one per line, "
+                                              "until EOF, an empty line or 'exit'; the model loads once")] = False,
+) -> None:
     """Generate text from a checkpoint (--out-dir) or a pretrained GPT-2 (--init_from=gpt2).
 
+    One sample streams as it is generated; several are one batch, each under a "sample i/n" header.
     Example: ngpt sample --out-dir out/shakespeare-char --prompt "ROMEO:" --num-samples 3
+    Prompts: --prompt TEXT, --prompt - (stdin), --prompt-file PATH, --start=FILE:PATH, or --interactive.
     """
-    from nanogpt_cli.sample import sample as run_sampling
+    from nanogpt_cli.sample import run_sample_command
 
     cfg = build(SampleConfig, preset, config_args(ctx))
-    if as_json:
-        result = run_sampling(cfg)
-        echo(json.dumps({"prompt": result.prompt, "samples": result.samples, "new_tokens": result.new_tokens,
-                         "seconds": round(result.seconds, 4),
-                         "tokens_per_second": round(result.tokens_per_second, 2)}) + "\n")
-        return
-    if cfg.num_samples == 1:  # one sample streams as it is generated
-        from nanogpt_cli.sample import read_prompt
-
-        cfg.prompt, cfg.start, cfg.prompt_file = read_prompt(cfg), None, None
-        shown = False
-
-        def stream(i: int, text: str) -> None:
-            nonlocal shown
-            if not shown:  # the prompt first, once the model has loaded and accepted it
-                echo(cfg.prompt)
-                shown = True
-            echo(text)
-
-        result = run_sampling(cfg, on_token=stream)
-        echo(("" if shown else result.samples[0]) + "\n")
-    else:
-        result = run_sampling(cfg)
-        for text in result.samples:
-            echo(text + "\n---------------\n")
+    code = run_sample_command(cfg, as_json=as_json, interactive=interactive)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("eval", context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))
@@ -205,6 +282,10 @@ def bench(
     console.print(f"{result.params_millions:.1f}M params on {result.device} ({result.dtype}, compile "
                   f"{result.compile}): {result.ms_per_iter:.1f} ms/iter, {result.tokens_per_second:,.0f} tokens/s, "
                   f"MFU {mfu}, peak memory {result.peak_memory_mb:,.0f} MB")
+    if result.per_rank_tokens_per_second:
+        console.print(f"{result.world_size} processes: " + ", ".join(
+            f"rank {r} {t:,.0f}" for r, t in enumerate(result.per_rank_tokens_per_second))
+            + f" tokens/s; total {result.tokens_per_second:,.0f} tokens/s (MFU is per process)")
 
 
 @app.command()
@@ -270,6 +351,46 @@ def presets_show(name: Annotated[str, typer.Argument(help="preset name or .toml 
     cls = TrainConfig if set(keys) <= set(_field_types(TrainConfig)) else SampleConfig
     cfg = build(cls, name, [])
     echo(json.dumps(to_dict(cfg)) + "\n" if as_json else to_toml(cfg))
+
+
+@app.command()
+@report_errors
+def info(as_json: JsonOption = False) -> None:
+    """Report versions, the device and its peak FLOP/s, compile support, CPU features and ngpt's choices.
+
+    Include this output in bug reports. Example: ngpt info --json
+    """
+    from nanogpt_cli.info import environment_report, report_rows
+    from nanogpt_cli.progress import out
+
+    report = environment_report()
+    if as_json:
+        echo(json.dumps(report) + "\n")
+        return
+    from rich.text import Text
+
+    for label, value in report_rows(report):  # plain lines: easy to paste into an issue
+        out.print(Text.assemble((f"{label + ':':<22}", "bold"), value))
+
+
+@app.command()
+@report_errors
+def plot(
+    out_dirs: Annotated[list[str], typer.Argument(help="run folders (out_dir) with a metrics.jsonl",
+                                                  show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="the image to write (PNG; .svg and .pdf work too)")]
+    = "loss.png",
+    title: Annotated[str | None, typer.Option(help="the chart's title")] = None,
+    log_y: Annotated[bool, typer.Option("--log-y", help="a logarithmic loss axis")] = False,
+) -> None:
+    """Draw train and val loss curves of one or more runs to an image (needs the `plot` extra).
+
+    Example: ngpt plot out/shakespeare-char out/other-run --output loss.png
+    """
+    from nanogpt_cli.plot import plot_runs
+
+    path = plot_runs(out_dirs, output, title=title, log_scale=log_y)
+    console.print(f"wrote {path}", markup=False)
 
 
 def main() -> None:

@@ -138,18 +138,21 @@ class SampleConfig:
     out_dir: str = opt("out", "an ngpt out_dir (or a nanoGPT one) to load ckpt.pt from", "Model")
     init_from: str = opt("resume", "resume (the checkpoint in out_dir) | gpt2* | a Hugging Face folder or hub id",
                          "Model")
-    prompt: str | None = opt(None, "text to continue (default: a newline); '-' reads stdin", "Prompt")
-    start: str | None = opt(None, "nanoGPT's spelling of the prompt; FILE:path reads the prompt from a file",
-                            "Prompt")
-    prompt_file: str | None = opt(None, "read the prompt from this file", "Prompt")
+    # Text keys are typed `str` (default None = not given), not `str | None`: "", "none" and "auto"
+    # are text here, not "unset", so `--prompt ""` is refused as empty instead of meaning the default.
+    prompt: str = opt(None, "text to continue (default: a newline); '-' reads stdin", "Prompt")
+    start: str = opt(None, "nanoGPT's spelling of the prompt; FILE:path reads the prompt from a file", "Prompt")
+    prompt_file: str = opt(None, "read the prompt from this file", "Prompt")
     num_samples: int = opt(10, "how many samples to draw (as one batch)", "Sampling")
     max_new_tokens: int = opt(500, "tokens generated per sample", "Sampling")
     temperature: float = opt(0.8, "1.0 = the model's distribution, lower = more conservative, 0 = greedy",
                              "Sampling")
     top_k: int | None = opt(200, "keep only the k most likely tokens (0 or none: all)", "Sampling")
     top_p: float | None = opt(None, "nucleus sampling: keep the smallest set of tokens with this much mass", "Sampling")
-    stop: str | None = opt(None, "stop a sample when this string appears", "Sampling")
-    stop_at_eot: bool = opt(True, "stop a sample at <|endoftext|> (BPE models)", "Sampling")
+    stop: str = opt(None, "end a sample where this string first appears in its generated text (cut before it)",
+                    "Sampling")
+    stop_at_eot: bool = opt(True, "end a sample at <|endoftext|> (BPE models; --no-stop_at_eot to go on)",
+                            "Sampling")
     use_cache: bool = opt(True, "use the KV cache (false recomputes the context each step, as nanoGPT)", "Sampling")
     seed: int = opt(1337, "random seed; the same seed gives the same samples", "Sampling")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps", "System")
@@ -168,6 +171,8 @@ class SampleConfig:
             raise UsageError(f"--top_k must not be negative, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UsageError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.stop == "":
+            raise UsageError("--stop is empty; give the string that ends a sample, or leave --stop out")
         validate_device_name(self.device)
         return self
 

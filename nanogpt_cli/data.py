@@ -3,6 +3,11 @@
 `ngpt prepare` (prepare.py) writes the datasets; this module reads them: random windows of
 block_size + 1 tokens, different per rank, reproducible from a seed, with a state that a
 checkpoint stores so a resumed run draws exactly the batches it would have drawn.
+
+Under several processes all ranks share one stream of micro-batches (seeded by `seed`) and rank
+r keeps the micro-batches r, r + W, r + 2W, ... of it (W = world size). So a step of W processes
+with accumulation A/W trains on exactly the micro-batches one process with accumulation A would,
+and the loader's state is the same on every rank and independent of W.
 """
 
 from __future__ import annotations
@@ -43,22 +48,35 @@ def load_meta(folder: Path) -> dict:
     return meta
 
 
+def shared_draw(loader, draw):
+    """Draw world_size micro-batches from the shared stream and keep this rank's one: every rank
+    advances its generator alike, and rank r gets the micro-batches r, r + W, ... of the stream."""
+    mine = None
+    for r in range(loader.world_size):
+        value = draw()
+        if r == loader.rank:
+            mine = value
+    return mine
+
+
 class BatchLoader:
     """Random (x, y) windows from a split's token file, read through np.memmap.
 
-    Each rank seeds its own generator (seed + rank) so ranks see different data; the
-    generator's state is the loader's whole state.
+    Every rank draws the same stream (seeded by `seed`) and keeps its own share of it: micro-batch
+    `rank` of each group of `world_size`, so ranks see different data. The generator's state is
+    the loader's whole state.
     """
 
     def __init__(self, folder: Path, meta: dict, batch_size: int, block_size: int, device: torch.device,
-                 seed: int = 1337, rank: int = 0):
+                 seed: int = 1337, rank: int = 0, world_size: int = 1):
         self.folder = folder
         self.meta = meta
         self.dtype = np.dtype(meta.get("dtype", "uint16"))
         self.batch_size = batch_size
         self.block_size = block_size
         self.device = device
-        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
         self.files = {}
         for split in SPLITS:
             name = meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin")
@@ -76,7 +94,8 @@ class BatchLoader:
 
     def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         data = self.tokens(split)
-        starts = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=self.generator)
+        starts = shared_draw(self, lambda: torch.randint(len(data) - self.block_size, (self.batch_size,),
+                                                         generator=self.generator))
         x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in starts.tolist()])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64))
                          for i in starts.tolist()])
@@ -95,13 +114,15 @@ class SyntheticLoader:
     """Uniformly random tokens of the right shapes: benchmarks without a prepared dataset."""
 
     def __init__(self, vocab_size: int, batch_size: int, block_size: int, device: torch.device, seed: int = 1337,
-                 rank: int = 0):
+                 rank: int = 0, world_size: int = 1):
         self.meta = {"tokenizer": "synthetic", "vocab_size": vocab_size}
         self.vocab_size, self.batch_size, self.block_size, self.device = vocab_size, batch_size, block_size, device
-        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
 
     def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        data = torch.randint(self.vocab_size, (self.batch_size, self.block_size + 1), generator=self.generator)
+        data = shared_draw(self, lambda: torch.randint(self.vocab_size, (self.batch_size, self.block_size + 1),
+                                                       generator=self.generator))
         return data[:, :-1].to(self.device), data[:, 1:].to(self.device)
 
     def state_dict(self) -> dict:

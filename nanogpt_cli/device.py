@@ -121,8 +121,9 @@ def gpu_peak_flops(name: str) -> float | None:
 @functools.cache
 def measured_cpu_peak_flops(dtype: str = "float32", size: int = 1024, seconds: float = 0.3) -> float:
     """CPU peak, measured: FLOP/s of a square matmul in `dtype` with the current thread count."""
-    a = torch.randn(size, size, dtype=DTYPES[dtype])
-    b = torch.randn(size, size, dtype=DTYPES[dtype])
+    g = torch.Generator().manual_seed(0)  # its own generator: measuring must not shift the training RNG
+    a = torch.randn(size, size, dtype=DTYPES[dtype], generator=g)
+    b = torch.randn(size, size, dtype=DTYPES[dtype], generator=g)
     a @ b  # warm-up
     n, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds or n < 3:

@@ -20,11 +20,29 @@ class UsageError(NgptError):
 
 
 def debug_enabled() -> bool:
-    """`ngpt --debug ...` or NGPT_DEBUG=1: let tracebacks through."""
+    """`ngpt --debug ...` (or `--debug` among a command's keys) or NGPT_DEBUG=1: let tracebacks through."""
     import os
     import sys
 
-    return "--debug" in sys.argv or os.environ.get("NGPT_DEBUG", "") not in ("", "0")
+    if "--debug" in sys.argv or os.environ.get("NGPT_DEBUG", "") not in ("", "0"):
+        return True
+    # invoked in-process (a CliRunner, or app(...) from Python): sys.argv is someone else's; ask the context
+    ctx = current_context()
+    return ctx is not None and (bool(ctx.find_root().params.get("debug")) or "--debug" in getattr(ctx, "args", ()))
+
+
+def current_context():
+    """The running command's click context (typer >= 0.20 ships its own copy of click), or None."""
+    for module in ("typer._click.globals", "click.globals"):
+        try:
+            import importlib
+
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except (ImportError, AttributeError):
+            continue
+        if ctx is not None:
+            return ctx
+    return None
 
 
 def report_errors(func):
@@ -40,11 +58,17 @@ def report_errors(func):
         except NgptError as e:
             if debug_enabled():
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            message = str(e).replace("\n", " ")
+            print(f"error: {message}", file=sys.stderr)
             raise SystemExit(e.exit_code) from None
         except KeyboardInterrupt:
+            if debug_enabled():
+                raise
             print("error: interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        except BrokenPipeError:  # the reader went away (`ngpt sample | head`): stop quietly, as `yes | head` does
+            _silence_stdout()
+            raise SystemExit(141) from None
         except SystemExit:
             raise
         except Exception as e:
@@ -55,3 +79,15 @@ def report_errors(func):
             raise SystemExit(1) from None
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's exit-time flush does not complain about the closed pipe."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a real file (captured by a test runner)

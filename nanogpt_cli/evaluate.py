@@ -58,7 +58,9 @@ def evaluate(cfg: TrainConfig) -> dict:
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
     folder = dataset_path(cfg.dataset, cfg.data_dir)
     data_meta = load_meta(folder)
-    if data_meta.get("tokenizer") != meta.get("tokenizer") or data_meta["vocab_size"] > model.config.vocab_size:
+    other_chars = data_meta.get("tokenizer") == "char" and data_meta.get("itos") != meta.get("itos")
+    if (data_meta.get("tokenizer") != meta.get("tokenizer") or data_meta["vocab_size"] > model.config.vocab_size
+            or other_chars):
         raise NgptError(f"the dataset {cfg.dataset!r} ({data_meta.get('tokenizer')}, vocab {data_meta['vocab_size']})"
                         f" does not match the model ({meta.get('tokenizer')}, vocab {model.config.vocab_size})")
     block_size = min(cfg.block_size, model.config.block_size)

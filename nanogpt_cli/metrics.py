@@ -7,11 +7,13 @@ tokens_per_s, mfu and ms; evaluations carry iter, train_loss and val_loss.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from nanogpt_cli.config import TrainConfig, to_dict
 from nanogpt_cli.errors import NgptError
+from nanogpt_cli.progress import console, debug, is_verbose
 
 
 class MetricsLog:
@@ -25,6 +27,9 @@ class MetricsLog:
         self.file = None
         if not enabled:
             return
+        if cfg.wandb_log:  # first: a wandb that cannot start fails the run before any file changes
+            self.wandb = start_wandb(cfg, run_id)
+            self.run_id = self.wandb.id
         if resume_from > 0 and self.path.is_file():
             # A resumed run repeats the steps after its checkpoint: drop the ones logged past it.
             kept = [r for r in read_jsonl(self.path) if r.get("iter", 0) < resume_from
@@ -36,9 +41,7 @@ class MetricsLog:
             self.path.write_text("", encoding="utf-8")
         if not cfg.eval_only:
             self.file = open(self.path, "a", encoding="utf-8")
-        if cfg.wandb_log:
-            self.wandb = start_wandb(cfg, run_id)
-            self.run_id = self.wandb.id
+            debug(f"metrics: {self.path}")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -71,20 +74,43 @@ class MetricsLog:
 
 def read_jsonl(path: Path) -> list[dict]:
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a crash
+            continue  # a line cut short by a crash (or garbage)
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 
 def start_wandb(cfg: TrainConfig, run_id: str | None):
-    """A wandb run with the resolved config; a resumed training run continues the same wandb run."""
+    """A wandb run with the resolved config, its files under out_dir/wandb; a resumed training run
+    continues the same wandb run. WANDB_MODE=offline (and wandb's other WANDB_* variables) apply."""
     try:
         import wandb
     except ImportError:
-        raise NgptError("--wandb_log=True needs wandb: pip install 'nanogpt-cli[wandb]'") from None
+        raise NgptError("--wandb_log=True needs wandb: pip install 'nanogpt-cli[wandb]' "
+                        "(or run without --wandb_log; metrics.jsonl is always written)") from None
+    out_dir = Path(cfg.out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"id": run_id, "resume": "allow"} if run_id else {}
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=to_dict(cfg),
-                      dir=str(Path(cfg.out_dir)), **kwargs)
+    settings = {}
+    if not is_verbose() and not any(os.environ.get(k) for k in ("WANDB_QUIET", "WANDB_SILENT")):
+        settings["silent"] = True  # wandb's banners and run summary stay out of our output: one line below
+    try:
+        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=to_dict(cfg),
+                         dir=str(out_dir), settings=wandb.Settings(**settings), **kwargs)
+    except Exception as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise NgptError(f"wandb could not start: {message.rstrip('.')} (to log without an account or network, "
+                        "set WANDB_MODE=offline and upload later with `wandb sync`)") from None
+    mode = getattr(getattr(run, "settings", None), "mode", None) or os.environ.get("WANDB_MODE", "")
+    if mode == "disabled":
+        debug("wandb: disabled (WANDB_MODE=disabled)")
+    elif mode in ("offline", "dryrun"):
+        folder = Path(run.dir).parent  # out_dir/wandb/offline-run-<date>-<id>
+        console.print(f"wandb: offline run {run.id} in {folder}; upload it with `wandb sync {folder}`", markup=False)
+    else:
+        console.print(f"wandb: {run.url or run.id}", markup=False)
+    return run

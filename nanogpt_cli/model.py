@@ -42,17 +42,22 @@ class KVCache:
     """Keys and values of every layer for a batch, preallocated to `block_size` positions.
 
     `pos` is how many positions are filled. Generation prefills the prompt once, then
-    feeds one token at a time; `GPT.generate` rebuilds the cache when it is full.
+    feeds one token at a time; `Decoder` rebuilds the cache when it is full. The buffer is
+    allocated on the first update, in the dtype of the keys (so autocast's bf16 keys are
+    stored as bf16), unless `dtype` is given.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype=None):
         head_size = config.n_embd // config.n_head
-        shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, head_size)
-        self.cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, head_size)
+        self.device, self.dtype = device, dtype
+        self.cache = None if dtype is None else torch.zeros(self.shape, device=device, dtype=dtype)
         self.pos = 0
 
     def update(self, layer: int, k, v):
         """Store k, v (B, nh, T, hs) after the filled positions; return all keys and values so far."""
+        if self.cache is None:
+            self.cache = torch.zeros(self.shape, device=self.device, dtype=k.dtype)
         T = k.size(2)
         end = self.pos + T
         self.cache[layer, 0, :, :, self.pos:end] = k
@@ -219,33 +224,71 @@ class GPT(nn.Module):
             return None
         return self.flops_per_token() * tokens_per_second / peak_flops
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  generator=None, use_cache=True, stop_token=None):
         """Extend idx (B, T) by max_new_tokens tokens, yielding each new column (B, 1).
 
         With use_cache, the prompt is prefilled once and each step feeds one token against
         cached keys and values; when the cache is full it is rebuilt from the last half
-        block of context. Without, every step recomputes the last block_size tokens.
+        block of context (see `Decoder`). Without, every step recomputes the last
+        block_size tokens, as nanoGPT does. Stops early once every row has produced stop_token.
         """
-        block_size = self.config.block_size
-        cache = None
-        next_input = idx
+        decoder = Decoder(self, idx, use_cache=use_cache)
+        finished = None
         for _ in range(max_new_tokens):
-            if use_cache:
-                if cache is None or cache.pos + next_input.size(1) > block_size:
-                    keep = idx[:, -(block_size // 2 or 1):] if cache is not None else idx[:, -block_size:]
-                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-                    next_input = keep
-                logits, _ = self(next_input, kv_cache=cache)
-            else:
-                logits, _ = self(idx[:, -block_size:])
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, next_token), dim=1)
-            next_input = next_token
+            next_token = sample_next(decoder.logits(), temperature, top_k, top_p, generator)
+            decoder.append(next_token)
             yield next_token
-            if stop_token is not None and bool((next_token == stop_token).all()):
-                return
+            if stop_token is not None:
+                hit = next_token[:, 0] == stop_token
+                finished = hit if finished is None else finished | hit
+                if bool(finished.all()):
+                    return
+
+
+class Decoder:
+    """Next-token logits for a batch of growing sequences: `logits()`, then `append(tokens)`.
+
+    With use_cache, the first call prefills the last min(T, block_size) tokens into a
+    `KVCache`; later calls feed only the appended column. When the cache is full it is
+    rebuilt: the last block_size // 2 tokens are prefilled again (positions restart at 0),
+    so a rebuild costs one half-block forward every block_size // 2 tokens. `start` is the
+    index in `idx` of the first token the model sees, so the logits always equal those of a
+    full forward over `idx[:, start:]`. Without the cache, `start` keeps the last
+    block_size tokens and every call is that full forward.
+    """
+
+    def __init__(self, model: GPT, idx, use_cache: bool = True):
+        self.model, self.idx, self.use_cache = model, idx, use_cache
+        self.block_size = model.config.block_size
+        self.cache: KVCache | None = None
+        self.start = 0
+        self.rebuilds = 0
+        self._pending = idx  # tokens not yet fed to the cache
+
+    @torch.inference_mode()
+    def logits(self):
+        """(B, vocab) logits for the token after idx."""
+        T = self.idx.size(1)
+        if not self.use_cache:
+            self.start = max(0, T - self.block_size)
+            logits, _ = self.model(self.idx[:, self.start:])
+            return logits[:, -1, :]
+        if self.cache is None or self.cache.pos + self._pending.size(1) > self.block_size:
+            keep = min(T, self.block_size) if self.cache is None else max(1, self.block_size // 2)
+            self.rebuilds += self.cache is not None
+            self.cache = KVCache(self.model.config, self.idx.size(0), self.idx.device)
+            self.start = T - keep
+            self._pending = self.idx[:, self.start:]
+        logits, _ = self.model(self._pending, kv_cache=self.cache)
+        self._pending = self.idx[:, :0]
+        return logits[:, -1, :]
+
+    def append(self, tokens) -> None:
+        """Add a column (B, n) of tokens to every sequence."""
+        self.idx = torch.cat((self.idx, tokens), dim=1)
+        self._pending = torch.cat((self._pending, tokens), dim=1)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -254,14 +297,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set whose mass reaches top_p
-        sorted_logits[remove] = -float("inf")
+        probs = sorted_logits.softmax(dim=-1)
+        # keep the smallest set whose mass reaches top_p: a token stays if the mass before it is < top_p
+        remove = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(remove, -float("inf"))
         logits = torch.full_like(logits, -float("inf")).scatter(1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)

@@ -1,13 +1,18 @@
-"""The rich console and progress display: quiet on non-zero ranks, plain text in pipes.
+"""The rich consoles and progress display: quiet on non-zero ranks, plain text in pipes.
 
-Data (samples, JSON) goes to stdout; logs and progress go through `console` too, but
-without colour or live bars when stdout is not a terminal or NO_COLOR is set.
+Conventions: data (samples, JSON) goes to stdout through `echo`; human-readable results
+(tables) go to stdout through `out`; logs, progress and warnings go to stderr through
+`console`, so `ngpt sample ... > file` captures only the samples. Neither console writes
+colour when NO_COLOR is set, and neither writes ANSI codes or live bars into a pipe or file.
+`--quiet` (or NGPT_QUIET=1) silences `console`; `--verbose` (or NGPT_VERBOSE=1) prints a line
+per step even on a terminal, plus debug details.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shlex
 import sys
 
 from rich.console import Console
@@ -17,23 +22,60 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def _no_color() -> bool:
+    """NO_COLOR (https://no-color.org): set and not empty means no colour."""
+    return os.environ.get("NO_COLOR", "") != ""
+
+
 def make_console(stderr: bool = False) -> Console:
-    quiet = _rank() != 0 or os.environ.get("NGPT_QUIET", "") not in ("", "0")
-    return Console(stderr=stderr, quiet=quiet, highlight=False, soft_wrap=True,
-                   no_color="NO_COLOR" in os.environ)
+    quiet = _rank() != 0 or (stderr and _env_flag("NGPT_QUIET"))
+    return Console(stderr=stderr, quiet=quiet, highlight=False, soft_wrap=True, no_color=_no_color())
 
 
-console = make_console()
+console = make_console(stderr=True)  # logs, progress, warnings: stderr
+out = make_console()  # human-readable results (tables, reports): stdout
+_verbose = _env_flag("NGPT_VERBOSE")
+
+
+def configure(quiet: bool = False, verbose: bool = False) -> None:
+    """Apply the global --quiet/--verbose flags (and re-read NGPT_QUIET, NGPT_VERBOSE, NO_COLOR).
+
+    The consoles are changed in place: other modules hold references to them.
+    """
+    global _verbose
+    if quiet and verbose:
+        from nanogpt_cli.errors import UsageError
+
+        raise UsageError("--quiet and --verbose contradict each other; use one")
+    _verbose = (verbose or _env_flag("NGPT_VERBOSE")) and not quiet
+    console.quiet = _rank() != 0 or quiet or (_env_flag("NGPT_QUIET") and not verbose)
+    out.quiet = _rank() != 0
+    for c in (console, out):
+        c.no_color = _no_color()
+
+
+def is_verbose() -> bool:
+    return _verbose and not console.quiet
 
 
 def is_interactive() -> bool:
-    """Live bars only for a person at a terminal."""
-    return console.is_terminal and not console.quiet and os.environ.get("TERM") != "dumb"
+    """Live bars only for a person at a terminal (and not with --verbose, which wants plain lines)."""
+    return console.is_terminal and not console.quiet and not _verbose and os.environ.get("TERM") != "dumb"
 
 
 def print0(*args, **kwargs) -> None:
-    """Print on rank 0 only (the console is quiet elsewhere)."""
+    """Print a log line on rank 0 only (the console is quiet elsewhere)."""
     console.print(*args, **kwargs)
+
+
+def debug(text: str) -> None:
+    """A detail shown only with --verbose."""
+    if is_verbose():
+        console.print(text, style="dim", markup=False)
 
 
 def echo(text: str) -> None:
@@ -99,6 +141,7 @@ class TrainProgress:
 
     def summary(self, result, history: list[dict], out_dir, iters_run: int) -> None:
         from rich.table import Table
+        from rich.text import Text
 
         losses = [r["loss"] for r in history if "loss" in r]
         table = Table(title="training summary", show_header=False)
@@ -110,6 +153,10 @@ class TrainProgress:
         if result.tokens_per_second:
             table.add_row("tokens/s (last)", f"{result.tokens_per_second:,.0f}")
         if losses:
-            table.add_row("loss", sparkline(losses))
-        table.add_row("out_dir", str(out_dir))
+            table.add_row("train loss", f"{sparkline(losses)} {losses[0]:.3f} → {losses[-1]:.3f}")
+        val = [r["val_loss"] for r in history if "val_loss" in r]
+        if len(val) > 1:
+            table.add_row("val loss", f"{sparkline(val)} {val[0]:.3f} → {val[-1]:.3f}")
+        table.add_row("out_dir", Text(f"{out_dir} (metrics.jsonl, config.toml)"))
+        table.add_row("loss plot", Text(f"ngpt plot {shlex.quote(str(out_dir))}"))
         console.print(table)

@@ -1,13 +1,22 @@
 """Generation from a trained checkpoint or pretrained GPT-2, with a KV cache.
 
     ngpt sample --out-dir out/shakespeare-char --prompt "ROMEO:" --num-samples 3
+    echo "JULIET:" | ngpt sample --out-dir out/shakespeare-char --prompt - --num-samples 1
+    ngpt sample --init_from=gpt2 --interactive --max-new-tokens 60
+
+The prompt is prefilled once and each step decodes one token against cached keys and values
+(`nanogpt_cli.model.Decoder`); text is decoded incrementally, token by token, so a long sample
+costs no more per token than a short one. Several samples are one batch. Samples go to stdout;
+the tokens/s line and any prompt marker go to stderr.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,20 +24,26 @@ import torch
 from nanogpt_cli.checkpoint import load_model
 from nanogpt_cli.config import SampleConfig
 from nanogpt_cli.device import autocast, choose_dtype, resolve_device, synchronize
-from nanogpt_cli.errors import UsageError
+from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.tokenizer import from_meta
 
 
 @dataclass
 class SampleResult:
-    samples: list[str]
+    samples: list[str]  # prompt + continuation, one per sample
     prompt: str
-    new_tokens: int
+    new_tokens: int  # tokens generated, all samples of the batch together
     seconds: float
+    finish_reasons: list[str] = field(default_factory=list)  # per sample: "length", "eot" or "stop"
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {"prompt": self.prompt, "samples": self.samples, "finish_reasons": self.finish_reasons,
+                "new_tokens": self.new_tokens, "seconds": round(self.seconds, 4),
+                "tokens_per_second": round(self.tokens_per_second, 2)}
 
 
 def read_prompt(cfg: SampleConfig) -> str:
@@ -60,48 +75,67 @@ def read_prompt(cfg: SampleConfig) -> str:
     return text
 
 
-def generate_samples(model, tokenizer, prompt: str, cfg: SampleConfig, device: torch.device, dtype: str,
-                     on_token=None) -> SampleResult:
-    """num_samples continuations of `prompt`, generated as one batch.
+def token_bytes(tokenizer):
+    """A function from one token id to its bytes (text is decoded incrementally from these)."""
+    enc = getattr(tokenizer, "enc", None)
+    if enc is not None and hasattr(enc, "decode_single_token_bytes"):
+        return enc.decode_single_token_bytes
+    itos = getattr(tokenizer, "itos", None)
+    if itos is not None:
+        table = [c.encode("utf-8") for c in itos]
+        return table.__getitem__
+    return lambda token: tokenizer.decode([token]).encode("utf-8")
 
-    on_token(i, text) is called with each sample's newly decoded text as it is produced.
+
+class TextStream:
+    """One sample's text, decoded token by token (O(1) work per token, not a decode of the whole text).
+
+    `push` returns the text that is now final: a character whose bytes are still arriving is
+    held back, and so is a tail that could be the start of the stop string, so streamed text
+    never has to be taken back. The stop string is searched in the generated text only.
     """
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise UsageError("the prompt encodes to no tokens")
-    x = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    eot = tokenizer.eot_token if cfg.stop_at_eot else None
-    top_k = cfg.top_k or None
-    out_ids: list[list[int]] = [[] for _ in range(cfg.num_samples)]
-    emitted = [""] * cfg.num_samples  # text already handed to on_token
-    done = [False] * cfg.num_samples
-    start = time.perf_counter()
-    produced = 0
-    with torch.no_grad(), autocast(device, dtype):
-        for column in model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k,
-                                     top_p=cfg.top_p, generator=generator, use_cache=cfg.use_cache):
-            produced += cfg.num_samples
-            for i, token in enumerate(column[:, 0].tolist()):
-                if done[i]:
-                    continue
-                if eot is not None and token == eot:
-                    done[i] = True
-                    continue
-                out_ids[i].append(token)
-                text = tokenizer.decode(out_ids[i])
-                if cfg.stop and cfg.stop in text:
-                    text, done[i] = text[:text.index(cfg.stop)], True
-                if text.endswith("\ufffd") and not done[i]:
-                    continue  # a multi-byte character is still arriving
-                if on_token and len(text) > len(emitted[i]):
-                    on_token(i, text[len(emitted[i]):])
-                emitted[i] = text
-            if all(done):
+
+    def __init__(self, to_bytes, stop: str | None = None):
+        self.to_bytes = to_bytes
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stop = stop or None
+        self.text = ""
+        self.emitted = 0
+        self.done = False
+        self.stopped = False  # the stop string was found
+
+    def _add(self, piece: str) -> None:
+        if self.stop is None:
+            self.text += piece
+            return
+        search_from = max(0, len(self.text) - len(self.stop) + 1)
+        self.text += piece
+        hit = self.text.find(self.stop, search_from)
+        if hit >= 0:
+            self.text, self.done, self.stopped = self.text[:hit], True, True
+
+    def _release(self, end: int) -> str:
+        new = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return new
+
+    def push(self, token: int) -> str:
+        self._add(self.decoder.decode(self.to_bytes(token)))
+        if self.done or self.stop is None:
+            return self._release(len(self.text))
+        held = 0  # the longest tail of the text that is a proper prefix of the stop string
+        for n in range(min(len(self.stop) - 1, len(self.text)), 0, -1):
+            if self.text.endswith(self.stop[:n]):
+                held = n
                 break
-    synchronize(device)
-    texts = [emitted[i] if done[i] else tokenizer.decode(ids) for i, ids in enumerate(out_ids)]
-    return SampleResult([prompt + t for t in texts], prompt, produced, time.perf_counter() - start)
+        return self._release(len(self.text) - held)
+
+    def finish(self) -> str:
+        """End the sample (length reached, or <|endoftext|>): flush whatever was held back."""
+        if not self.done:
+            self._add(self.decoder.decode(b"", final=True))
+            self.done = True
+        return self._release(len(self.text))
 
 
 def load_for_sampling(cfg: SampleConfig):
@@ -114,7 +148,172 @@ def load_for_sampling(cfg: SampleConfig):
     return model, from_meta(meta), device, dtype
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; a character outside a char-level vocabulary is a usage error naming it."""
+    if prompt == "":
+        raise UsageError("the prompt is empty")
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise UsageError("the prompt encodes to no tokens")
+    return ids
+
+
+def generate_samples(model, tokenizer, prompt: str, cfg: SampleConfig, device: torch.device, dtype: str,
+                     on_token=None, generator: torch.Generator | None = None, on_step=None) -> SampleResult:
+    """num_samples continuations of `prompt`, generated as one batch.
+
+    on_token(i, text) is called with each sample's newly final text as it is produced;
+    on_step(n) after the n-th decoding step. A sample ends at max_new_tokens, at
+    <|endoftext|> (stop_at_eot; the token is not part of the text) or at the stop string
+    (cut before it); the batch ends when every sample has.
+    """
+    from nanogpt_cli.model import Decoder, sample_next
+
+    ids = encode_prompt(tokenizer, prompt)
+    n = cfg.num_samples
+    x = torch.tensor([ids] * n, dtype=torch.long, device=device)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    eot = tokenizer.eot_token if cfg.stop_at_eot else None
+    top_k = cfg.top_k or None
+    vocab = getattr(tokenizer, "vocab_size", None)  # the model's table may be padded (50257 -> 50304)
+    to_bytes = token_bytes(tokenizer)
+    streams = [TextStream(to_bytes, cfg.stop) for _ in range(n)]
+    reasons = ["length"] * n
+    emit = on_token or (lambda i, text: None)
+    start = time.perf_counter()
+    steps = 0
+    with torch.inference_mode(), autocast(device, dtype):
+        decoder = Decoder(model, x, use_cache=cfg.use_cache)
+        while steps < cfg.max_new_tokens:
+            logits = decoder.logits()
+            if vocab and vocab < logits.size(-1):
+                logits = logits[:, :vocab]  # never sample a padding id: it has no text
+            column = sample_next(logits, cfg.temperature, top_k, cfg.top_p, generator)
+            decoder.append(column)
+            steps += 1
+            for i, token in enumerate(column[:, 0].tolist()):
+                stream = streams[i]
+                if stream.done:
+                    continue
+                if token == eot:
+                    reasons[i] = "eot"
+                    text = stream.finish()
+                else:
+                    text = stream.push(token)
+                    if stream.stopped:
+                        reasons[i] = "stop"
+                if text:
+                    emit(i, text)
+            if on_step:
+                on_step(steps)
+            if all(stream.done for stream in streams):
+                break
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    for i, stream in enumerate(streams):
+        text = stream.finish()
+        if text:
+            emit(i, text)
+    return SampleResult([prompt + s.text for s in streams], prompt, steps * n, seconds, reasons)
+
+
+class Sampler:
+    """A loaded model and tokenizer, ready for several prompts (`--interactive`).
+
+    One random generator, seeded once, serves every prompt: a session is reproducible
+    as a whole, and asking the same prompt twice gives two different samples.
+    """
+
+    def __init__(self, cfg: SampleConfig):
+        self.cfg = cfg
+        self.model, self.tokenizer, self.device, self.dtype = load_for_sampling(cfg)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+
+    def check(self, prompt: str) -> None:
+        encode_prompt(self.tokenizer, prompt)
+
+    def generate(self, prompt: str, on_token=None, on_step=None) -> SampleResult:
+        return generate_samples(self.model, self.tokenizer, prompt, self.cfg, self.device, self.dtype, on_token,
+                                self.generator, on_step)
+
+
 def sample(cfg: SampleConfig, on_token=None) -> SampleResult:
     prompt = read_prompt(cfg)
     model, tokenizer, device, dtype = load_for_sampling(cfg)
     return generate_samples(model, tokenizer, prompt, cfg, device, dtype, on_token)
+
+
+# ---------------------------------------------------------------- the `ngpt sample` command's output
+
+def _report_speed(result: SampleResult, cfg: SampleConfig) -> None:
+    from nanogpt_cli.progress import console
+
+    cache = "KV cache" if cfg.use_cache else "no KV cache"
+    console.print(f"{result.new_tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_second:,.1f} tokens/s "
+                  f"({cfg.num_samples} sample{'s' if cfg.num_samples > 1 else ''}, {cache})",
+                  style="dim", markup=False, highlight=False)
+
+
+def _show_one(sampler: Sampler, prompt: str, as_json: bool) -> SampleResult:
+    """Generate for one prompt and print it: streamed (one sample), JSON, or one section per sample."""
+    from nanogpt_cli.progress import console, echo, is_interactive, out
+
+    cfg = sampler.cfg
+    sampler.check(prompt)  # a bad prompt fails before anything is printed
+    if as_json:
+        result = sampler.generate(prompt)
+        echo(json.dumps(result.as_dict()) + "\n")
+    elif cfg.num_samples == 1:  # one sample streams as it is generated
+        echo(prompt)
+        result = sampler.generate(prompt, on_token=lambda i, text: echo(text))
+        echo("\n")
+    else:  # several samples are one batch: show them when it is done, each under its own header
+        if is_interactive():
+            with console.status(f"generating {cfg.num_samples} samples") as status:
+                result = sampler.generate(prompt, on_step=lambda n: status.update(
+                    f"generating {cfg.num_samples} samples: {n}/{cfg.max_new_tokens} tokens"))
+        else:
+            result = sampler.generate(prompt)
+        for i, text in enumerate(result.samples, 1):
+            if out.is_terminal:
+                out.rule(f"sample {i}/{len(result.samples)}")
+                echo(text + "\n")
+            else:
+                echo(f"--- sample {i}/{len(result.samples)} ---\n{text}\n")
+    _report_speed(result, cfg)
+    return result
+
+
+def run_sample_command(cfg: SampleConfig, as_json: bool = False, interactive: bool = False) -> int:
+    """`ngpt sample`: one prompt, or (interactive) a prompt per line of stdin until EOF, an empty line or
+    `exit`. Returns the exit code: in interactive mode a refused prompt prints `error: ...` and the loop
+    goes on, and the exit code is then 2."""
+    from nanogpt_cli.progress import console
+
+    if not interactive:
+        prompt = read_prompt(cfg)
+        _show_one(Sampler(cfg), prompt, as_json)
+        return 0
+    given = [f"--{name}" for name in ("prompt", "start", "prompt_file") if getattr(cfg, name) is not None]
+    if given:
+        raise UsageError(f"--interactive reads its prompts from stdin, one per line; leave out {', '.join(given)}")
+    sampler = Sampler(cfg)
+    tty = sys.stdin.isatty()
+    if tty:
+        console.print("one prompt per line; an empty line, 'exit' or Ctrl-D ends", style="dim", highlight=False)
+    failed = False
+    while True:
+        if tty:
+            console.print("prompt> ", end="", style="bold", highlight=False)
+        line = sys.stdin.readline()
+        prompt = line.rstrip("\r\n")
+        if not line or prompt.strip() in ("", "exit", "quit"):
+            return 2 if failed else 0
+        try:
+            _show_one(sampler, prompt, as_json)
+        except NgptError as e:
+            if not isinstance(e, UsageError):
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            failed = True

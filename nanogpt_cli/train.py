@@ -34,6 +34,15 @@ from nanogpt_cli.device import (
     peak_flops,
     resolve_device,
 )
+from nanogpt_cli.distributed import (
+    full_model_state_dict,
+    full_optimizer_state_dict,
+    grad_sync,
+    load_optimizer_state,
+    local_grads,
+    mean_across_ranks,
+    wrap_model,
+)
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.evaluate import evaluate_loss
 from nanogpt_cli.model import GPT, GPTConfig
@@ -119,18 +128,20 @@ class Trainer:
         self.loader = self.make_loader()
         self.check_vocab()
         self.model.to(device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=(self.dtype == "float16" and device.type == "cuda"))
-        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                                         (cfg.beta1, cfg.beta2), device.type)
-        if resume is not None:
-            self.restore(resume)
+        # Parallelise before the optimizer exists: FSDP turns the parameters into shards (DTensors).
+        # raw_model is the model itself (FSDP2 shards in place), self.model what the steps call.
         self.raw_model = self.model
+        if env.is_distributed and cfg.strategy == "fsdp":
+            self.model = wrap_model(self.model, cfg, device, env)  # shard first, then compile
         if use_compile:
             self.model = torch.compile(self.model)
-        if env.is_distributed:
-            from nanogpt_cli.distributed import wrap_model
-
-            self.model = wrap_model(self.model, cfg, device, env)
+        if env.is_distributed and cfg.strategy != "fsdp":
+            self.model = wrap_model(self.model, cfg, device, env)  # DDP around the compiled model
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(self.dtype == "float16" and device.type == "cuda"))
+        self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                                             (cfg.beta1, cfg.beta2), device.type)
+        if resume is not None:
+            self.restore(resume)
         self.peak, peak_why = peak_flops(device, self.dtype)
         n_params = self.raw_model.get_num_params()
         console.print(f"[bold]device[/bold] {device} ({env.world_size} process{'es' if env.world_size > 1 else ''})"
@@ -186,9 +197,9 @@ class Trainer:
         cfg = self.cfg
         if self.data_meta is None:
             return SyntheticLoader(self.model.config.vocab_size, cfg.batch_size, cfg.block_size, self.device,
-                                   cfg.seed, self.env.rank)
+                                   cfg.seed, self.env.rank, self.env.world_size)
         return BatchLoader(self.data_folder, self.data_meta, cfg.batch_size, cfg.block_size, self.device,
-                           cfg.seed, self.env.rank)
+                           cfg.seed, self.env.rank, self.env.world_size)
 
     def check_vocab(self) -> None:
         if self.data_meta is None:
@@ -205,14 +216,23 @@ class Trainer:
         self.iter_num = int(resume.get("iter_num", 0))
         self.best_val_loss = float(resume.get("best_val_loss", float("inf")))
         self.wandb_run_id = resume.get("wandb_run_id")
-        if "optimizer" in resume:
-            self.optimizer.load_state_dict(resume["optimizer"])
-        if resume.get("scaler"):
-            self.scaler.load_state_dict(resume["scaler"])
-        if "rng" in resume:
-            ckpt_io.set_rng_state(resume["rng"])
-        if "loader" in resume and self.env.world_size == resume.get("world_size", 1):
-            self.loader.load_state_dict(resume["loader"])
+        where = ckpt_io.checkpoint_file(self.out_dir)
+        parts = [("optimizer", lambda state: load_optimizer_state(self.raw_model, self.optimizer, state),
+                  "optimizer" in resume),
+                 ("scaler", self.scaler.load_state_dict, bool(resume.get("scaler"))),
+                 ("rng", ckpt_io.set_rng_state, "rng" in resume),
+                 # all ranks share one batch stream (data.py): its state fits any number of processes
+                 ("loader", self.loader.load_state_dict, "loader" in resume)]
+        for key, load, present in parts:
+            if not present:
+                continue
+            try:
+                load(resume[key])
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+                reason = " ".join(str(e).split())[:200]
+                raise NgptError(f"the {key} state in {where} does not fit this run ({type(e).__name__}: {reason}); "
+                                "resume with the settings it was trained with, or start from its weights with "
+                                f"`ngpt finetune --init_from={where}`") from None
         console.print(f"resuming from iteration {self.iter_num} (best val loss {self.best_val_loss:.4f})")
 
     # -------------------------------------------------------------- the steps
@@ -223,8 +243,7 @@ class Trainer:
 
     def forward_backward(self, X, Y, last: bool) -> torch.Tensor:
         """One micro-step; gradients sync across ranks only on the last micro-step."""
-        sync = contextlib.nullcontext() if last or not self.env.is_distributed else self.model.no_sync()
-        with sync:
+        with grad_sync(self.model, last or not self.env.is_distributed):
             with autocast(self.device, self.dtype):
                 _, loss = self.model(X, Y)
                 loss = loss / self.accum_steps  # the mean over the whole accumulated batch
@@ -252,7 +271,12 @@ class Trainer:
         return total
 
     def loss_is_finite(self, total: torch.Tensor) -> bool:
+        """False (step skipped) or an NgptError (on_nonfinite=stop) when the loss or any gradient is NaN/inf:
+        a finite loss with an inf gradient would otherwise turn the weights into NaNs."""
         finite = torch.isfinite(total).float()
+        grads = local_grads(self.raw_model)  # FSDP: this rank's shards (the all_reduce below covers the rest)
+        if grads:
+            finite = finite * torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().float()
         if self.env.is_distributed:
             import torch.distributed as dist
 
@@ -260,11 +284,13 @@ class Trainer:
         if finite.item() == 1.0 or self.scaler.is_enabled():  # fp16 overflow is the scaler's business
             return True
         self.nonfinite_steps += 1
+        what = f"the loss became {total.item()}" if not torch.isfinite(total) else "the gradients became non-finite"
         if self.cfg.on_nonfinite == "stop":
-            raise NgptError(f"the loss became {total.item()} at iteration {self.iter_num}; stopped (the last "
-                            f"checkpoint in {self.out_dir} is intact). Lower --learning_rate, or use "
-                            "--on_nonfinite=skip to skip such steps")
-        console.print(f"[yellow]non-finite loss at iteration {self.iter_num}: step skipped[/yellow]")
+            ckpt = self.out_dir / ckpt_io.CKPT_NAME
+            kept = (f"the last checkpoint {ckpt} is intact" if ckpt.is_file() else "no checkpoint had been saved yet")
+            raise NgptError(f"{what} at iteration {self.iter_num}; stopped before updating the weights ({kept}). "
+                            "Lower --learning_rate, or use --on_nonfinite=skip to skip such steps")
+        console.print(f"[yellow]{what} at iteration {self.iter_num}: step skipped[/yellow]")
         return False
 
     def fetch_first_batch(self) -> None:
@@ -275,9 +301,9 @@ class Trainer:
     def save(self) -> None:
         state = {
             "format": ckpt_io.FORMAT,
-            "model": self.raw_model.state_dict(),
+            "model": full_model_state_dict(self.raw_model),  # FSDP: gathered to rank 0, a collective
             "model_args": {k: getattr(self.raw_model.config, k) for k in MODEL_KEYS},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state_dict(self.raw_model, self.optimizer),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "iter_num": self.iter_num,
             "best_val_loss": self.best_val_loss,
@@ -325,7 +351,7 @@ class Trainer:
                 iters_since_log += 1
                 self.iter_num += 1
                 if self.iter_num % cfg.log_interval == 0 or self.iter_num > cfg.max_iters:
-                    lossf = loss.item()  # the only host sync of the step, once per log interval
+                    lossf = mean_across_ranks(loss, env)  # the only host sync of the step, once per log interval
                     now = time.perf_counter()
                     ms_per_iter = 1000 * (now - t_log) / iters_since_log
                     tokens_per_s = self.tokens_per_iter * iters_since_log / (now - t_log)
@@ -363,13 +389,23 @@ class Trainer:
 
 def check_out_dir(out_dir: Path) -> None:
     """Fail before training, not at the first checkpoint, when out_dir cannot be written."""
+    for parent in (out_dir, *out_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NgptError(f"cannot use out_dir {out_dir}: {parent} is a file, not a folder")
+            break
+    probe = out_dir / f".write-test-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
+        with open(probe, "wb") as f:  # written through to the disk: a full disk fails here, not hours later
+            f.write(b"0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         raise NgptError(f"cannot write to out_dir {out_dir}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def train(cfg: TrainConfig, finetune: bool = False) -> TrainResult:

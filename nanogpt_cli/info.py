@@ -1,0 +1,189 @@
+"""The environment report behind `ngpt info`: what to paste into a bug report.
+
+environment_report() returns a plain dict (JSON-serialisable): versions, the device `auto`
+resolves to and its peak FLOP/s, whether torch.compile can work here, the CPU's features
+and threads, and the precision and compile choice ngpt would make, with the reasons.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from importlib import metadata
+
+OPTIONAL_PACKAGES = ("numpy", "tiktoken", "typer", "rich", "transformers", "datasets", "safetensors", "wandb",
+                     "matplotlib", "triton")
+CPU_FLAGS = {"avx2": "avx2", "avx512": "avx512f", "avx512_bf16": "avx512_bf16", "amx": "amx_bf16"}
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_features() -> dict:
+    """AVX2, AVX512, AVX512-BF16 and AMX from /proc/cpuinfo (Linux), and the ISA torch's kernels use."""
+    import torch
+
+    flags: set[str] | None = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    features = {name: (flag in flags if flags is not None else None) for name, flag in CPU_FLAGS.items()}
+    try:
+        features["torch_capability"] = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        features["torch_capability"] = None
+    from nanogpt_cli.device import cpu_has_fast_bf16
+
+    features["fast_bf16"] = cpu_has_fast_bf16()
+    features["model"] = _cpu_model()
+    return features
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def compile_support() -> dict:
+    """Can torch.compile work here? It needs torch >= 2.0, the inductor backend and a C compiler
+    (plus triton for CUDA kernels)."""
+    import torch
+
+    report: dict = {"torch_compile": hasattr(torch, "compile")}
+    try:
+        import torch._inductor  # noqa: F401
+
+        report["inductor"] = True
+    except Exception:
+        report["inductor"] = False
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else []
+    names += ["c++", "g++", "clang++", "cc", "gcc", "clang"]
+    compiler = next((path for name in names if (path := shutil.which(name))), None)
+    report["c_compiler"] = compiler
+    report["triton"] = package_version("triton") or package_version("pytorch-triton")
+    problems = []
+    if not report["torch_compile"]:
+        problems.append("torch < 2.0")
+    if not report["inductor"]:
+        problems.append("the inductor backend does not import")
+    if not compiler:
+        problems.append("no C/C++ compiler on PATH (install gcc or clang)")
+    report["usable"] = not problems
+    report["why"] = "; ".join(problems) if problems else "inductor and a C compiler are present"
+    if torch.cuda.is_available() and not report["triton"]:
+        report["usable_on_cuda"] = False
+        report["why"] += "; triton is missing, so CUDA kernels cannot be compiled"
+    return report
+
+
+def device_report(measure: bool = True) -> dict:
+    """The device `auto` picks, its peak FLOP/s (measured on CPU), and ngpt's dtype/compile choice there."""
+    import torch
+
+    from nanogpt_cli.device import choose_compile, choose_dtype, cpu_has_fast_bf16, peak_flops, resolve_device
+
+    device = resolve_device("auto")
+    dtype, dtype_why = choose_dtype(device, "auto")
+    use_compile, compile_why = choose_compile(device, None)
+    report = {"device": str(device), "dtype": dtype, "dtype_why": dtype_why, "compile": use_compile,
+              "compile_why": compile_why}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        report["name"] = props.name
+        report["memory_gb"] = round(props.total_memory / 2**30, 1)
+        report["capability"] = f"{props.major}.{props.minor}"
+        report["count"] = torch.cuda.device_count()
+    elif device.type == "cpu":
+        report["name"] = _cpu_model()
+    if measure or device.type != "cpu":
+        flops, why = peak_flops(device, dtype)
+        report["peak_flops"], report["peak_flops_source"] = flops, why
+        if device.type == "cpu" and cpu_has_fast_bf16():  # what --dtype=bfloat16 could reach
+            report["peak_flops_bf16"], _ = peak_flops(device, "bfloat16")
+    else:
+        report["peak_flops"], report["peak_flops_source"] = None, "not measured"
+    return report
+
+
+def environment_report(measure: bool = True) -> dict:
+    """Everything `ngpt info` shows, as a JSON-serialisable dict. measure=False skips the CPU matmul timing."""
+    import torch
+
+    from nanogpt_cli import __version__
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "ngpt": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cudnn": cudnn,
+        "mps_available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+        "device": device_report(measure),
+        "compile": compile_support(),
+        "cpu": cpu_features(),
+        "threads": {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
+                    "cpu_count": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "packages": {name: package_version(name) for name in OPTIONAL_PACKAGES},
+    }
+
+
+def _yes(value) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
+
+
+def _flops(value: float | None) -> str:
+    if not value:
+        return "unknown"
+    return f"{value / 1e12:.1f} TFLOP/s" if value >= 1e12 else f"{value / 1e9:.1f} GFLOP/s"
+
+
+def report_rows(report: dict) -> list[tuple[str, str]]:
+    """The report as (label, value) rows for the terminal table."""
+    dev, comp, cpu, threads = report["device"], report["compile"], report["cpu"], report["threads"]
+    peak = dev.get("peak_flops")
+    rows = [
+        ("ngpt", report["ngpt"]),
+        ("python", report["python"]),
+        ("platform", report["platform"]),
+        ("torch", report["torch"]),
+        ("CUDA", f"{report['cuda'] or 'none (CPU build)'}"
+                 f"{'' if report['cuda_available'] or not report['cuda'] else ' (no GPU visible)'}"),
+        ("cuDNN", str(report["cudnn"] or "none")),
+        ("MPS", _yes(report["mps_available"])),
+        ("device (auto)", f"{dev['device']}" + (f": {dev['name']}" if dev.get("name") else "")
+         + (f", {dev['memory_gb']} GiB, sm {dev['capability']}, {dev['count']} GPU(s)" if "memory_gb" in dev else "")),
+        ("peak FLOP/s", f"{_flops(peak)} ({dev['peak_flops_source']})"
+         + (f"; bfloat16 {_flops(dev['peak_flops_bf16'])}" if dev.get("peak_flops_bf16") else "")),
+        ("dtype ngpt picks", f"{dev['dtype']} ({dev['dtype_why']})"),
+        ("compile ngpt picks", f"{dev['compile']} ({dev['compile_why']})"),
+        ("torch.compile usable", f"{_yes(comp['usable'])}: {comp['why']}"
+                                 + (f" (compiler {comp['c_compiler']})" if comp["c_compiler"] else "")),
+        ("CPU", f"{cpu['model']}"),
+        ("CPU features", ", ".join(f"{name.upper().replace('_', '-')} {_yes(cpu[name])}" for name in CPU_FLAGS)
+         + f"; torch kernels: {cpu['torch_capability'] or 'unknown'}"),
+        ("threads", f"torch {threads['torch']} (interop {threads['interop']}), {threads['cpu_count']} CPUs"
+                    + (f", OMP_NUM_THREADS={threads['OMP_NUM_THREADS']}" if threads["OMP_NUM_THREADS"] else "")),
+        ("packages", ", ".join(f"{k} {v}" for k, v in report["packages"].items() if v) or "-"),
+        ("not installed", ", ".join(k for k, v in report["packages"].items() if not v) or "-"),
+    ]
+    return rows

@@ -1,0 +1,322 @@
+"""Checkpoints: what they hold, atomic writes, failed writes, safe loading, refusing what does not fit."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nanogpt_cli import checkpoint as ckpt_io
+from nanogpt_cli.checkpoint import atomic_save, load_checkpoint, load_model, rng_state, set_rng_state
+from nanogpt_cli.cli import app
+from nanogpt_cli.errors import NgptError
+from nanogpt_cli.train import check_out_dir, train
+from tests.conftest import TINY
+
+runner = CliRunner()
+PACKAGE = Path(__file__).resolve().parent.parent / "nanogpt_cli"
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".ckpt.pt.tmp-*"))
+
+
+def one_error_line(result) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.rstrip("\n").splitlines()[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    return errors[0]
+
+
+@pytest.fixture
+def trained(tiny_cfg, tmp_path) -> Path:
+    """An out_dir with a checkpoint at iteration 3."""
+    train(tiny_cfg("--max_iters=3"))
+    return tmp_path / "out"
+
+
+def cli_args(tmp_path, data_dir, *extra: str) -> list[str]:
+    return [*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", *extra]
+
+
+# ---------------------------------------------------------------- contents
+
+def test_checkpoint_holds_everything_an_exact_resume_needs(trained):
+    raw = torch.load(trained / "ckpt.pt", map_location="cpu", weights_only=True)  # plain data only
+    assert raw["format"] == ckpt_io.FORMAT and raw["iter_num"] == 3
+    assert raw["model"] and all(isinstance(v, torch.Tensor) for v in raw["model"].values())
+    assert raw["optimizer"]["state"] and len(raw["optimizer"]["param_groups"]) == 2
+    assert "scaler" in raw  # None on CPU float32; the GradScaler's state with float16 on CUDA
+    assert np.isfinite(raw["best_val_loss"])
+    expected_rng = {"python", "numpy", "torch"} | ({"cuda"} if torch.cuda.is_available() else set())
+    assert set(raw["rng"]) == expected_rng
+    assert isinstance(raw["loader"]["generator"], torch.Tensor)
+    assert raw["model_args"]["n_layer"] == 2 and raw["config"]["max_iters"] == 3
+    assert raw["meta"]["tokenizer"] == "char"
+
+
+def test_rng_state_round_trips_through_a_safe_load(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.standard_normal()  # a cached Gaussian is part of numpy's state too
+    atomic_save({"rng": rng_state()}, tmp_path / "rng.pt")
+    first = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == first
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def test_atomic_save_writes_a_temp_file_beside_fsyncs_then_renames(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}") or Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "ckpt.pt"
+    atomic_save({"x": torch.arange(5)}, target)
+    (kind, written), (_, src, dst), (last, is_dir) = events
+    assert kind == "fsync" and written == src  # the data reaches the disk before the rename
+    assert src.parent == dst.parent == tmp_path and src.name.startswith(".ckpt.pt.tmp-") and dst == target
+    assert last == "fsync" and is_dir is True  # and the rename itself is made durable
+    assert torch.equal(torch.load(target, weights_only=True)["x"], torch.arange(5))
+    assert temp_files(tmp_path) == []
+
+
+def fail_mid_write(monkeypatch, exc: BaseException):
+    """torch.save writes part of the file, then fails the way a full disk (or a Ctrl-C) does."""
+    def save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint" * 1000)
+        raise exc
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temp_file(trained, tmp_path, data_dir,
+                                                                             monkeypatch):
+    before = (trained / "ckpt.pt").read_bytes()
+    fail_mid_write(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    result = runner.invoke(app, ["train", *cli_args(tmp_path, data_dir, "--init_from=resume")])
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    line = one_error_line(result)
+    assert re.fullmatch(r"error: could not save the checkpoint .*ckpt\.pt: No space left on device; "
+                        r"the previous checkpoint is intact", line), line
+    assert (trained / "ckpt.pt").read_bytes() == before
+    assert temp_files(trained) == []
+    monkeypatch.undo()  # the disk has room again: the kept checkpoint resumes
+    assert train(load_resume_cfg(tmp_path, data_dir)).iter_num == 7
+
+
+def load_resume_cfg(tmp_path, data_dir):
+    from nanogpt_cli.config import TrainConfig, build
+
+    return build(TrainConfig, None, cli_args(tmp_path, data_dir, "--init_from=resume"))
+
+
+def test_a_failed_first_save_says_so(tmp_path, monkeypatch):
+    fail_mid_write(monkeypatch, OSError(errno.EIO, os.strerror(errno.EIO)))
+    with pytest.raises(NgptError, match="Input/output error; no checkpoint was written"):
+        atomic_save({"x": 1}, tmp_path / "ckpt.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_save_cleans_up_and_passes_the_interrupt_on(trained, monkeypatch):
+    before = (trained / "ckpt.pt").read_bytes()
+    fail_mid_write(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"x": 1}, trained / "ckpt.pt")
+    assert (trained / "ckpt.pt").read_bytes() == before and temp_files(trained) == []
+
+
+def test_temp_files_of_killed_writers_are_removed_on_the_next_save(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".ckpt.pt.tmp-{dead.pid}"
+    live = tmp_path / f".ckpt.pt.tmp-{os.getppid()}"  # a running process's write in progress: left alone
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    atomic_save({"x": 1}, tmp_path / "ckpt.pt")
+    assert not stale.exists() and live.exists()
+
+
+# ---------------------------------------------------------------- out_dir checks before training
+
+def test_out_dir_under_a_file_is_refused_before_training(tmp_path, data_dir):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["train", *cli_args(tmp_path, data_dir, f"--out_dir={blocker}/run")])
+    assert result.exit_code == 1
+    assert "is a file, not a folder" in one_error_line(result)
+    with pytest.raises(NgptError, match="is a file, not a folder"):
+        check_out_dir(blocker)
+
+
+def test_full_disk_is_found_before_training(tmp_path, data_dir, monkeypatch):
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    result = runner.invoke(app, ["train", *cli_args(tmp_path, data_dir)])
+    assert result.exit_code == 1
+    assert one_error_line(result).endswith("No space left on device")
+    out = tmp_path / "out"
+    assert not (out / "metrics.jsonl").exists() and not (out / "ckpt.pt").exists()
+    assert [p.name for p in out.iterdir()] == []  # the probe file is gone too
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes through chmod 0500")
+def test_read_only_out_dir_is_refused_before_training(tmp_path, data_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        result = runner.invoke(app, ["train", *cli_args(tmp_path, data_dir)])
+    finally:
+        out.chmod(0o700)
+    assert result.exit_code == 1 and "Permission denied" in one_error_line(result)
+
+
+# ---------------------------------------------------------------- safe loading
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    calls = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"torch\.load\(", text):
+            call = text[match.start():text.index(")", match.end()) + 1]
+            calls.append((path.name, call))
+            assert "weights_only=True" in call, (path, call)
+        assert not re.search(r"\bpickle\.loads?\(|\byaml\.load\(|\bjoblib\.load\(", text), path
+    assert any(name == "checkpoint.py" for name, _ in calls)
+
+
+class _Exploit:
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
+    exploit = _Exploit()
+    exploit.marker = tmp_path / "pwned"
+    torch.save({"model": {}, "model_args": {}, "payload": exploit}, tmp_path / "ckpt.pt")
+    with pytest.raises(NgptError, match="is corrupt or not a checkpoint"):
+        load_checkpoint(tmp_path)
+    result = runner.invoke(app, ["sample", f"--out_dir={tmp_path}", "--device=cpu"])
+    assert result.exit_code == 1 and "is corrupt or not a checkpoint" in one_error_line(result)
+    assert not exploit.marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is corrupt"),
+    (os.urandom(2048), "is corrupt"),
+    ({"weights": {}}, "no 'model' and 'model_args'"),
+    ([1, 2, 3], "no 'model' and 'model_args'"),
+    ({"model": {"w": 3}, "model_args": {}}, "is damaged"),
+    ({"model": [torch.zeros(1)], "model_args": {}}, "is damaged"),
+    ({"model": {}, "model_args": "n_layer=2"}, "is damaged"),
+    ({"model": {}, "model_args": {"n_layer": 2, "n_head": 3, "n_embd": 32}}, "invalid model_args"),
+])
+def test_broken_checkpoints_are_refused_clearly(tmp_path, content, message):
+    if isinstance(content, bytes):
+        (tmp_path / "ckpt.pt").write_bytes(content)
+    else:
+        torch.save(content, tmp_path / "ckpt.pt")
+    with pytest.raises(NgptError, match=message):
+        load_model("resume", str(tmp_path))
+
+
+def tamper(out: Path, change) -> None:
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, out / "ckpt.pt")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["model"].update({"transformer.h.9.mlp.c_fc.weight": torch.zeros(4, 4)}),
+     "unexpected transformer.h.9.mlp.c_fc.weight"),
+    (lambda c: c["model"].pop("transformer.ln_f.weight"), "missing transformer.ln_f.weight"),
+    (lambda c: c["model"].update({"transformer.wpe.weight": torch.zeros(16, 32)}),
+     "shape of transformer.wpe.weight (16, 32) vs (32, 32)"),
+])
+def test_a_checkpoint_that_does_not_fit_the_model_says_what_differs(trained, tmp_path, data_dir, change, message):
+    tamper(trained, change)
+    with pytest.raises(NgptError, match=re.escape(message)):
+        load_model("resume", str(trained))
+    for args in (["sample", f"--out_dir={trained}", "--device=cpu", "--max_new_tokens=2"],
+                 ["train", *cli_args(tmp_path, data_dir, "--init_from=resume")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and message in one_error_line(result), args
+
+
+def test_optimizer_state_that_does_not_fit_is_refused(trained, tmp_path, data_dir):
+    tamper(trained, lambda c: c["optimizer"]["param_groups"].pop())
+    result = runner.invoke(app, ["train", *cli_args(tmp_path, data_dir, "--init_from=resume")])
+    assert result.exit_code == 1
+    assert "the optimizer state in" in one_error_line(result) and "does not fit this run" in result.stderr
+
+
+# ---------------------------------------------------------------- non-finite gradients
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward: a finite loss whose step would ruin the weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def poison_gradients_from(monkeypatch, call: int) -> None:
+    from nanogpt_cli.model import GPT
+
+    original, calls = GPT.forward, [0]
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = original(self, idx, targets, **kw)
+        if self.training and loss is not None:
+            calls[0] += 1
+            if calls[0] >= call:
+                loss = _InfGrad.apply(loss)
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_non_finite_gradients_with_a_finite_loss_stop_before_the_weights_change(tiny_cfg, tmp_path, monkeypatch):
+    train(tiny_cfg("--max_iters=3"))
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    poison_gradients_from(monkeypatch, 2)
+    with pytest.raises(NgptError, match="gradients became non-finite at iteration 4; stopped before updating"):
+        train(tiny_cfg("--init_from=resume"))
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_non_finite_gradients_can_be_skipped_and_the_weights_stay_finite(tiny_cfg, tmp_path, monkeypatch):
+    poison_gradients_from(monkeypatch, 3)
+    result = train(tiny_cfg("--on_nonfinite=skip"))
+    assert result.iter_num == 7
+    weights = load_checkpoint(tmp_path / "out")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -1,0 +1,274 @@
+"""Several processes on the CPU (gloo): DDP and FSDP match one process, checkpoints move between
+them, multi-node rendezvous, failures end the whole job, bench reports per rank.
+
+Each multi-process test starts real processes through PyTorch's launcher (torch.distributed.run),
+so they take seconds each; the heavier ones are marked slow (CI still runs them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanogpt_cli import distributed as D
+from nanogpt_cli.checkpoint import load_checkpoint
+from nanogpt_cli.config import TrainConfig, build
+from nanogpt_cli.data import BatchLoader, SyntheticLoader, load_meta
+from nanogpt_cli.errors import UsageError
+from nanogpt_cli.metrics import read_jsonl
+from nanogpt_cli.train import train
+from tests.conftest import TINY, write_char_dataset
+
+# Global batch 4 micro-batches: 1 process x 4, or 2 processes x 2.
+ACCUM = "--gradient_accumulation_steps=4"
+REL = 1e-4  # loss curves of 2 processes vs 1: the same numbers up to float summation order
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+# A worker for plain torchrun that records each rank's evaluations and can make one rank fail.
+WORKER = textwrap.dedent("""
+    import json, os, sys
+    from nanogpt_cli import train as T
+
+    rank = int(os.environ["RANK"])
+    evaluate = T.Trainer.evaluate
+
+    def recorded(self):
+        losses = evaluate(self)
+        with open(os.path.join(os.environ["TEST_DUMP"], f"eval-rank{rank}.jsonl"), "a") as f:
+            f.write(json.dumps({"iter": self.iter_num, **losses}) + "\\n")
+        return losses
+
+    T.Trainer.evaluate = recorded
+    if os.environ.get("TEST_FAIL_RANK") == str(rank):
+        step = T.Trainer.train_step
+
+        def failing(self, lr):
+            if self.iter_num == 2:
+                raise RuntimeError(f"injected failure on rank {rank}")
+            return step(self, lr)
+
+        T.Trainer.train_step = failing
+    from nanogpt_cli.cli import main
+
+    sys.argv = ["ngpt", *sys.argv[1:]]
+    main()
+""")
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    return {r["iter"]: r["loss"] for r in read_jsonl(Path(out_dir) / "metrics.jsonl") if "loss" in r}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max(abs(a[k] - b[k]) for k in a)
+
+
+def env_for_children(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")}
+    env.update(NO_COLOR="1", PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run(cmd: list[str], timeout: float = 120, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env_for_children(**extra))
+
+
+def show(proc: subprocess.CompletedProcess) -> str:
+    return f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The dataset, the common arguments, and the one-process reference run (accumulation 4, 6 iterations)."""
+    root = tmp_path_factory.mktemp("dist")
+    data_dir = root / "data"
+    write_char_dataset(data_dir)
+    args = [*TINY, f"--data_dir={data_dir}", ACCUM]
+    ref = root / "ref"
+    train(build(TrainConfig, None, [*args, f"--out_dir={ref}"]))
+    return root, args, ref
+
+
+# ---------------------------------------------------------------- in-process: the pieces
+
+
+def test_ranks_share_one_stream_of_micro_batches(data_dir):
+    """Rank r of W gets micro-batches r, r+W, ... of the one-process stream: 2x2 sees what 1x4 sees."""
+    folder = data_dir / "tiny_char"
+    meta = load_meta(folder)
+    cpu = torch.device("cpu")
+    one = BatchLoader(folder, meta, 4, 16, cpu, seed=5)
+    ranks = [BatchLoader(folder, meta, 4, 16, cpu, seed=5, rank=r, world_size=2) for r in range(2)]
+    stream = [one.get_batch("train")[0] for _ in range(8)]
+    for m in range(4):
+        for r in range(2):
+            assert torch.equal(ranks[r].get_batch("train")[0], stream[2 * m + r])
+    assert not torch.equal(stream[0], stream[1])  # ranks do see different data
+    assert torch.equal(ranks[0].state_dict()["generator"], ranks[1].state_dict()["generator"])
+    syn = [SyntheticLoader(50, 2, 8, cpu, seed=1, rank=r, world_size=2).get_batch("train")[0] for r in range(2)]
+    syn_one = SyntheticLoader(50, 2, 8, cpu, seed=1)
+    assert torch.equal(syn[0], syn_one.get_batch("train")[0]) and torch.equal(syn[1], syn_one.get_batch("train")[0])
+
+
+def test_launcher_arguments():
+    assert D.launcher_args(2) == ["--nproc-per-node=2", "--standalone"]
+    assert D.launcher_args(1, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=1234) == [
+        "--nproc-per-node=1", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=1234"]
+    with pytest.raises(UsageError, match="master-addr"):
+        D.launcher_args(8, nnodes=2)
+    with pytest.raises(UsageError, match="node-rank"):
+        D.launcher_args(8, nnodes=2, node_rank=2, master_addr="a")
+    assert D.threads_per_process(1) >= 1 and D.threads_per_process(10_000) == 1
+
+
+def test_launcher_options_are_refused_inside_a_worker(monkeypatch):
+    from typer.testing import CliRunner
+
+    from nanogpt_cli.cli import app
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["train", "--nproc-per-node", "2", "--device=cpu"])
+    assert result.exit_code == 2 and "already is a torchrun worker" in result.output
+
+
+def test_grad_sync_and_state_dicts_without_a_process_group():
+    from nanogpt_cli.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    with D.grad_sync(model, False):  # one process: nothing to skip, no error
+        pass
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # as DDP holds it
+    assert D.unwrap(wrapper) is model and D.unwrap(model) is model and not D.is_fsdp(wrapper)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert D.full_model_state_dict(model).keys() == model.state_dict().keys()
+    assert D.full_optimizer_state_dict(model, opt) == opt.state_dict()
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def test_ddp_two_processes_match_one_process(setup):
+    """`ngpt train --nproc-per-node 2` (torchrun -m nanogpt_cli underneath): 2 ranks x accumulation 2 give
+    the loss curve of 1 process x accumulation 4; only rank 0 logs and writes."""
+    root, args, ref = setup
+    out = root / "ddp"
+    proc = run([sys.executable, "-m", "nanogpt_cli", "train", "--nproc-per-node", "2", *args, f"--out_dir={out}"])
+    assert proc.returncode == 0, show(proc)
+    two, one = losses(out), losses(ref)
+    assert two == pytest.approx(one, rel=REL), (two, one, max_diff(two, one))
+    print(f"DDP 2x2 vs 1x4: max abs loss difference {max_diff(two, one):.3g}")
+    assert [r["iter"] for r in read_jsonl(out / "metrics.jsonl") if "val_loss" in r] == [0, 3, 6]  # once each
+    assert proc.stderr.count("step 0: train loss") == 1  # rank 0 prints, rank 1 does not
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.toml", "metrics.jsonl"]
+    ckpt, ref_ckpt = load_checkpoint(out), load_checkpoint(ref)
+    assert ckpt["world_size"] == 2 and ckpt["iter_num"] == 6
+    for k, v in ref_ckpt["model"].items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_matches_and_its_checkpoint_resumes_in_one_process(setup):
+    """--strategy=fsdp under plain torchrun: the same losses, eval equal on every rank, a full checkpoint
+    (tied weights one tensor) that a single process resumes exactly."""
+    root, args, ref = setup
+    out, dump = root / "fsdp", root / "fsdp-dump"
+    dump.mkdir()
+    worker = root / "worker.py"
+    worker.write_text(WORKER, encoding="utf-8")
+    proc = run([*TORCHRUN, "--standalone", "--nproc-per-node=2", str(worker), "train", *args, "--strategy=fsdp",
+                "--max_iters=3", f"--out_dir={out}"], TEST_DUMP=str(dump))
+    assert proc.returncode == 0, show(proc)
+    one = losses(ref)
+    assert losses(out) == pytest.approx({k: v for k, v in one.items() if k <= 3}, rel=REL)
+    evals = [read_jsonl(dump / f"eval-rank{r}.jsonl") for r in range(2)]
+    assert evals[0] == evals[1] and [e["iter"] for e in evals[0]] == [0, 3]  # all ranks evaluate, one result
+    ckpt = load_checkpoint(out)
+    ref_keys = load_checkpoint(ref)["model"].keys()
+    assert ckpt["model"].keys() == ref_keys and ckpt["iter_num"] == 3
+    assert ckpt["model"]["lm_head.weight"] is ckpt["model"]["transformer.wte.weight"]  # tied, saved once
+    assert isinstance(next(iter(ckpt["optimizer"]["state"])), int)  # torch's usual optimizer format
+    result = train(build(TrainConfig, None, [*args, f"--out_dir={out}", "--init_from=resume"]))  # 1 process
+    assert result.iter_num == 7
+    assert losses(out) == pytest.approx(one, rel=REL), (losses(out), one)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_under_fsdp(setup):
+    root, args, ref = setup
+    out = root / "single-then-fsdp"
+    train(build(TrainConfig, None, [*args, f"--out_dir={out}", "--max_iters=3"]))
+    proc = run([sys.executable, "-m", "nanogpt_cli", "train", "--nproc-per-node", "2", *args, "--strategy=fsdp",
+                f"--out_dir={out}", "--init_from=resume"])
+    assert proc.returncode == 0, show(proc)
+    assert "resuming from iteration 3" in proc.stderr
+    assert losses(out) == pytest.approx(losses(ref), rel=REL)
+    assert load_checkpoint(out)["iter_num"] == 6
+
+
+def test_a_failing_rank_ends_the_whole_job(setup):
+    """Rank 1 raises at iteration 2 while rank 0 waits in a collective: the job exits non-zero, promptly."""
+    root, args, _ = setup
+    dump = root / "fail-dump"
+    dump.mkdir()
+    worker = root / "worker.py"
+    worker.write_text(WORKER, encoding="utf-8")
+    start = time.monotonic()
+    proc = run([*TORCHRUN, "--standalone", "--nproc-per-node=2", str(worker), "train", *args, "--max_iters=50",
+                f"--out_dir={root / 'fail'}"], timeout=90, TEST_DUMP=str(dump), TEST_FAIL_RANK="1")
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0, show(proc)
+    assert "injected failure on rank 1" in proc.stderr
+    assert elapsed < 60, f"took {elapsed:.0f}s"
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine(setup):
+    """--nnodes 2 --node-rank 0/1 with a rendezvous on 127.0.0.1: two launchers of one process each."""
+    root, args, ref = setup
+    out, port = root / "nodes", free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "nanogpt_cli", "train", "--nproc-per-node", "1", "--nnodes", "2",
+                               "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               *args, f"--out_dir={out}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for_children())
+             for r in range(2)]
+    try:
+        outputs = [node.communicate(timeout=150) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [n.returncode for n in nodes] == [0, 0], outputs
+    assert losses(out) == pytest.approx(losses(ref), rel=REL)
+    assert load_checkpoint(out)["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_bench_reports_each_rank(setup):
+    root, args, _ = setup
+    proc = run([*TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "nanogpt_cli", "bench", "--json",
+                "--iters", "2", "--warmup", "1", *args])
+    assert proc.returncode == 0, show(proc)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # rank 0 only
+    result = json.loads(lines[0])
+    assert result["world_size"] == 2 and len(result["per_rank_tokens_per_second"]) == 2
+    assert result["tokens_per_second"] == pytest.approx(sum(result["per_rank_tokens_per_second"]))

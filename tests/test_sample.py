@@ -1,0 +1,250 @@
+"""`ngpt sample`: KV-cache decoding, strategies, seeds, stop conditions, prompt forms, output modes, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nanogpt_cli.cli import app
+from nanogpt_cli.config import SampleConfig, TrainConfig, build
+from nanogpt_cli.model import GPT, Decoder, GPTConfig, sample_next
+from nanogpt_cli.sample import TextStream, generate_samples, load_for_sampling
+from tests.conftest import TINY, write_char_dataset
+
+runner = CliRunner()  # click >= 8.2: result.stdout and result.stderr are kept apart (result.output mixes them)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread, above all on a busy machine (idle threads spin and wait)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> str:
+    """A tiny trained char-level checkpoint (block_size 32), made once for the module."""
+    from nanogpt_cli.train import train
+
+    root = tmp_path_factory.mktemp("sample")
+    write_char_dataset(root / "data")
+    out = root / "run"
+    train(build(TrainConfig, None, [*TINY, f"--data_dir={root / 'data'}", f"--out_dir={out}", "--max_iters=4"]))
+    return str(out)
+
+
+def ngpt(*args: str, input: str | None = None, code: int = 0):
+    result = runner.invoke(app, list(args), input=input)
+    assert result.exit_code == code, (args, result.exit_code, result.stdout[-1000:], result.stderr[-1000:],
+                                      repr(result.exception))
+    return result
+
+
+def base(run: str, *extra: str) -> list[str]:
+    return ["sample", f"--out_dir={run}", "--device=cpu", "--max_new_tokens=40", *extra]
+
+
+# ---------------------------------------------------------------- the KV cache
+
+
+@pytest.mark.parametrize("prompt_len", [3, 12])  # a short prompt, and one longer than block_size
+def test_cached_logits_equal_a_full_forward_at_every_step_across_rebuilds(prompt_len):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=True)).eval()
+    decoder = Decoder(model, torch.randint(50, (2, prompt_len)))
+    windows = []
+    with torch.inference_mode():
+        for _ in range(30):  # far past block_size: the cache is rebuilt several times
+            logits = decoder.logits()
+            window = decoder.idx[:, decoder.start:]
+            assert 1 <= window.size(1) <= 8 and decoder.cache.pos == window.size(1)
+            full, _ = model(window)  # a full forward over the same context window, no cache
+            torch.testing.assert_close(logits, full[:, -1], atol=1e-5, rtol=1e-5)
+            windows.append(window.size(1))
+            decoder.append(logits.argmax(-1, keepdim=True))
+    assert decoder.rebuilds >= 5 and decoder.idx.size(1) == prompt_len + 30
+    assert 4 in windows and 8 in windows  # rebuilt from half a block, then grown to a full block
+    with torch.inference_mode():  # without the cache: always the last block_size tokens
+        recompute = Decoder(model, decoder.idx, use_cache=False)
+        torch.testing.assert_close(recompute.logits(), model(decoder.idx[:, -8:])[0][:, -1])
+        assert recompute.start == decoder.idx.size(1) - 8
+
+
+def test_cache_and_recompute_agree_within_the_block():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(50, (3, 5))
+    runs = [torch.cat(list(model.generate(idx, 40, temperature=0.9, top_k=20, generator=torch.Generator()
+                                          .manual_seed(3), use_cache=c)), 1) for c in (True, False)]
+    assert torch.equal(*runs)
+
+
+# ---------------------------------------------------------------- strategies
+
+
+def test_sample_next_strategies():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]])
+    assert sample_next(logits, temperature=0).tolist() == [[3], [0]]  # greedy
+    g = torch.Generator().manual_seed(0)
+    picks = torch.cat([sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(200)], 1)
+    assert set(picks[0].tolist()) == {2, 3} and set(picks[1].tolist()) == {0, 1}
+    # probabilities 0.032 0.087 0.237 0.644: top_p 0.8 keeps {3, 2} (mass 0.88), 0.6 keeps {3}, 1.0 all
+    for top_p, expected in ((0.6, {3}), (0.8, {2, 3}), (0.95, {1, 2, 3}), (1.0, {0, 1, 2, 3})):
+        picks = {sample_next(logits[:1], 1.0, top_p=top_p, generator=g).item() for _ in range(400)}
+        assert picks == expected, top_p
+    # a low temperature sharpens: token 3 nearly always
+    cold = [sample_next(logits[:1], 0.1, generator=g).item() for _ in range(100)]
+    assert cold.count(3) >= 99
+
+
+def test_seed_reproduces_and_greedy_ignores_it(run):
+    first = ngpt(*base(run, "--prompt=ROMEO:", "--num_samples=3", "--seed=7", "--temperature=1.0")).stdout
+    again = ngpt(*base(run, "--prompt=ROMEO:", "--num_samples=3", "--seed=7", "--temperature=1.0")).stdout
+    other = ngpt(*base(run, "--prompt=ROMEO:", "--num_samples=3", "--seed=8", "--temperature=1.0")).stdout
+    assert first == again and first != other
+    greedy = {ngpt(*base(run, "--prompt=ROMEO:", "--num_samples=1", f"--seed={s}", "--temperature=0")).stdout
+              for s in (1, 2)}
+    assert len(greedy) == 1
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def test_stop_string_ends_each_sample_of_a_batch_separately(run):
+    args = base(run, "--prompt=ROMEO:", "--num_samples=4", "--temperature=1.0", "--top_k=0", "--seed=3",
+                "--max_new_tokens=120", "--json")
+    full = json.loads(ngpt(*args).stdout)
+    stopped = json.loads(ngpt(*args, "--stop", "e").stdout)
+    assert len(stopped["samples"]) == 4
+    for whole, cut, reason in zip(full["samples"], stopped["samples"], stopped["finish_reasons"], strict=True):
+        continuation = whole[len("ROMEO:"):]
+        at = continuation.find("e")
+        assert cut == "ROMEO:" + (continuation[:at] if at >= 0 else continuation)
+        assert reason == ("stop" if at >= 0 else "length")
+    assert "stop" in stopped["finish_reasons"]
+    assert len({len(s) for s in stopped["samples"]}) > 1  # each sample stopped at its own place
+
+
+def test_stop_at_eot_per_sample(run):
+    model, tokenizer, device, dtype = load_for_sampling(build(SampleConfig, None, [f"--out_dir={run}",
+                                                                                    "--device=cpu"]))
+    tokenizer.eot_token = tokenizer.stoi["e"]  # pretend "e" is <|endoftext|>
+    cfg = build(SampleConfig, None, ["--num_samples=3", "--max_new_tokens=150", "--temperature=1.0", "--top_k=0"])
+    result = generate_samples(model, tokenizer, "ROMEO:", cfg, device, dtype)
+    assert all("e" not in s[len("ROMEO:"):] for s in result.samples)
+    assert result.finish_reasons.count("eot") >= 2
+    cfg.stop_at_eot = False
+    result = generate_samples(model, tokenizer, "ROMEO:", cfg, device, dtype)
+    assert set(result.finish_reasons) == {"length"} and any("e" in s[6:] for s in result.samples)
+
+
+def test_text_stream_holds_back_partial_stop_and_split_characters():
+    pieces = {0: b"ab", 1: b"\n", 2: b"c", 3: b"\n\n", 4: "é".encode()[:1], 5: "é".encode()[1:]}
+    stream = TextStream(pieces.__getitem__, stop="\n\n")
+    assert [stream.push(t) for t in (0, 1, 2, 1)] == ["ab", "", "\nc", ""]  # "\n" might start the stop string
+    assert stream.push(1) == "" and stream.done and stream.text == "ab\nc"
+    stream = TextStream(pieces.__getitem__)
+    assert [stream.push(t) for t in (4, 5, 4)] == ["", "é", ""] and stream.finish() == "\ufffd"
+
+
+def test_tokens_arrive_one_at_a_time(run):
+    model, tokenizer, device, dtype = load_for_sampling(build(SampleConfig, None, [f"--out_dir={run}",
+                                                                                    "--device=cpu"]))
+    calls = []
+    cfg = build(SampleConfig, None, ["--num_samples=2", "--max_new_tokens=50", "--stop_at_eot"])
+    result = generate_samples(model, tokenizer, "JULIET:", cfg, device, dtype, on_token=lambda i, t: calls.append(
+        (i, t)))
+    for i in (0, 1):
+        texts = [t for j, t in calls if j == i]
+        assert len(texts) == 50 and "JULIET:" + "".join(texts) == result.samples[i]
+    assert result.new_tokens == 100 and result.tokens_per_second > 0
+
+
+def test_generation_continues_past_block_size_with_and_without_cache(run):
+    for cache in ("--use_cache", "--no-use_cache"):
+        data = json.loads(ngpt(*base(run, "--max_new_tokens=100", "--num_samples=2", cache, "--json")).stdout)
+        assert [len(s) for s in data["samples"]] == [101, 101]  # a newline prompt + 100 characters
+
+
+# ---------------------------------------------------------------- prompts and output
+
+
+def test_prompt_forms(run, tmp_path):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("MENENIUS:", encoding="utf-8")
+    forms = {
+        "--prompt": (["--prompt", "ROMEO:"], None, "ROMEO:"),
+        "--start": (["--start=JULIET:"], None, "JULIET:"),
+        "--prompt-file": (["--prompt-file", str(prompt_file)], None, "MENENIUS:"),
+        "--start=FILE:": ([f"--start=FILE:{prompt_file}"], None, "MENENIUS:"),
+        "--prompt -": (["--prompt", "-"], "First Citizen:", "First Citizen:"),
+        "default": ([], None, "\n"),
+    }
+    for name, (args, stdin, prompt) in forms.items():
+        data = json.loads(ngpt(*base(run, "--num_samples=1", "--json", *args), input=stdin).stdout)
+        assert data["prompt"] == prompt and data["samples"][0].startswith(prompt), name
+        assert len(data["samples"][0]) == len(prompt) + 40, name
+
+
+def test_one_sample_streams_and_speed_goes_to_stderr(run):
+    result = ngpt(*base(run, "--prompt=ROMEO:", "--num_samples=1"))
+    assert result.stdout.startswith("ROMEO:") and result.stdout.endswith("\n")
+    assert len(result.stdout) == len("ROMEO:") + 40 + 1
+    assert "tokens/s" in result.stderr and "tokens/s" not in result.stdout
+    assert "tokens/s" not in ngpt("--quiet", *base(run, "--prompt=ROMEO:", "--num_samples=1")).stderr
+
+
+def test_several_samples_are_shown_apart(run):
+    out = ngpt(*base(run, "--prompt=ROMEO:", "--num_samples=3")).stdout
+    headers = [line for line in out.splitlines() if line.startswith("--- sample")]
+    assert headers == ["--- sample 1/3 ---", "--- sample 2/3 ---", "--- sample 3/3 ---"]
+    assert out.count("ROMEO:") == 3
+
+
+def test_json_output(run):
+    data = json.loads(ngpt(*base(run, "--prompt=ROMEO:", "--num_samples=2", "--json")).stdout)
+    assert set(data) >= {"prompt", "samples", "new_tokens", "seconds", "tokens_per_second", "finish_reasons"}
+    assert len(data["samples"]) == 2 and data["new_tokens"] == 80 and data["tokens_per_second"] > 0
+
+
+def test_interactive_loop(run):
+    result = ngpt(*base(run, "--interactive", "--num_samples=1"), input="ROMEO:\nJULIET:\n\nMENENIUS:\n")
+    assert result.stdout.startswith("ROMEO:") and result.stdout.count("\nJULIET:") == 1
+    assert "MENENIUS" not in result.stdout  # an empty line ends the loop
+    assert result.stderr.count("tokens/s") == 2
+    result = ngpt(*base(run, "-i", "--json", "--num_samples=2"), input="ROMEO:\nexit\nJULIET:\n")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["ROMEO:"] and len(rows[0]["samples"]) == 2
+    ngpt(*base(run, "--interactive"), input="")  # EOF at once: nothing to do, exit 0
+    # a refused prompt says why and the loop goes on; the exit code then says something was refused
+    result = ngpt(*base(run, "-i", "--num_samples=1"), input="ROMEO\u03a9\nJULIET:\n", code=2)
+    assert result.stdout.startswith("JULIET:")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "character 'Ω' is not in this model's" in errors[0], result.stderr
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt=caf\u00e9"], "character 'é' is not in this model's"),
+    (["--top_p=0"], "--top_p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--temperature=-0.5"], "--temperature must not be negative"),
+    (["--max-new-tokens", "0"], "--max_new_tokens must be positive"),
+    (["--stop="], "--stop is empty"),
+    (["--interactive", "--prompt=ROMEO:"], "--interactive reads its prompts from stdin"),
+    (["--prompt", "-"], "the prompt read from stdin is empty"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(run, args, message):
+    result = runner.invoke(app, ["sample", f"--out_dir={run}", "--device=cpu", *args], input="")
+    assert result.exit_code == 2, (args, result.stdout, result.stderr)
+    assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+    assert result.stdout == "" and "Traceback" not in result.output
