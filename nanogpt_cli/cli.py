@@ -27,7 +27,7 @@ from nanogpt_cli.config import (
     to_toml,
 )
 from nanogpt_cli.errors import UsageError, report_errors
-from nanogpt_cli.progress import console, echo
+from nanogpt_cli.progress import console, echo, out
 
 app = typer.Typer(
     name="ngpt",
@@ -249,7 +249,7 @@ def eval_command(ctx: typer.Context, preset: PresetOption = None, as_json: JsonO
         table.add_column(column)
     for split in ("train", "val"):
         table.add_row(split, f"{report[f'{split}_loss']:.4f}", f"{report[f'{split}_perplexity']:.2f}")
-    console.print(table)
+    out.print(table)
 
 
 @app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))
@@ -334,7 +334,7 @@ def presets_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
         echo(json.dumps({name: preset_description(name) for name in names}) + "\n")
         return
     for name in names:
-        console.print(f"[bold]{name:<22}[/bold] {preset_description(name)}")
+        out.print(f"[bold]{name:<22}[/bold] {preset_description(name)}")
 
 
 @presets_app.command("show")
@@ -394,4 +394,21 @@ def plot(
 
 
 def main() -> None:
-    app()
+    """The console script: click's own usage errors (a bad option, a missing argument, an unknown
+    command) become one `error:` line and exit 2, like the project's errors."""
+    from typer._click import exceptions as click_errors
+
+    try:
+        code = typer.main.get_command(app).main(prog_name="ngpt", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError:  # `ngpt` or a group alone: the help was printed already
+        code = 0
+    except click_errors.ClickException as e:
+        message = " ".join(e.format_message().split()).rstrip(".")
+        if isinstance(e, click_errors.UsageError) and e.ctx is not None:
+            message += f"; see `{e.ctx.command_path} --help`"
+        print(f"error: {message}", file=sys.stderr)
+        code = e.exit_code
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -304,8 +304,9 @@ def run_sample_command(cfg: SampleConfig, as_json: bool = False, interactive: bo
         console.print("one prompt per line; an empty line, 'exit' or Ctrl-D ends", style="dim", highlight=False)
     failed = False
     while True:
-        if tty:
-            console.print("prompt> ", end="", style="bold", highlight=False)
+        if tty:  # the marker is part of the conversation, shown even with --quiet
+            sys.stderr.write("prompt> ")
+            sys.stderr.flush()
         line = sys.stdin.readline()
         prompt = line.rstrip("\r\n")
         if not line or prompt.strip() in ("", "exit", "quit"):

