@@ -370,7 +370,7 @@ def help_epilog(cls) -> str:
         tname = getattr(typ, "__name__", None) or str(typ).replace("NoneType", "auto").replace(" | ", "|")
         default = "auto" if f.default is None else f.default
         groups.setdefault(f.metadata.get("panel", "Options"), []).append(
-            f"  --{f.name}  [{tname}, default {default}]  {f.metadata.get('help', '')}")
+            f"  --{f.name} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
     parts = ["Config keys (--key=value or --key value; dashes or underscores; --no-FLAG for false):"]
     parts += ["\n".join([f"{panel}:", *rows]) for panel, rows in groups.items()]
     return "\n\n".join(parts)
