@@ -59,6 +59,12 @@ def shared_draw(loader, draw):
     return mine
 
 
+def stream_seed(seed: int) -> int:
+    """The batch stream's seed: derived from the run's seed but distinct from the one that
+    initialises the weights, so the same random words do not both draw weights and pick batches."""
+    return (seed * 1_000_003 + 7) % 2**63
+
+
 class BatchLoader:
     """Random (x, y) windows from a split's token file, read through np.memmap.
 
@@ -76,7 +82,7 @@ class BatchLoader:
         self.block_size = block_size
         self.device = device
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(stream_seed(seed))
         self.files = {}
         for split in SPLITS:
             name = meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin")
@@ -118,7 +124,7 @@ class SyntheticLoader:
         self.meta = {"tokenizer": "synthetic", "vocab_size": vocab_size}
         self.vocab_size, self.batch_size, self.block_size, self.device = vocab_size, batch_size, block_size, device
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(stream_seed(seed))
 
     def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         data = shared_draw(self, lambda: torch.randint(self.vocab_size, (self.batch_size, self.block_size + 1),

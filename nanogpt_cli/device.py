@@ -57,8 +57,20 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+# bf16 autocast on CPU pays when a bf16 matmul is at least this much faster than an fp32 one: the casts,
+# layer norms, GELUs and the optimizer stay as slow as in fp32 (measured: AVX512-BF16 2.2x -> ~1.3x per step
+# on a 0.8M model, ~1.7x on GPT-2 124M).
+CPU_BF16_MIN_SPEEDUP = 1.5
+
+
+def cpu_bf16_speedup() -> float:
+    """bf16 over fp32 matmul throughput on this CPU with the current thread count (measured once)."""
+    return measured_cpu_peak_flops("bfloat16", 512, 0.1) / measured_cpu_peak_flops("float32", 512, 0.1)
+
+
 def choose_dtype(device: torch.device, requested: str = "auto") -> tuple[str, str]:
-    """(dtype name, why): bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on mps and cpu."""
+    """(dtype name, why): bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on mps;
+    on cpu bf16 autocast where AMX/AVX512-BF16 make a measured bf16 matmul clearly faster, else fp32."""
     if requested != "auto":
         if requested not in DTYPES:
             raise UsageError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
@@ -71,11 +83,24 @@ def choose_dtype(device: torch.device, requested: str = "auto") -> tuple[str, st
         return "float16", "the GPU lacks bfloat16: float16 with a GradScaler"
     if device.type == "mps":
         return "float32", "mps: float32 (autocast gains little there; --dtype=float16 to try)"
-    return "float32", "cpu: float32 (--dtype=bfloat16 to use bf16 autocast)"
+    if not cpu_has_fast_bf16():
+        return "float32", "cpu without AMX/AVX512-BF16: bf16 would be emulated, slower than float32"
+    speedup = cpu_bf16_speedup()
+    if speedup < CPU_BF16_MIN_SPEEDUP:
+        return "float32", f"cpu: a bf16 matmul measured only {speedup:.1f}x float32 here, too little to pay"
+    return "bfloat16", (f"cpu with AMX/AVX512-BF16: a bf16 matmul measured {speedup:.1f}x float32 (autocast: "
+                        "weights, optimizer and loss stay float32)")
 
 
-def choose_compile(device: torch.device, requested: bool | None) -> tuple[bool, str]:
-    """(compile?, why): on by default only where it pays, which is cuda."""
+# torch.compile on CPU (inductor, C++ kernels) measured ~1.1x per step in float32 and ~1.5x in bf16 on small
+# GPTs, for a compile of ~30 s on an idle 2-core machine (over a minute on a busy one): it pays for long runs only.
+CPU_COMPILE_MIN_SECONDS = 15 * 60
+
+
+def choose_compile(device: torch.device, requested: bool | None,
+                   est_run_seconds: float | None = None) -> tuple[bool, str]:
+    """(compile?, why): on by default on cuda; on cpu when the run is estimated to take long enough
+    (est_run_seconds, from the run's FLOPs and the measured peak) to pay back compiling."""
     if requested is not None:
         if requested and not hasattr(torch, "compile"):
             raise UsageError("--compile=True needs torch >= 2.0")
@@ -84,7 +109,73 @@ def choose_compile(device: torch.device, requested: bool | None) -> tuple[bool, 
         return True, "cuda: torch.compile fuses kernels and pays back its warm-up within a few hundred steps"
     if device.type == "mps":
         return False, "mps: torch.compile support there is immature"
-    return False, "cpu: compile warm-up costs more than it saves on typical CPU runs"
+    import shutil
+
+    if not any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+        return False, "cpu: no C++ compiler for torch.compile's CPU backend"
+    minutes = CPU_COMPILE_MIN_SECONDS // 60
+    if est_run_seconds is None:
+        return False, (f"cpu: compiling takes about a minute and saves 10-30% per step, worth it for runs of "
+                       f"{minutes}+ minutes (--compile=True)")
+    if est_run_seconds >= CPU_COMPILE_MIN_SECONDS:
+        return True, (f"cpu: a run of about {est_run_seconds / 60:.0f} minutes pays back compiling "
+                      "(about a minute, then 10-30% faster steps)")
+    return False, (f"cpu: a run of about {max(1.0, est_run_seconds / 60):.0f} minutes is too short to pay back "
+                   f"compiling (pays from about {minutes} minutes; --compile=True to force)")
+
+
+# Threads are only cut when fewer measured at least this much faster than torch's default (busy cores).
+CPU_FEWER_THREADS_MIN_SPEEDUP = 1.3
+
+
+def choose_threads(device: torch.device) -> tuple[int, str]:
+    """(intra-op threads, why) for training on cpu. torch uses every physical core, which is best on an idle
+    machine; when other processes keep cores busy, its threads wait on each other at every op (measured 2-10x
+    slower matmuls with 2 threads than with 1 on a busy 2-core machine). So fewer threads are timed too and
+    taken when clearly faster. OMP_NUM_THREADS, when set, is obeyed."""
+    current = torch.get_num_threads()
+    if device.type != "cpu":
+        return current, "not a cpu run"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return current, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    return _measured_threads(current)
+
+
+@functools.cache
+def _measured_threads(default: int) -> tuple[int, str]:
+    candidates, n = [], default
+    while n >= 1:
+        candidates.append(n)
+        n //= 2
+    if len(candidates) == 1:
+        return default, f"{default} thread (one core)"
+    speed = {}
+    try:
+        for n in candidates:
+            torch.set_num_threads(n)
+            speed[n] = _time_matmul("float32", 384, 0.08)
+    finally:
+        torch.set_num_threads(default)
+    best = max(speed, key=speed.get)
+    if best != default and speed[best] >= CPU_FEWER_THREADS_MIN_SPEEDUP * speed[default]:
+        return best, (f"{best} of {default} threads: a matmul measured {speed[best] / speed[default]:.1f}x faster "
+                      "than on all cores (other processes keep them busy; OMP_NUM_THREADS overrides)")
+    return default, f"{default} threads (one per core)"
+
+
+def apply_threads(n: int) -> None:
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+
+
+def training_attention(device: torch.device, dtype: str):
+    """The attention kernel for a training step: on cpu under bf16 autocast the math path, whose backward
+    measured 2x faster than the fused (flash) CPU kernel's in bf16; everywhere else SDPA's own choice."""
+    if device.type != "cpu" or dtype == "float32":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def autocast(device: torch.device, dtype: str):
@@ -118,9 +209,17 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
-@functools.cache
 def measured_cpu_peak_flops(dtype: str = "float32", size: int = 1024, seconds: float = 0.3) -> float:
-    """CPU peak, measured: FLOP/s of a square matmul in `dtype` with the current thread count."""
+    """CPU peak, measured: FLOP/s of a square matmul in `dtype` with the current thread count (once per count)."""
+    return _measured_cpu_peak_flops(dtype, size, seconds, torch.get_num_threads())
+
+
+@functools.cache
+def _measured_cpu_peak_flops(dtype: str, size: int, seconds: float, threads: int) -> float:
+    return _time_matmul(dtype, size, seconds)
+
+
+def _time_matmul(dtype: str, size: int, seconds: float) -> float:
     g = torch.Generator().manual_seed(0)  # its own generator: measuring must not shift the training RNG
     a = torch.randn(size, size, dtype=DTYPES[dtype], generator=g)
     b = torch.randn(size, size, dtype=DTYPES[dtype], generator=g)

@@ -8,8 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from nanogpt_cli.config import TrainConfig, build
+
+# The tests train tiny models, for which one thread per process is fastest (thread start-up and
+# synchronisation cost more than they save), and subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TEXT = "".join(f"{w} the quick brown fox jumps over the lazy dog {i % 7}.\n"
                for i, w in enumerate(["ROMEO:", "JULIET:", "First Citizen:", "MENENIUS:"] * 150))
@@ -58,3 +64,21 @@ def shared_file(var: str) -> Path:
     if not value or not Path(value).exists():
         pytest.skip(f"{var} is not set (it points at shared test material; .ci/run sets it)")
     return Path(value)
+
+
+def poison_training_from(monkeypatch, call: int, poison) -> None:
+    """From the model's `call`-th training forward on, pass its loss through `poison`
+    (e.g. multiply by NaN, or an op whose gradient is infinite)."""
+    from nanogpt_cli.model import GPT
+
+    original, calls = GPT.forward, [0]
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = original(self, idx, targets, **kw)
+        if self.training and loss is not None:
+            calls[0] += 1
+            if calls[0] >= call:
+                loss = poison(loss)
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)

@@ -20,7 +20,7 @@ from nanogpt_cli.checkpoint import atomic_save, load_checkpoint, load_model, rng
 from nanogpt_cli.cli import app
 from nanogpt_cli.errors import NgptError
 from nanogpt_cli.train import check_out_dir, train
-from tests.conftest import TINY
+from tests.conftest import TINY, poison_training_from
 
 runner = CliRunner()
 PACKAGE = Path(__file__).resolve().parent.parent / "nanogpt_cli"
@@ -290,19 +290,7 @@ class _InfGrad(torch.autograd.Function):
 
 
 def poison_gradients_from(monkeypatch, call: int) -> None:
-    from nanogpt_cli.model import GPT
-
-    original, calls = GPT.forward, [0]
-
-    def forward(self, idx, targets=None, **kw):
-        logits, loss = original(self, idx, targets, **kw)
-        if self.training and loss is not None:
-            calls[0] += 1
-            if calls[0] >= call:
-                loss = _InfGrad.apply(loss)
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
+    poison_training_from(monkeypatch, call, _InfGrad.apply)
 
 
 def test_non_finite_gradients_with_a_finite_loss_stop_before_the_weights_change(tiny_cfg, tmp_path, monkeypatch):

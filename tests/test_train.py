@@ -11,6 +11,7 @@ from nanogpt_cli.config import TrainConfig, build
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.metrics import read_jsonl
 from nanogpt_cli.train import lr_at, train
+from tests.conftest import poison_training_from
 
 
 def losses(out_dir):
@@ -78,19 +79,7 @@ def test_resume_without_checkpoint(tiny_cfg):
 
 def poison_loss_from(monkeypatch, call: int):
     """Make the model's loss NaN from its `call`-th training forward on."""
-    from nanogpt_cli.model import GPT
-
-    original, calls = GPT.forward, [0]
-
-    def forward(self, idx, targets=None, **kw):
-        logits, loss = original(self, idx, targets, **kw)
-        if self.training and loss is not None:
-            calls[0] += 1
-            if calls[0] >= call:
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
+    poison_training_from(monkeypatch, call, lambda loss: loss * float("nan"))
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tiny_cfg, tmp_path, monkeypatch):
