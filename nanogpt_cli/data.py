@@ -1,6 +1,6 @@
 """The memmap batch loader over a prepared dataset (train.bin / val.bin + meta.json).
 
-`ngpt prepare` (prepare.py) writes the datasets; this module reads them: random windows of
+`ngpt prepare` (the prepare package) writes the datasets; this module reads them: random windows of
 block_size + 1 tokens, different per rank, reproducible from a seed, with a state that a
 checkpoint stores so a resumed run draws exactly the batches it would have drawn.
 

@@ -107,7 +107,7 @@ CASES = [
     ("train-resume-block-size", ["train", *T("--init_from=resume", "--out_dir={run}", "--block_size=64")], 2,
      "larger than the model's 32"),
     ("train-resume-other-vocab", ["train", *T("--init_from=resume", "--out_dir={run}", "--dataset=other_vocab")],
-     1, "tokenizer"),
+     1, "character vocabulary"),
     # ------------------------------------------------------------------ finetune
     ("finetune-from-scratch", ["finetune", *T()], 2, "finetune starts from weights"),
     ("finetune-corrupt", ["finetune", *T("--init_from={root}/corrupt")], 1, "is corrupt"),

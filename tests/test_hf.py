@@ -316,7 +316,7 @@ class Evil:
 
 def write_nanogpt_run(root, dataset="shakespeare_char", meta_at="data"):
     """A fake nanoGPT run: root/out/ckpt.pt as nanoGPT's train.py saves it (compiled model) and
-    the dataset's meta.pkl as prepare.py writes it."""
+    the dataset's meta.pkl as nanoGPT's prepare.py writes it."""
     chars = sorted(set(TEXT))
     model_args = dict(n_layer=2, n_head=2, n_embd=16, block_size=32, bias=False, vocab_size=len(chars), dropout=0.0)
     torch.manual_seed(0)

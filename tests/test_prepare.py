@@ -10,6 +10,7 @@ import pytest
 
 from nanogpt_cli import prepare as P
 from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.prepare import sources, writer
 
 needs_gpt2 = pytest.mark.skipif(not os.environ.get("TIKTOKEN_CACHE_DIR"),
                                 reason="needs the GPT-2 BPE files: set TIKTOKEN_CACHE_DIR")
@@ -102,8 +103,8 @@ def test_char_single_file_is_split_by_characters(tmp_path):
 
 @needs_gpt2
 def test_documents_end_with_eot_and_val_is_deterministic(tmp_path, gpt2, monkeypatch):
-    monkeypatch.setattr(P, "PIECE_CHARS", 300)  # long documents in many pieces, small work units
-    monkeypatch.setattr(P, "UNIT_CHARS", 700)
+    monkeypatch.setattr(writer, "PIECE_CHARS", 300)  # long documents in many pieces, small work units
+    monkeypatch.setattr(writer, "UNIT_CHARS", 700)
     rng = random.Random(2)
     docs = [make_text(rng, rng.randint(1, 400)) for _ in range(60)]
     folder = tmp_path / "docs"
@@ -236,7 +237,7 @@ def test_failures_leave_the_previous_dataset_intact(tmp_path, monkeypatch):
         P.prepare_text([str(good), str(bad)], opts(tmp_path, name="ds", tokenizer="char", force=True))
 
     calls = {"n": 0}
-    real = P._make_encoder
+    real = writer._make_encoder
 
     def interrupting(tokenizer, dtype):  # Ctrl-C in the middle of tokenizing
         encode = real(tokenizer, dtype)
@@ -249,9 +250,9 @@ def test_failures_leave_the_previous_dataset_intact(tmp_path, monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(P, "_make_encoder", interrupting)
-    monkeypatch.setattr(P, "PIECE_CHARS", 500)
-    monkeypatch.setattr(P, "UNIT_CHARS", 500)
+    monkeypatch.setattr(writer, "_make_encoder", interrupting)
+    monkeypatch.setattr(writer, "PIECE_CHARS", 500)
+    monkeypatch.setattr(writer, "UNIT_CHARS", 500)
     with pytest.raises(KeyboardInterrupt):
         P.prepare_text([str(good)], opts(tmp_path, name="ds", tokenizer="char", force=True))
     assert calls["n"] >= 3
@@ -276,7 +277,7 @@ def test_large_vocab_is_written_as_uint32(tmp_path, monkeypatch, gpt2):
 
     big = TiktokenTokenizer("gpt2")
     big.vocab_size = 100277  # stands in for cl100k_base, whose BPE files cannot be downloaded here
-    monkeypatch.setattr(P, "get_tokenizer", lambda name: big)
+    monkeypatch.setattr(writer, "get_tokenizer", lambda name: big)
     docs = [f"document {i}: " + "words and more words " * i for i in range(1, 20)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     P.prepare_text([str(tmp_path / "d.jsonl")], opts(tmp_path, name="big"))
@@ -291,15 +292,15 @@ def test_large_vocab_is_written_as_uint32(tmp_path, monkeypatch, gpt2):
 @needs_gpt2
 def test_a_large_file_is_read_in_pieces(tmp_path, monkeypatch):
     """Memory stays flat: one big text file never sits in memory whole, nor do its tokens."""
-    monkeypatch.setattr(P, "READ_BYTES", 1 << 14)
-    monkeypatch.setattr(P, "PIECE_CHARS", 1 << 15)
-    monkeypatch.setattr(P, "UNIT_CHARS", 1 << 15)
+    monkeypatch.setattr(sources, "READ_BYTES", 1 << 14)
+    monkeypatch.setattr(writer, "PIECE_CHARS", 1 << 15)
+    monkeypatch.setattr(writer, "UNIT_CHARS", 1 << 15)
     block = make_text(random.Random(3), 20000)
     path = tmp_path / "big.txt"
     with open(path, "w", encoding="utf-8") as f:
         while f.tell() < 3_000_000:
             f.write(block)
-    P.get_tokenizer("gpt2")  # load the BPE ranks before measuring
+    writer.get_tokenizer("gpt2")  # load the BPE ranks before measuring
     tracemalloc.start()
     try:
         summary = P.prepare_text([str(path)], opts(tmp_path, num_threads=2))
