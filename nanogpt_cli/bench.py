@@ -1,26 +1,35 @@
 """Timing of the training step: ms/iter, tokens/s, MFU against the device's peak, peak memory.
 
     ngpt bench --preset gpt2-124m --data synthetic --iters 20
+    ngpt bench --preset gpt2-124m --batch_size=4 --block_size=256 --compare dtype=float32,bfloat16
+    ngpt bench --preset shakespeare-char --data real --profile        # + a Chrome trace and the top operators
+
+Each configuration runs the training loop's own step (Trainer.train_step: autocast, compile, fused AdamW,
+gradient clipping, the finiteness check), so what it reports is what `ngpt train` would do with the same keys.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import resource
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from nanogpt_cli.config import TrainConfig
 from nanogpt_cli.device import (
-    choose_compile,
     cleanup_distributed,
     dist_env_from_environ,
     init_distributed,
     resolve_device,
     synchronize,
 )
+from nanogpt_cli.errors import UsageError
 from nanogpt_cli.train import Trainer, lr_at
 
 
@@ -39,12 +48,74 @@ class BenchResult:
     final_loss: float
     world_size: int = 1
     per_rank_tokens_per_second: list[float] | None = None  # under torchrun; tokens_per_second is their sum
+    dtype_why: str = ""
+    compile_why: str = ""
+    threads: int | None = None  # cpu: intra-op threads used
+    threads_why: str = ""
+    peak_flops_source: str = ""
+    memory_kind: str = ""  # what peak_memory_mb measures on this device
+    warmup_seconds: float = 0.0  # the untimed first iterations, compilation included
+    tokens_per_iter: int = 0
+    trace: str | None = None  # --profile: the Chrome trace written
+    top_ops: list[dict] = field(default_factory=list)  # --profile: the costliest operators, self time per iter
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+class MemoryWatch:
+    """Peak memory of one benchmark: CUDA's allocator peak; on CPU the process's resident set, sampled
+    every few milliseconds by a thread (so that several configurations in one process each get their own
+    peak; ru_maxrss where /proc is missing); MPS: the driver's allocation, sampled after each step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+        self._statm = Path("/proc/self/statm")
+        self._thread = None
+
+    @property
+    def kind(self) -> str:
+        return {"cuda": "CUDA allocator peak", "mps": "MPS driver allocation"}.get(self.device.type,
+                                                                                  "process peak RSS")
+
+    def _rss(self) -> int:
+        return int(self._statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> MemoryWatch:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu" and self._statm.is_file():
+            self.peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def step(self) -> None:
+        if self.device.type == "mps":
+            self.peak = max(self.peak, torch.mps.driver_allocated_memory())
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+        elif self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.device.type == "cpu":  # no /proc (macOS): the process's peak so far
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+            self.peak = rss if sys.platform == "darwin" else rss * 1024
+
+    @property
+    def megabytes(self) -> float:
+        return self.peak / 2**20
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """The process's peak so far (CUDA allocator, MPS driver, CPU max RSS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     if device.type == "mps":
@@ -53,33 +124,53 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def bench(cfg: TrainConfig, iters: int = 20, warmup: int = 5) -> BenchResult:
+def default_trace_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.out_dir or ".").expanduser() / "bench-trace.json"
+
+
+def bench(cfg: TrainConfig, iters: int = 20, warmup: int = 5, profile: bool = False,
+          trace_path: str | Path | None = None, profile_iters: int = 5, top: int = 15) -> BenchResult:
     """Run warmup + iters training steps and time the last iters; under torchrun every rank does,
-    and the result has each rank's tokens/s and their sum."""
+    and the result has each rank's tokens/s and their sum. With profile, profile_iters more steps
+    run under torch.profiler (after the timing, which the profiler would slow down): their Chrome
+    trace goes to trace_path (default out_dir/bench-trace.json) and the top operators into the result."""
     device = resolve_device(cfg.device, dist_env_from_environ().local_rank)
     env = init_distributed(device, cfg.backend)
+    done = False
     try:
-        return _bench(cfg, device, env, iters, warmup)
+        result = _bench(cfg, device, env, iters, warmup, profile, trace_path, profile_iters, top)
+        done = True
+        return result
     finally:
-        cleanup_distributed()
+        cleanup_distributed(barrier=done)
 
 
-def _bench(cfg: TrainConfig, device: torch.device, env, iters: int, warmup: int) -> BenchResult:
-    use_compile, _ = choose_compile(device, cfg.compile)
+def _bench(cfg: TrainConfig, device: torch.device, env, iters: int, warmup: int, profile: bool,
+           trace_path: str | Path | None, profile_iters: int, top: int) -> BenchResult:
     cfg.eval_only = False
     trainer = Trainer(cfg, device, env)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    trainer.thread_tuner.enabled = False  # bench times one configuration: the thread count chosen at the start
     trainer.nonfinite_steps = 0
-    loss = torch.zeros(())
-    for i in range(warmup + iters):
-        if i == warmup:
-            synchronize(device)
-            start = time.perf_counter()
+    step = 0
+
+    def train_step() -> torch.Tensor:
+        nonlocal step
         trainer.fetch_first_batch()
-        loss = trainer.train_step(lr_at(i, cfg))
-    final_loss = loss.item()  # also waits for the device to finish
-    seconds = time.perf_counter() - start
+        loss = trainer.train_step(lr_at(step, cfg))
+        step += 1
+        return loss
+
+    with MemoryWatch(device) as memory:
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            train_step()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            loss = train_step()
+            memory.step()
+        final_loss = loss.item()  # also waits for the device to finish
+        seconds = time.perf_counter() - start
     per_rank = [trainer.tokens_per_iter / env.world_size * iters / seconds]
     if env.is_distributed:
         import torch.distributed as dist
@@ -88,11 +179,88 @@ def _bench(cfg: TrainConfig, device: torch.device, env, iters: int, warmup: int)
         dist.all_gather_object(gathered, per_rank[0])
         per_rank = gathered
     tokens_per_s = sum(per_rank)
-    return BenchResult(
-        device=str(device), dtype=trainer.dtype, compile=use_compile, iters=iters,
+    result = BenchResult(
+        device=str(device), dtype=trainer.dtype, compile=trainer.use_compile, iters=iters,
         ms_per_iter=1000 * seconds / iters, tokens_per_second=tokens_per_s,
         mfu=trainer.raw_model.estimate_mfu(tokens_per_s / env.world_size, trainer.peak), peak_flops=trainer.peak,
-        peak_memory_mb=peak_memory_mb(device), params_millions=trainer.raw_model.get_num_params() / 1e6,
+        peak_memory_mb=memory.megabytes, params_millions=trainer.raw_model.get_num_params() / 1e6,
         final_loss=final_loss, world_size=env.world_size,
         per_rank_tokens_per_second=per_rank if env.is_distributed else None,
+        dtype_why=trainer.dtype_why, compile_why=trainer.compile_why,
+        threads=trainer.threads if device.type == "cpu" else None,
+        threads_why=trainer.threads_why if device.type == "cpu" else "",
+        peak_flops_source=trainer.peak_why, memory_kind=memory.kind, warmup_seconds=start - t0,
+        tokens_per_iter=trainer.tokens_per_iter,
     )
+    if profile:
+        path = Path(trace_path).expanduser() if trace_path else default_trace_path(cfg)
+        if env.is_distributed:
+            path = path.with_name(f"{path.stem}-rank{env.rank}{path.suffix}")
+        result.trace, result.top_ops = str(path), profile_steps(train_step, device, path, profile_iters, top)
+    return result
+
+
+def profile_steps(train_step, device: torch.device, path: Path, iters: int, top: int) -> list[dict]:
+    """Run `iters` steps under torch.profiler; write the Chrome trace to path; return the top operators
+    by self time (device time on cuda), per iteration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    iters = max(1, iters)
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(iters):
+            train_step()
+        synchronize(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    events = prof.key_averages()
+    on_gpu = device.type == "cuda"
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    rows = []
+    for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
+        self_us = getattr(e, key)
+        rows.append({"name": e.key, "calls_per_iter": e.count / iters, "self_ms_per_iter": self_us / 1000 / iters,
+                     "percent": 100 * self_us / total, "time": "cuda" if on_gpu else "cpu"})
+    return rows
+
+
+# ---------------------------------------------------------------- --compare
+
+def parse_compare(spec: str, field_names) -> tuple[str, list[str]]:
+    """`key=v1,v2,...` -> (key, [v1, v2, ...]); the key must be a config key."""
+    key, sep, values = spec.partition("=")
+    key = key.strip().lstrip("-").replace("-", "_")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key or len(items) < 2:
+        raise UsageError(f"--compare takes KEY=VALUE1,VALUE2[,...], e.g. dtype=float32,bfloat16; got {spec!r}")
+    if key not in field_names:
+        raise UsageError(f"--compare: unknown config key {key!r}")
+    return key, items
+
+
+def compare(configs: list[tuple[str, TrainConfig]], iters: int, warmup: int, profile: bool = False,
+            trace_path: str | Path | None = None, on_result=None) -> list[dict]:
+    """Bench each (label, config) in turn in this process; each row is the result plus its label and its
+    tokens/s ratio to the first configuration (> 1: faster). on_result(label, result) is called as each ends."""
+    if dist_env_from_environ().is_distributed:
+        raise UsageError("--compare runs in one process; run it without torchrun")
+    rows = []
+    for label, cfg in configs:
+        path = None
+        if profile:
+            base = Path(trace_path).expanduser() if trace_path else default_trace_path(cfg)
+            path = base.with_name(f"{base.stem}-{_safe(label)}{base.suffix or '.json'}")
+        result = bench(cfg, iters=iters, warmup=warmup, profile=profile, trace_path=path)
+        gc.collect()  # the previous configuration's model and optimizer go before the next one is built
+        row = {"label": label, **result.as_dict()}
+        first = rows[0] if rows else row
+        row["ratio"] = result.tokens_per_second / first["tokens_per_second"]
+        rows.append(row)
+        if on_result is not None:
+            on_result(label, result)
+    return rows
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)

@@ -228,28 +228,68 @@ def sample(
 
 @app.command("eval", context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))
 @report_errors
-def eval_command(ctx: typer.Context, preset: PresetOption = None, as_json: JsonOption = False) -> None:
-    """Loss and perplexity on a prepared dataset's train and val splits, for a checkpoint or GPT-2.
+def eval_command(
+    ctx: typer.Context,
+    preset: PresetOption = None,
+    task: Annotated[list[str] | None, typer.Option(
+        "--task", metavar="NAME", rich_help_panel="Zero-shot benchmarks", show_default=False,
+        help="hellaswag or lambada (repeat the option, or hellaswag,lambada, for both); the dataset's loss is then "
+             "evaluated only when --dataset is given")] = None,
+    hellaswag_file: Annotated[str | None, typer.Option(
+        "--hellaswag-file", metavar="PATH", rich_help_panel="Zero-shot benchmarks", show_default=False,
+        help="a local hellaswag_val.jsonl (implies --task hellaswag); without it, downloaded once into the cache")]
+    = None,
+    lambada_file: Annotated[str | None, typer.Option(
+        "--lambada-file", metavar="PATH", rich_help_panel="Zero-shot benchmarks", show_default=False,
+        help="a local lambada_test.jsonl, OpenAI's GPT-2 version (implies --task lambada); without it, "
+             "downloaded once into the cache")] = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, metavar="N", rich_help_panel="Zero-shot benchmarks", show_default=False,
+        help="score only the first N examples of each benchmark")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Loss and perplexity on a prepared dataset's splits, and zero-shot HellaSwag / LAMBADA accuracy.
 
     Example: ngpt eval --out-dir out/shakespeare-char --dataset shakespeare_char --init_from=resume
+    Zero-shot: ngpt eval --init_from=gpt2 --task hellaswag --task lambada (--limit 500 for a quick look)
     """
+    from nanogpt_cli.config import parse_overrides
     from nanogpt_cli.evaluate import evaluate
+    from nanogpt_cli.zeroshot import parse_tasks, zeroshot
 
     cfg = build(TrainConfig, preset, config_args(ctx))
     if cfg.init_from == "scratch":
         cfg.init_from = "resume"
-    report = evaluate(cfg)
+    files = {"hellaswag": hellaswag_file, "lambada": lambada_file}
+    tasks = parse_tasks([*(task or []), *(name for name, path in files.items() if path is not None)])
+    if limit is not None and not tasks:
+        raise UsageError("--limit applies to the zero-shot benchmarks: add --task hellaswag or --task lambada")
+    # with benchmarks, a dataset's loss only when asked for by name (a preset's default dataset may not be prepared)
+    report = evaluate(cfg) if not tasks or "dataset" in parse_overrides(config_args(ctx), TrainConfig) else {}
+    if tasks:
+        report = {**report, **zeroshot(cfg, tasks, files, limit)}
     if as_json:
         echo(json.dumps(report) + "\n")
         return
     from rich.table import Table
 
-    table = Table(title=f"{report['model']} on {report['dataset']}")
-    for column in ("split", "loss", "perplexity"):
-        table.add_column(column)
-    for split in ("train", "val"):
-        table.add_row(split, f"{report[f'{split}_loss']:.4f}", f"{report[f'{split}_perplexity']:.2f}")
-    out.print(table)
+    if "dataset" in report:
+        table = Table(title=f"{report['model']} on {report['dataset']}")
+        for column in ("split", "loss", "perplexity"):
+            table.add_column(column)
+        for split in ("train", "val"):
+            table.add_row(split, f"{report[f'{split}_loss']:.4f}", f"{report[f'{split}_perplexity']:.2f}")
+        out.print(table)
+    if tasks:
+        table = Table(title=f"{report['model']}, zero-shot (block_size {report['block_size']})")
+        for column in ("task", "examples", "accuracy", "acc_norm", "perplexity"):
+            table.add_column(column)
+        for name in tasks:
+            r = report[name]
+            norm = f"{r['accuracy_norm']:.4f}" if "accuracy_norm" in r else "-"
+            ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
+            table.add_row(name, str(r["examples"]), f"{r['accuracy']:.4f}", norm, ppl)
+        out.print(table)
 
 
 @app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))
@@ -257,35 +297,134 @@ def eval_command(ctx: typer.Context, preset: PresetOption = None, as_json: JsonO
 def bench(
     ctx: typer.Context,
     preset: PresetOption = None,
-    data: Annotated[str, typer.Option(help="synthetic (no prepared data needed) or real (the preset's dataset)")]
-    = "synthetic",
+    data: Annotated[str, typer.Option(help="synthetic (random tokens, no prepared data needed) or real (the "
+                                           "dataset of the preset or --dataset)")] = "synthetic",
     iters: Annotated[int, typer.Option(help="timed iterations", min=1)] = 20,
     warmup: Annotated[int, typer.Option(help="untimed iterations first (compile, allocator warm-up)", min=0)] = 5,
+    compare: Annotated[str | None, typer.Option(
+        help="run each value of one config key and show the ratios to the first, e.g. dtype=float32,bfloat16 "
+             "or compile=False,True")] = None,
+    profile: Annotated[bool, typer.Option(
+        "--profile", help="also run a few steps under torch.profiler: write a Chrome trace and print the top "
+                          "operators")] = False,
+    trace: Annotated[str | None, typer.Option(
+        help="where --profile writes the trace (default: OUT_DIR/bench-trace.json)")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Time training steps: ms/iter, tokens/s, MFU against this device's peak, peak memory.
 
-    Example: ngpt bench --preset gpt2-124m --batch_size=4 --block_size=256 --iters 10
+    Example: ngpt bench --preset gpt2-124m --batch_size=4 --block_size=256 --compare dtype=float32,bfloat16
     """
+    from dataclasses import fields
+
     from nanogpt_cli.bench import bench as run_bench
+    from nanogpt_cli.bench import compare as run_compare
+    from nanogpt_cli.bench import parse_compare
 
     if data not in ("synthetic", "real"):
         raise UsageError(f"--data must be synthetic or real, got {data!r}")
-    cfg = build(TrainConfig, preset, config_args(ctx))
-    if data == "synthetic":
-        cfg.dataset = "synthetic"
-    result = run_bench(cfg, iters=iters, warmup=warmup)
+    args = config_args(ctx)
+
+    def make_cfg(*extra: str) -> TrainConfig:
+        cfg = build(TrainConfig, preset, [*args, *extra])
+        if data == "synthetic":
+            cfg.dataset = "synthetic"
+        return cfg
+
+    if compare:
+        key, values = parse_compare(compare, {f.name for f in fields(TrainConfig)})
+        configs = [(f"{key}={value}", make_cfg(f"--{key}={value}")) for value in values]  # all validated first
+        rows = run_compare(configs, iters, warmup, profile, trace,
+                           on_result=None if as_json else _print_bench_top_ops)
+        if as_json:
+            echo(json.dumps({"compare": key, "results": rows}) + "\n")
+        else:
+            _print_bench_compare(key, rows)
+        return
+    result = run_bench(make_cfg(), iters=iters, warmup=warmup, profile=profile, trace_path=trace)
     if as_json:
         echo(json.dumps(result.as_dict()) + "\n")
         return
-    mfu = f"{result.mfu * 100:.2f}%" if result.mfu is not None else "unknown"
-    console.print(f"{result.params_millions:.1f}M params on {result.device} ({result.dtype}, compile "
-                  f"{result.compile}): {result.ms_per_iter:.1f} ms/iter, {result.tokens_per_second:,.0f} tokens/s, "
-                  f"MFU {mfu}, peak memory {result.peak_memory_mb:,.0f} MB")
+    _print_bench_top_ops(None, result)
+    _print_bench_result(result)
+
+
+def _fmt_mfu(mfu: float | None) -> str:
+    return f"{mfu * 100:.2f}%" if mfu is not None else "unknown"
+
+
+def _print_bench_choices(result) -> None:
+    from nanogpt_cli.progress import out
+
+    out.print(f"[bold]{result.params_millions:.2f}M[/bold] parameters, {result.tokens_per_iter:,} tokens/iter on "
+              f"[bold]{result.device}[/bold]; {result.iters} timed iterations after "
+              f"{result.warmup_seconds:.1f} s of warm-up")
+    out.print(f"  dtype {result.dtype}: {result.dtype_why}", style="dim")
+    out.print(f"  compile {result.compile}: {result.compile_why}", style="dim")
+    if result.threads is not None:
+        out.print(f"  threads {result.threads}: {result.threads_why}", style="dim")
+    peak = f"{result.peak_flops / 1e12:.2f} TFLOP/s" if result.peak_flops else "unknown"
+    out.print(f"  peak {peak} ({result.peak_flops_source}); memory: {result.memory_kind}", style="dim")
+
+
+def _print_bench_result(result) -> None:
+    from nanogpt_cli.progress import out
+
+    _print_bench_choices(result)
+    out.print(f"[bold]{result.ms_per_iter:.1f} ms/iter[/bold], [bold]{result.tokens_per_second:,.0f} tokens/s"
+              f"[/bold], MFU {_fmt_mfu(result.mfu)}, peak memory {result.peak_memory_mb:,.0f} MB")
     if result.per_rank_tokens_per_second:
-        console.print(f"{result.world_size} processes: " + ", ".join(
+        out.print(f"{result.world_size} processes: " + ", ".join(
             f"rank {r} {t:,.0f}" for r, t in enumerate(result.per_rank_tokens_per_second))
             + f" tokens/s; total {result.tokens_per_second:,.0f} tokens/s (MFU is per process)")
+
+
+def _print_bench_top_ops(label: str | None, result) -> None:
+    if not result.trace:
+        return
+    from rich.table import Table
+
+    from nanogpt_cli.progress import out
+
+    table = Table(title=f"top operators{f' ({label})' if label else ''}, by self "
+                        f"{result.top_ops[0]['time'] if result.top_ops else 'cpu'} time", title_justify="left")
+    for column in ("operator", "ms/iter", "%", "calls/iter"):
+        table.add_column(column, justify="left" if column == "operator" else "right")
+    for op in result.top_ops:
+        table.add_row(op["name"][:70], f"{op['self_ms_per_iter']:.2f}", f"{op['percent']:.1f}",
+                      f"{op['calls_per_iter']:g}")
+    out.print(table)
+    out.print(f"trace: {result.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+
+
+def _print_bench_compare(key: str, rows: list[dict]) -> None:
+    from rich.table import Table
+
+    from nanogpt_cli.progress import out
+
+    first = rows[0]
+    out.print(f"[bold]{first['params_millions']:.2f}M[/bold] parameters on [bold]{first['device']}[/bold], "
+              f"{first['iters']} timed iterations each; ratio: tokens/s over {first['label']}")
+    table = Table()
+    columns = [(key, lambda r: r["label"].partition("=")[2]), ("ms/iter", lambda r: f"{r['ms_per_iter']:.1f}"),
+               ("tokens/s", lambda r: f"{r['tokens_per_second']:,.0f}"), ("MFU", lambda r: _fmt_mfu(r["mfu"])),
+               ("peak MB", lambda r: f"{r['peak_memory_mb']:,.0f}")]
+    for name in ("dtype", "compile", "threads"):  # the choices, where they differ between the runs
+        if name != key and len({str(r[name]) for r in rows}) > 1:
+            columns.append((name, lambda r, name=name: str(r[name])))
+    columns += [("warm-up s", lambda r: f"{r['warmup_seconds']:.1f}"), ("ratio", lambda r: f"{r['ratio']:.2f}x")]
+    for name, _ in columns:
+        table.add_column(name, justify="left" if name == key else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(cell(row) for _, cell in columns))
+    out.print(table)
+    for name, why in (("dtype", "dtype_why"), ("compile", "compile_why")):
+        chosen = [r for r in rows if r[why] != "asked for"]
+        if chosen and len({(r[name], r[why]) for r in chosen}) == 1:
+            out.print(f"  {name} {chosen[0][name]}: {chosen[0][why]}", style="dim")
+        else:
+            for row in chosen:
+                out.print(f"  {row['label']}: {name} {row[name]}: {row[why]}", style="dim")
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,19 +59,28 @@ def cpu_has_fast_bf16() -> bool:
 
 
 # bf16 autocast on CPU pays when a bf16 matmul is at least this much faster than an fp32 one: the casts,
-# layer norms, GELUs and the optimizer stay as slow as in fp32 (measured: AVX512-BF16 2.2x -> ~1.3x per step
-# on a 0.8M model, ~1.7x on GPT-2 124M).
+# layer norms, GELUs and the optimizer stay as slow as in fp32. Measured on a 2-core AVX512-BF16 EPYC (bf16
+# matmul 2.2x fp32): a training step 1.25x faster on the 0.8M-parameter CPU recipe, 1.4x on GPT-2 124M
+# (1.9x with torch.compile); the loss curve matches fp32 (best val loss 1.9198 vs 1.9200 on that recipe).
 CPU_BF16_MIN_SPEEDUP = 1.5
 
 
 def cpu_bf16_speedup() -> float:
-    """bf16 over fp32 matmul throughput on this CPU with the current thread count (measured once)."""
-    return measured_cpu_peak_flops("bfloat16", 512, 0.1) / measured_cpu_peak_flops("float32", 512, 0.1)
+    """bf16 over fp32 matmul throughput on this CPU with the current thread count (measured once per count):
+    the best of several interleaved bursts each, so that a passing load spike favours neither."""
+    return _cpu_bf16_speedup(torch.get_num_threads())
 
 
-def choose_dtype(device: torch.device, requested: str = "auto") -> tuple[str, str]:
-    """(dtype name, why): bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on mps;
-    on cpu bf16 autocast where AMX/AVX512-BF16 make a measured bf16 matmul clearly faster, else fp32."""
+@functools.cache
+def _cpu_bf16_speedup(threads: int) -> float:
+    fp32, bf16 = _matmul_race([("float32", threads), ("bfloat16", threads)], 512)
+    return max(bf16) / max(fp32)
+
+
+def choose_dtype(device: torch.device, requested: str = "auto", training: bool = False) -> tuple[str, str]:
+    """(dtype name, why): bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on mps; on cpu,
+    for training, bf16 autocast where AMX/AVX512-BF16 make a measured bf16 matmul clearly faster, else fp32
+    (sampling and `ngpt eval` on cpu stay fp32: exact figures, and autocast re-casts every weight per token)."""
     if requested != "auto":
         if requested not in DTYPES:
             raise UsageError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
@@ -83,8 +93,10 @@ def choose_dtype(device: torch.device, requested: str = "auto") -> tuple[str, st
         return "float16", "the GPU lacks bfloat16: float16 with a GradScaler"
     if device.type == "mps":
         return "float32", "mps: float32 (autocast gains little there; --dtype=float16 to try)"
+    if not training:
+        return "float32", "cpu: float32 (--dtype=bfloat16 to use bf16 autocast)"
     if not cpu_has_fast_bf16():
-        return "float32", "cpu without AMX/AVX512-BF16: bf16 would be emulated, slower than float32"
+        return "float32", "cpu without AMX/AVX512-BF16: bf16 matmuls run no faster than float32 there"
     speedup = cpu_bf16_speedup()
     if speedup < CPU_BF16_MIN_SPEEDUP:
         return "float32", f"cpu: a bf16 matmul measured only {speedup:.1f}x float32 here, too little to pay"
@@ -92,8 +104,9 @@ def choose_dtype(device: torch.device, requested: str = "auto") -> tuple[str, st
                         "weights, optimizer and loss stay float32)")
 
 
-# torch.compile on CPU (inductor, C++ kernels) measured ~1.1x per step in float32 and ~1.5x in bf16 on small
-# GPTs, for a compile of ~30 s on an idle 2-core machine (over a minute on a busy one): it pays for long runs only.
+# torch.compile on CPU (inductor, C++ kernels), measured on a 2-core EPYC in bf16: steps 1.2-1.3x faster on the
+# 0.8M recipe and 1.33x on GPT-2 124M, for 30-70 s of compiling (cold cache; more on a busy machine, and more
+# again for the evaluation graph). A 2000-step CPU recipe (~1.5 min) loses; runs of hours win.
 CPU_COMPILE_MIN_SECONDS = 15 * 60
 
 
@@ -120,7 +133,8 @@ def choose_compile(device: torch.device, requested: bool | None,
     if est_run_seconds >= CPU_COMPILE_MIN_SECONDS:
         return True, (f"cpu: a run of about {est_run_seconds / 60:.0f} minutes pays back compiling "
                       "(about a minute, then 10-30% faster steps)")
-    return False, (f"cpu: a run of about {max(1.0, est_run_seconds / 60):.0f} minutes is too short to pay back "
+    length = f"about {est_run_seconds / 60:.0f} minutes" if est_run_seconds >= 90 else "a minute or two"
+    return False, (f"cpu: a run of {length} is too short to pay back "
                    f"compiling (pays from about {minutes} minutes; --compile=True to force)")
 
 
@@ -129,43 +143,141 @@ CPU_FEWER_THREADS_MIN_SPEEDUP = 1.3
 
 
 def choose_threads(device: torch.device) -> tuple[int, str]:
-    """(intra-op threads, why) for training on cpu. torch uses every physical core, which is best on an idle
-    machine; when other processes keep cores busy, its threads wait on each other at every op (measured 2-10x
-    slower matmuls with 2 threads than with 1 on a busy 2-core machine). So fewer threads are timed too and
-    taken when clearly faster. OMP_NUM_THREADS, when set, is obeyed."""
+    """(intra-op threads, why) for training on cpu.
+
+    By default torch's own count, one thread per physical core: best on an idle machine, and fixed, which
+    bit-exact reruns and resumes need (results change in the last bits with the thread count). On a shared
+    machine, NGPT_THREADS=auto adapts instead: with cores kept busy by other processes torch's threads wait
+    on each other at every op (measured: 2 threads 2-15x slower than 1 on a busy 2-core machine), so fewer
+    threads are timed at the start, and again now and then during the run (ThreadTuner), and taken when
+    clearly faster. NGPT_THREADS=N or OMP_NUM_THREADS=N fix the count."""
     current = torch.get_num_threads()
     if device.type != "cpu":
         return current, "not a cpu run"
     if os.environ.get("OMP_NUM_THREADS"):
         return current, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
-    return _measured_threads(current)
+    wanted = os.environ.get("NGPT_THREADS", "").strip().lower()
+    if wanted == "auto":
+        return _measured_threads(default_threads())
+    if wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise UsageError(f"NGPT_THREADS must be auto or a positive number, got {wanted!r}")
+        return int(wanted), "NGPT_THREADS"
+    default = default_threads()
+    return default, (f"{default}, one per core (fixed, for exact reruns; NGPT_THREADS=auto adapts to a busy "
+                     "machine)")
+
+
+def adaptive_threads() -> bool:
+    return os.environ.get("NGPT_THREADS", "").strip().lower() == "auto" and not os.environ.get("OMP_NUM_THREADS")
+
+
+def default_threads() -> int:
+    """torch's thread count before ngpt changed it in this process (its default: one per physical core)."""
+    before, after = _applied_threads
+    current = torch.get_num_threads()
+    return before if current == after else current
+
+
+def thread_tuner(device: torch.device, threads: int, distributed: bool, log=None) -> ThreadTuner:
+    """The tuner of a training run: active on cpu with NGPT_THREADS=auto, except under torchrun (whose
+    processes share the cores by design)."""
+    enabled = device.type == "cpu" and adaptive_threads() and not distributed
+    return ThreadTuner(default_threads(), threads, enabled, log)
 
 
 @functools.cache
 def _measured_threads(default: int) -> tuple[int, str]:
-    candidates, n = [], default
-    while n >= 1:
-        candidates.append(n)
-        n //= 2
+    candidates = thread_candidates(default)
     if len(candidates) == 1:
-        return default, f"{default} thread (one core)"
-    speed = {}
-    try:
-        for n in candidates:
-            torch.set_num_threads(n)
-            speed[n] = _time_matmul("float32", 384, 0.08)
-    finally:
-        torch.set_num_threads(default)
+        return default, "1 (one core)"
+    samples = _matmul_race([("float32", n) for n in candidates], 384, rounds=5)
+    speed = {n: statistics.median(s) for n, s in zip(candidates, samples, strict=True)}  # typical, not lucky
     best = max(speed, key=speed.get)
     if best != default and speed[best] >= CPU_FEWER_THREADS_MIN_SPEEDUP * speed[default]:
-        return best, (f"{best} of {default} threads: a matmul measured {speed[best] / speed[default]:.1f}x faster "
-                      "than on all cores (other processes keep them busy; OMP_NUM_THREADS overrides)")
-    return default, f"{default} threads (one per core)"
+        return best, (f"{best} of {default}: a matmul measured {speed[best] / speed[default]:.1f}x faster on {best} "
+                      f"than on {default} (other processes keep cores busy; NGPT_THREADS=auto)")
+    return default, f"{default}, one per core (measured fastest; NGPT_THREADS=auto)"
 
 
-def apply_threads(n: int) -> None:
-    if n != torch.get_num_threads():
+_applied_threads = (0, 0)  # (torch's count before apply_threads changed it, the count it set)
+
+
+def apply_threads(n: int, default: int | None = None) -> None:
+    """Set torch's thread count to n, remembering the count it had before ngpt chose (or `default`), which
+    the next choice in this process (bench --compare builds several runs) measures from again."""
+    global _applied_threads
+    current = torch.get_num_threads()
+    if default is None:
+        default = _applied_threads[0] if current == _applied_threads[1] else current
+    _applied_threads = (default, n)
+    if n != current:
         torch.set_num_threads(n)
+
+
+def thread_candidates(default: int) -> list[int]:
+    """default, default // 2, ..., 1: the thread counts worth trying."""
+    out = [default]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+class ThreadTuner:
+    """Keeps the intra-op thread count right while a cpu run goes on: the load of a shared machine changes,
+    and with busy cores torch's threads wait on each other at every op (measured on a 2-core machine: the
+    0.8M recipe's step took 1.7 s on 2 threads and 0.21 s on 1 while others' jobs kept both cores busy, and
+    39 ms on 2 threads against 53 ms on 1 once the machine was idle).
+
+    tick() is called at the start of every step and times the steps. Now and then (after 30 steps, then
+    at doubling intervals up to every 1000 steps while nothing changes) a few steps run with a neighbouring
+    count, more or fewer threads in turn; if they are clearly faster (median 15%) that count stays. A trial
+    that is plainly slower ends after two steps, so that a busy machine pays little for asking.
+    """
+
+    WINDOW, TRIAL, FIRST, LONGEST, GAIN = 7, 5, 30, 1000, 0.85
+
+    def __init__(self, default: int, current: int, enabled: bool = True, log=None):
+        self.candidates = thread_candidates(default)
+        self.current = current if current in self.candidates else default
+        self.enabled = enabled and len(self.candidates) > 1
+        self.log = log
+        self.recent: list[float] = []  # step times at the current count
+        self.trial: int | None = None
+        self.trial_times: list[float] = []
+        self.interval, self.next_trial, self.steps, self.last, self.upward = self.FIRST, self.FIRST, 0, None, False
+
+    def tick(self) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.last is not None:
+            (self.recent if self.trial is None else self.trial_times).append(now - self.last)
+            self.recent = self.recent[-self.WINDOW:]
+        self.last, self.steps = now, self.steps + 1
+        if self.trial is not None:
+            base = statistics.median(self.recent)
+            if len(self.trial_times) >= self.TRIAL or (len(self.trial_times) >= 2
+                                                       and min(self.trial_times) > 1.5 * base):
+                self._conclude(base)
+        elif self.steps >= self.next_trial and len(self.recent) >= self.WINDOW:
+            i = self.candidates.index(self.current)
+            up, down = self.candidates[i - 1] if i > 0 else None, self.candidates[i + 1] if i + 1 < len(
+                self.candidates) else None
+            self.upward = not self.upward if up and down else up is not None
+            self.trial, self.trial_times = (up if self.upward else down), []
+            apply_threads(self.trial, self.candidates[0])
+
+    def _conclude(self, base: float) -> None:
+        tried = statistics.median(self.trial_times)
+        if tried <= self.GAIN * base:
+            if self.log:
+                self.log(f"threads: {self.trial} instead of {self.current}, measured {base / tried:.1f}x faster now")
+            self.current, self.recent, self.interval = self.trial, self.trial_times[-self.WINDOW:], self.FIRST
+        else:
+            self.interval = min(2 * self.interval, self.LONGEST)
+        apply_threads(self.current, self.candidates[0])
+        self.trial, self.next_trial = None, self.steps + self.interval
 
 
 def training_attention(device: torch.device, dtype: str):
@@ -192,12 +304,15 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-# Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets.
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s (fp32 accumulate), from the vendors' data sheets.
+# First match wins: more specific names come before the names they contain (H100 NVL before H100, A100 before A10).
 GPU_PEAK_FLOPS = [
     ("H200", 989e12), ("GH200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12),
-    ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 4080", 97e12), ("RTX 3090", 71e12), ("A6000", 155e12),
-    ("V100", 125e12), ("T4", 65e12),
+    ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
+    ("A10G", 70e12), ("A10", 125e12), ("A30", 165e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("RTX 5090", 209e12), ("RTX 4090", 165e12), ("RTX 4080", 97e12), ("RTX 3090", 71e12),
+    ("RTX 6000 Ada", 364e12), ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12),
+    ("MI300X", 1307e12), ("MI250X", 383e12),
 ]
 
 
@@ -219,16 +334,37 @@ def _measured_cpu_peak_flops(dtype: str, size: int, seconds: float, threads: int
     return _time_matmul(dtype, size, seconds)
 
 
-def _time_matmul(dtype: str, size: int, seconds: float) -> float:
+def _square(dtype: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)  # its own generator: measuring must not shift the training RNG
-    a = torch.randn(size, size, dtype=DTYPES[dtype], generator=g)
-    b = torch.randn(size, size, dtype=DTYPES[dtype], generator=g)
+    return (torch.randn(size, size, dtype=DTYPES[dtype], generator=g),
+            torch.randn(size, size, dtype=DTYPES[dtype], generator=g))
+
+
+def _time_matmul(dtype: str, size: int, seconds: float, pair=None) -> float:
+    """FLOP/s of size x size matmuls in dtype, run for about `seconds` (at least 3)."""
+    a, b = pair or _square(dtype, size)
     a @ b  # warm-up
     n, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds or n < 3:
         a @ b
         n += 1
     return 2 * size**3 * n / elapsed
+
+
+def _matmul_race(entries: list[tuple[str, int]], size: int, rounds: int = 4,
+                 seconds: float = 0.02) -> list[list[float]]:
+    """FLOP/s samples of each (dtype, threads) entry, measured in interleaved short bursts (round-robin)."""
+    before = torch.get_num_threads()
+    pairs = {dtype: _square(dtype, size) for dtype, _ in entries}
+    samples: list[list[float]] = [[] for _ in entries]
+    try:
+        for _ in range(rounds):
+            for i, (dtype, threads) in enumerate(entries):
+                torch.set_num_threads(threads)
+                samples[i].append(_time_matmul(dtype, size, seconds, pairs[dtype]))
+    finally:
+        torch.set_num_threads(before)
+    return samples
 
 
 def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
@@ -292,8 +428,16 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: flo
     return env
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(barrier: bool = False) -> None:
+    """Leave the process group. With barrier (the success path), first wait until every rank is done, so no
+    rank tears down while a peer is still in a collective; and collect garbage before, so that no DDP reducer
+    or pending gloo work outlives the group and is freed during interpreter shutdown (which aborts)."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()

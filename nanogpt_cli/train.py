@@ -25,14 +25,18 @@ from nanogpt_cli.config import TrainConfig, from_dict, to_dict, to_toml
 from nanogpt_cli.data import BatchLoader, SyntheticLoader, dataset_path, load_meta
 from nanogpt_cli.device import (
     DistEnv,
+    apply_threads,
     autocast,
     choose_compile,
     choose_dtype,
+    choose_threads,
     cleanup_distributed,
     dist_env_from_environ,
     init_distributed,
     peak_flops,
     resolve_device,
+    thread_tuner,
+    training_attention,
 )
 from nanogpt_cli.distributed import (
     full_model_state_dict,
@@ -111,8 +115,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device, env: DistEnv, finetune: bool = False):
         self.cfg, self.device, self.env, self.finetune = cfg, device, env, finetune
         self.out_dir = Path(cfg.out_dir).expanduser()
-        self.dtype, dtype_why = choose_dtype(device, cfg.dtype)
-        use_compile, compile_why = choose_compile(device, cfg.compile)
+        self.threads, self.threads_why = choose_threads(device)  # before the dtype choice: it measures matmuls
+        apply_threads(self.threads)
+        self.thread_tuner = thread_tuner(device, self.threads, env.is_distributed,
+                                         log=lambda text: console.print(text, style="dim"))
+        self.dtype, self.dtype_why = choose_dtype(device, cfg.dtype, training=True)
         if cfg.gradient_accumulation_steps % env.world_size:
             raise UsageError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "
                              f"by the number of processes ({env.world_size})")
@@ -134,7 +141,8 @@ class Trainer:
         self.raw_model = self.model
         if env.is_distributed and cfg.strategy == "fsdp":
             self.model = wrap_model(self.model, cfg, device, env)  # shard first, then compile
-        if use_compile:
+        self.use_compile, self.compile_why = choose_compile(device, cfg.compile, self.estimated_run_seconds())
+        if self.use_compile:
             self.model = torch.compile(self.model)
         if env.is_distributed and cfg.strategy != "fsdp":
             self.model = wrap_model(self.model, cfg, device, env)  # DDP around the compiled model
@@ -143,14 +151,25 @@ class Trainer:
                                                              (cfg.beta1, cfg.beta2), device.type)
         if resume is not None:
             self.restore(resume)
-        self.peak, peak_why = peak_flops(device, self.dtype)
+        self.peak, self.peak_why = peak_flops(device, self.dtype)
         n_params = self.raw_model.get_num_params()
         console.print(f"[bold]device[/bold] {device} ({env.world_size} process{'es' if env.world_size > 1 else ''})"
-                      f"  [bold]dtype[/bold] {self.dtype}: {dtype_why}  [bold]compile[/bold] {use_compile}: "
-                      f"{compile_why}")
+                      f"  [bold]dtype[/bold] {self.dtype}: {self.dtype_why}  [bold]compile[/bold] {self.use_compile}: "
+                      f"{self.compile_why}"
+                      + (f"  [bold]threads[/bold] {self.threads_why}" if device.type == "cpu" else ""))
         console.print(f"[bold]model[/bold] {n_params / 1e6:.2f}M parameters  [bold]tokens/iter[/bold] "
                       f"{self.tokens_per_iter:,}  [bold]peak[/bold] "
-                      f"{f'{self.peak / 1e12:.2f} TFLOP/s' if self.peak else 'unknown'} ({peak_why})")
+                      f"{f'{self.peak / 1e12:.2f} TFLOP/s' if self.peak else 'unknown'} ({self.peak_why})")
+
+    def estimated_run_seconds(self) -> float | None:
+        """About how long this run takes on cpu, for the compile choice: its training and evaluation FLOPs
+        at a third of the measured matmul peak (what small GPTs reached in eager mode, measured)."""
+        if self.device.type != "cpu" or self.cfg.eval_only:
+            return None
+        cfg, peak = self.cfg, peak_flops(self.device, self.dtype)[0]
+        tokens = cfg.max_iters * self.tokens_per_iter
+        tokens += (cfg.max_iters // cfg.eval_interval + 1) * 2 * cfg.eval_iters * cfg.batch_size * cfg.block_size / 3
+        return tokens * self.raw_model.flops_per_token() / (peak / 3)
 
     # -------------------------------------------------------------- setup steps
     def load_initial(self, cfg: TrainConfig) -> dict | None:
@@ -249,7 +268,7 @@ class Trainer:
     def forward_backward(self, X, Y, last: bool) -> torch.Tensor:
         """One micro-step; gradients sync across ranks only on the last micro-step."""
         with grad_sync(self.model, last or not self.env.is_distributed):
-            with autocast(self.device, self.dtype):
+            with autocast(self.device, self.dtype), training_attention(self.device, self.dtype):
                 _, loss = self.model(X, Y)
                 loss = loss / self.accum_steps  # the mean over the whole accumulated batch
             self.scaler.scale(loss).backward()
@@ -257,6 +276,7 @@ class Trainer:
 
     def train_step(self, lr: float) -> torch.Tensor:
         """One optimizer step over accum_steps micro-batches; returns the summed (mean) loss, unsynced."""
+        self.thread_tuner.tick()  # cpu: times the steps, and now and then tries another thread count
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
@@ -422,13 +442,17 @@ def train(cfg: TrainConfig, finetune: bool = False) -> TrainResult:
     if env.is_main and not cfg.eval_only:
         check_out_dir(Path(cfg.out_dir).expanduser())
     env = init_distributed(device, cfg.backend)
+    done = False
     try:
         trainer = Trainer(cfg, device, env, finetune=finetune)
         if env.is_main and not cfg.eval_only:
             (trainer.out_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-        return trainer.run()
+        result = trainer.run()
+        del trainer  # the DDP/FSDP wrappers go before the process group (see cleanup_distributed)
+        done = True
+        return result
     finally:
-        cleanup_distributed()
+        cleanup_distributed(barrier=done)
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:

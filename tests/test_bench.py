@@ -1,0 +1,128 @@
+"""`ngpt bench`: timing, --json, --profile (a Chrome trace), --compare (ratios), and benchmarks/bench_train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nanogpt_cli.bench import bench, parse_compare
+from nanogpt_cli.cli import app
+from nanogpt_cli.errors import UsageError
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16",
+        "--batch_size=2", "--gradient_accumulation_steps=1", "--vocab_size=128", "--max_iters=10"]
+
+
+def ngpt(*args: str, code: int = 0):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    return result
+
+
+def last_json(text: str):
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_a_short_synthetic_bench(tiny_cfg):
+    cfg = tiny_cfg("--dataset=synthetic", "--vocab_size=128", "--dtype=auto")
+    result = bench(cfg, iters=3, warmup=1)
+    assert result.iters == 3 and result.ms_per_iter > 0 and result.tokens_per_second > 0
+    assert result.tokens_per_iter == 4 * 32 and result.params_millions > 0
+    assert result.device == "cpu" and result.dtype in ("float32", "bfloat16") and result.dtype_why
+    assert result.compile is False and result.compile_why == "asked for"
+    assert result.threads >= 1 and result.threads_why
+    assert result.peak_flops > 0 and "measured" in result.peak_flops_source and 0 < result.mfu < 1
+    assert result.peak_memory_mb > 10 and result.memory_kind == "process peak RSS"
+    assert result.trace is None and result.top_ops == []
+
+
+def test_bench_json_and_text(tmp_path):
+    data = ngpt("bench", *TINY, f"--out_dir={tmp_path}", "--iters", "2", "--warmup", "1", "--json")
+    result = last_json(data.stdout)
+    assert result["iters"] == 2 and result["tokens_per_second"] > 0 and result["dtype_why"]
+    assert {"mfu", "peak_memory_mb", "compile_why", "threads", "peak_flops_source", "warmup_seconds"} <= set(result)
+    text = ngpt("bench", *TINY, f"--out_dir={tmp_path}", "--iters", "2", "--warmup", "0").stdout
+    assert "ms/iter" in text and "tokens/s" in text and "MFU" in text and "peak memory" in text
+    assert "dtype " in text and "compile False: asked for" in text and "threads " in text
+
+
+def test_bench_on_a_prepared_dataset(data_dir, tmp_path):
+    result = last_json(ngpt("bench", "--data", "real", *TINY, "--vocab_size=auto", "--dataset=tiny_char",
+                            f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--iters", "2", "--warmup", "0",
+                            "--json").stdout)
+    assert result["final_loss"] > 0
+
+
+def test_profile_writes_a_chrome_trace_and_prints_the_top_operators(tmp_path):
+    trace = tmp_path / "traces" / "step.json"
+    text = ngpt("bench", *TINY, f"--out_dir={tmp_path}", "--iters", "2", "--warmup", "1", "--profile",
+                "--trace", str(trace)).stdout
+    assert trace.is_file() and trace.stat().st_size > 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("aten::" in str(e.get("name", "")) for e in events)
+    assert "top operators" in text and "aten::" in text and str(trace) in text
+    # the default place is under out_dir; --json carries the trace path and the operators
+    result = last_json(ngpt("bench", *TINY, f"--out_dir={tmp_path / 'out'}", "--iters", "1", "--warmup", "0",
+                            "--profile", "--json").stdout)
+    assert result["trace"] == str(tmp_path / "out" / "bench-trace.json")
+    assert json.loads(Path(result["trace"]).read_text())["traceEvents"]
+    ops = result["top_ops"]
+    assert ops and all(op["self_ms_per_iter"] >= 0 and op["calls_per_iter"] > 0 for op in ops)
+    assert sorted((op["percent"] for op in ops), reverse=True) == [op["percent"] for op in ops]
+
+
+def test_compare_runs_each_value_and_prints_ratios(tmp_path):
+    text = ngpt("bench", *TINY, f"--out_dir={tmp_path}", "--iters", "2", "--warmup", "1",
+                "--compare", "dtype=float32,bfloat16").stdout
+    assert "ratio" in text and "1.00x" in text and "float32" in text and "bfloat16" in text
+    result = last_json(ngpt("bench", *TINY, f"--out_dir={tmp_path}", "--iters", "2", "--warmup", "0",
+                            "--compare", "batch_size=2,4", "--json").stdout)
+    assert result["compare"] == "batch_size"
+    first, second = result["results"]
+    assert first["label"] == "batch_size=2" and second["label"] == "batch_size=4"
+    assert first["ratio"] == 1.0 and second["tokens_per_iter"] == 2 * first["tokens_per_iter"]
+    assert second["ratio"] == pytest.approx(second["tokens_per_second"] / first["tokens_per_second"])
+
+
+def test_compare_with_profile_writes_one_trace_per_configuration(tmp_path):
+    ngpt("bench", *TINY, f"--out_dir={tmp_path}", "--iters", "1", "--warmup", "0", "--compare",
+         "compile=False,False", "--profile", "--trace", str(tmp_path / "t.json"), "--json")
+    assert (tmp_path / "t-compile_False.json").is_file()
+
+
+def test_bad_compare_specs():
+    keys = {"dtype", "compile"}
+    assert parse_compare("dtype=float32,bfloat16", keys) == ("dtype", ["float32", "bfloat16"])
+    assert parse_compare("--compile = False, True", keys) == ("compile", ["False", "True"])
+    for spec in ("dtype", "dtype=float32", "=a,b", "colour=red,blue"):
+        with pytest.raises(UsageError):
+            parse_compare(spec, keys)
+    result = runner.invoke(app, ["bench", *TINY, "--compare", "dtype=float32,float8"])
+    assert result.exit_code == 2 and "dtype" in result.stderr  # every value is validated before any runs
+
+
+@pytest.mark.slow
+def test_bench_train_script_quick_mode_runs(tmp_path):
+    """The benchmark script in --quick mode (tiny configs, a few iterations) so that it cannot rot."""
+    env = {k: v for k, v in os.environ.items() if k != "NGPT_TEST_SHAKESPEARE"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick", "--json",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "wall-time ratio baseline/ngpt " in proc.stdout and "tokens/s ratio ngpt/baseline" in proc.stdout
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["recipe"]["wall_ratio"] > 0 and results["gpt2"]["tokens_ratio"] > 0
+    sides = [r["side"] for r in results["recipe"]["runs"]]
+    assert sides == ["baseline", "ngpt", "ngpt+threads"]
+    baseline, ours, adaptive = results["gpt2"]["runs"]
+    assert baseline["dtype"] == "float32" and baseline["compile"] is False
+    assert "threads OMP_NUM_THREADS=" in baseline["choices"] and "exact reruns" in ours["choices"]
+    assert "measured" in adaptive["choices"] or "one core" in adaptive["choices"]
