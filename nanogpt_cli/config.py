@@ -362,7 +362,10 @@ def to_toml(cfg) -> str:
 
 
 def help_epilog(cls) -> str:
-    """The config keys of `cls`, grouped by panel, for a command's --help."""
+    """The config keys of `cls`, grouped by panel, for a command's --help (escaped: typer renders it as rich
+    markup, which would eat `[wandb]`)."""
+    from rich.markup import escape
+
     hints = _field_types(cls)
     groups: dict[str, list[str]] = {}
     for f in fields(cls):
@@ -370,7 +373,7 @@ def help_epilog(cls) -> str:
         tname = getattr(typ, "__name__", None) or str(typ).replace("NoneType", "auto").replace(" | ", "|")
         default = "auto" if f.default is None else f.default
         groups.setdefault(f.metadata.get("panel", "Options"), []).append(
-            f"  --{f.name} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
+            f"  --{f.name} ({tname}, default {default!r}): {escape(f.metadata.get('help', ''))}")
     parts = ["Config keys (--key=value or --key value; dashes or underscores; --no-FLAG for false):"]
     parts += ["\n".join([f"{panel}:", *rows]) for panel, rows in groups.items()]
     return "\n\n".join(parts)
