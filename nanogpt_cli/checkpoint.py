@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,7 @@ def load_checkpoint(location: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = " ".join(str(e).split())[:200]
-        raise NgptError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {reason})") from None
+        raise NgptError(f"checkpoint {path} is corrupt or not a checkpoint ({_load_failure(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise NgptError(f"{path} is not an ngpt or nanoGPT checkpoint (no 'model' and 'model_args')")
     if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["model"], dict) or not all(
@@ -107,6 +107,19 @@ def load_checkpoint(location: str | os.PathLike) -> dict:
     ckpt["model"] = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()
                      if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     return ckpt
+
+
+def _load_failure(e: Exception) -> str:
+    """Why torch.load refused a file, in a few words. torch's weights_only refusal advises loading
+    with weights_only=False (which would run code from the file): keep only its reason."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", text)
+        reason = match.group(1) if match else "not plain tensors and data"
+        return (f"it holds something other than tensors and plain data: {reason.strip()}; ngpt loads "
+                "checkpoints with weights_only=True and never runs code from them")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text) if "\x1b" in text else text
+    return f"{type(e).__name__}: {' '.join(text.split())[:200]}"
 
 
 def load_state_checked(model: torch.nn.Module, state_dict: dict, source: str) -> None:

@@ -455,7 +455,8 @@ def export(
     console.print(f"wrote {path} (load it with transformers.GPT2LMHeadModel.from_pretrained({str(path)!r}))")
 
 
-presets_app = typer.Typer(help="List the presets, or show one's resolved values.", no_args_is_help=False)
+presets_app = typer.Typer(help="List the presets, or show one's resolved values.\n\nExample: ngpt presets; "
+                               "ngpt presets show shakespeare-char", no_args_is_help=False)
 app.add_typer(presets_app, name="presets")
 
 

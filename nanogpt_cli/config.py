@@ -99,7 +99,8 @@ class TrainConfig:
                      ("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = opt(AUTO, "torch.compile the model (auto: on for cuda)", "System")
     seed: int = opt(1337, "random seed (each process adds its rank)", "System")
-    backend: str = opt("auto", "torch.distributed backend: auto (nccl on cuda, gloo on cpu) | nccl | gloo", "System")
+    backend: str = opt("auto", "torch.distributed backend: auto (nccl on cuda, gloo on cpu) | nccl | gloo", "System",
+                       ("auto", "nccl", "gloo"))
     strategy: str = opt("ddp", "multi-process strategy: ddp, or fsdp to shard parameters and optimizer state",
                         "System", ("ddp", "fsdp"))
 
@@ -121,8 +122,27 @@ class TrainConfig:
             raise UsageError("--beta1 and --beta2 must be in [0, 1)")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise UsageError(f"--vocab_size must be positive, got {self.vocab_size}")
+        if self.backend == "nccl" and self.device == "cpu":
+            raise UsageError("--backend=nccl needs CUDA GPUs; on --device=cpu use gloo (or auto)")
+        validate_text(self, ("out_dir", "init_from", "dataset"))
+        validate_seed(self.seed)
         validate_device_name(self.device)
         return self
+
+
+def validate_text(cfg, names: tuple[str, ...]) -> None:
+    """Keys naming a folder, file or model cannot be empty (`--out_dir=` would otherwise mean the current folder)."""
+    for name in names:
+        if not str(getattr(cfg, name)).strip():
+            raise UsageError(f"--{name} is empty; give a value or leave --{name} out for its default")
+
+
+SEED_LIMIT = 2**62  # torch takes 64-bit seeds; each rank and evaluation adds a little to this one
+
+
+def validate_seed(seed: int) -> None:
+    if not -SEED_LIMIT <= seed <= SEED_LIMIT:
+        raise UsageError(f"--seed must be between -2**62 and 2**62, got {seed}")
 
 
 def validate_device_name(device: str) -> None:
@@ -173,6 +193,8 @@ class SampleConfig:
             raise UsageError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.stop == "":
             raise UsageError("--stop is empty; give the string that ends a sample, or leave --stop out")
+        validate_text(self, ("out_dir", "init_from"))
+        validate_seed(self.seed)
         validate_device_name(self.device)
         return self
 

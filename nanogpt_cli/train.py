@@ -149,6 +149,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=(self.dtype == "float16" and device.type == "cuda"))
         self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                              (cfg.beta1, cfg.beta2), device.type)
+        # cuda: a non-finite step is skipped on the GPU (fused AdamW's found_inf) and reported at the next log
+        # interval, so that no step waits for the GPU; elsewhere it is checked at once (a sync costs nothing there)
+        self.defer_nonfinite = defer_nonfinite_checks(device, self.optimizer, self.scaler.is_enabled(),
+                                                      env.is_distributed and cfg.strategy == "fsdp")
+        self.nonfinite_steps = 0
+        self.pending_nonfinite = torch.zeros((), device=device)
+        self.first_nonfinite = torch.full((), -1.0, device=device)
         if resume is not None:
             self.restore(resume)
         self.peak, self.peak_why = peak_flops(device, self.dtype)
@@ -244,7 +251,9 @@ class Trainer:
         parts = [("optimizer", lambda state: load_optimizer_state(self.raw_model, self.optimizer, state),
                   "optimizer" in resume),
                  ("scaler", self.scaler.load_state_dict, bool(resume.get("scaler"))),
-                 ("rng", ckpt_io.set_rng_state, "rng" in resume),
+                 ("rng", ckpt_io.set_rng_state, "rng" in resume and not self.own_rng(resume)),
+                 # every rank its own generators (dropout), when the run had this many processes
+                 ("rng_ranks", lambda states: ckpt_io.set_rng_state(states[self.env.rank]), self.own_rng(resume)),
                  # all ranks share one batch stream (data.py): its state fits any number of processes
                  ("loader", self.loader.load_state_dict, "loader" in resume)]
         for key, load, present in parts:
@@ -258,6 +267,24 @@ class Trainer:
                                 "resume with the settings it was trained with, or start from its weights with "
                                 f"`ngpt finetune --init_from={where}`") from None
         console.print(f"resuming from iteration {self.iter_num} (best val loss {self.best_val_loss:.4f})")
+
+    def own_rng(self, resume: dict) -> bool:
+        """Whether the checkpoint holds an RNG state for each of this run's processes."""
+        return self.env.is_distributed and len(resume.get("rng_ranks") or []) == self.env.world_size
+
+    def gather_rng_states(self) -> list[dict] | None:
+        """Every rank's RNG state, on every rank (a collective): each rank draws its own dropout masks."""
+        if not self.env.is_distributed:
+            return None
+        import io
+
+        import torch.distributed as dist
+
+        mine = io.BytesIO()  # as bytes: the object collectives cannot carry tensors' storages
+        torch.save(ckpt_io.rng_state(), mine)
+        states = [None] * self.env.world_size
+        dist.all_gather_object(states, mine.getvalue())
+        return [torch.load(buffer, weights_only=True) for buffer in map(io.BytesIO, states)]
 
     # -------------------------------------------------------------- the steps
     def evaluate(self) -> dict:
@@ -283,10 +310,15 @@ class Trainer:
         for micro in range(self.accum_steps):
             X, Y = self.next_batch if micro == 0 else self.loader.get_batch("train")
             total += self.forward_backward(X, Y, last=micro == self.accum_steps - 1)
+        norm = None
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if not self.loss_is_finite(total):
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.defer_nonfinite:
+            return self.step_without_sync(total, norm)
+        if not self.loss_is_finite(total, norm):
+            if self.scaler.is_enabled() and self.cfg.grad_clip <= 0:
+                self.scaler.unscale_(self.optimizer)  # update() needs the inf check that unscale_ records
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
             return total
@@ -295,18 +327,67 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
-    def loss_is_finite(self, total: torch.Tensor) -> bool:
-        """False (step skipped) or an NgptError (on_nonfinite=stop) when the loss or any gradient is NaN/inf:
-        a finite loss with an inf gradient would otherwise turn the weights into NaNs."""
-        finite = torch.isfinite(total).float()
-        grads = local_grads(self.raw_model)  # FSDP: this rank's shards (the all_reduce below covers the rest)
-        if grads:
-            finite = finite * torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().float()
+    def nonfinite_flag(self, total: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
+        """A 0-dim float32 tensor on the device (the shape fused AdamW's found_inf takes), 1.0 when the loss or a gradient is NaN/inf on any rank; no host
+        sync. The clipping norm, when there is one, already covers every gradient (all of them, after DDP's
+        all-reduce)."""
+        bad = ~torch.isfinite(total.float()).reshape(())
+        if self.scaler.is_enabled():
+            pass  # float16: overflowing gradients are the GradScaler's business (it skips the step, lowers the scale)
+        elif norm is not None and not (self.env.is_distributed and self.cfg.strategy == "fsdp"):
+            bad |= ~torch.isfinite(norm.float()).reshape(())
+        else:
+            grads = local_grads(self.raw_model)  # FSDP: this rank's shards (the all_reduce below covers the rest)
+            if grads:
+                bad |= ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        bad = bad.float()
         if self.env.is_distributed:
             import torch.distributed as dist
 
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() == 1.0 or self.scaler.is_enabled():  # fp16 overflow is the scaler's business
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad
+
+    def step_without_sync(self, total: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
+        """The optimizer step on cuda, without waiting for the GPU: the fused AdamW kernel itself skips the
+        update (and its step count) when found_inf is 1, as it does under a GradScaler, and the flag is read
+        with the loss at the next log interval, evaluation or save (check_nonfinite)."""
+        bad = self.nonfinite_flag(total, norm)
+        self.optimizer.found_inf = bad
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_nonfinite += bad
+        self.first_nonfinite = torch.where((self.first_nonfinite < 0) & (bad > 0),
+                                           torch.full_like(bad, self.iter_num), self.first_nonfinite)
+        return total
+
+    def check_nonfinite(self) -> None:
+        """Report the steps step_without_sync skipped since the last check (a host sync): stop or warn."""
+        if not self.defer_nonfinite:
+            return
+        count = int(self.pending_nonfinite.item())
+        if not count:
+            return
+        first = int(self.first_nonfinite.item())
+        self.pending_nonfinite.zero_()
+        self.first_nonfinite.fill_(-1)
+        self.nonfinite_steps += count
+        what = f"the loss or gradients became non-finite at iteration {first}"
+        if self.cfg.on_nonfinite == "stop":
+            ckpt = self.out_dir / ckpt_io.CKPT_NAME
+            kept = (f"the last checkpoint {ckpt} is intact" if ckpt.is_file() else "no checkpoint had been saved yet")
+            raise NgptError(f"{what} ({count} step(s) skipped by iteration {self.iter_num}); stopped ({kept}). "
+                            "Lower --learning_rate, or use --on_nonfinite=skip to skip such steps")
+        console.print(f"[yellow]{what}: {count} step(s) skipped by iteration {self.iter_num}[/yellow]")
+
+    def loss_is_finite(self, total: torch.Tensor, norm: torch.Tensor | None = None) -> bool:
+        """False (step skipped) or an NgptError (on_nonfinite=stop) when the loss or any gradient is NaN/inf:
+        a finite loss with an inf gradient would otherwise turn the weights into NaNs. With a GradScaler
+        (float16) overflowing gradients are the scaler's business (it skips the step and lowers the scale),
+        but a non-finite loss is not an overflow: it is caught here all the same."""
+        if self.nonfinite_flag(total, norm).item() == 0.0:
             return True
         self.nonfinite_steps += 1
         what = f"the loss became {total.item()}" if not torch.isfinite(total) else "the gradients became non-finite"
@@ -334,7 +415,8 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "config": to_dict(self.cfg),
             "meta": self.meta,
-            "rng": ckpt_io.rng_state(),
+            "rng": ckpt_io.rng_state(),  # this rank's (rank 0's in the file): what one process resumes with
+            "rng_ranks": self.gather_rng_states(),  # several processes: each rank's, in rank order
             "loader": self.loader_state,
             "world_size": self.env.world_size,
             "wandb_run_id": self.wandb_run_id,
@@ -362,6 +444,7 @@ class Trainer:
                 lr = lr_at(self.iter_num, cfg)
                 already_evaluated = self.iter_num == self.evaluated_iter  # a checkpoint saved after this eval
                 if (self.iter_num % cfg.eval_interval == 0 and not already_evaluated) or cfg.eval_only:
+                    self.check_nonfinite()  # before a checkpoint can be written
                     losses = self.evaluate()
                     self.evaluated_iter = self.iter_num
                     result.last_eval = losses
@@ -378,6 +461,7 @@ class Trainer:
                 iters_since_log += 1
                 self.iter_num += 1
                 if self.iter_num % cfg.log_interval == 0 or self.iter_num > cfg.max_iters:
+                    self.check_nonfinite()
                     lossf = mean_across_ranks(loss, env)  # the only host sync of the step, once per log interval
                     now = time.perf_counter()
                     ms_per_iter = 1000 * (now - t_log) / iters_since_log
@@ -391,6 +475,7 @@ class Trainer:
                     break
                 self.fetch_first_batch()
                 if self.stop_requested(stop):
+                    self.check_nonfinite()
                     self.save()
                     result.stopped_by = stop.signal_name
                     break
@@ -403,6 +488,8 @@ class Trainer:
     def stop_requested(self, stop: StopRequest) -> bool:
         """Every rank stops at the same step when any rank got a signal."""
         flag = stop.signal_name is not None
+        if self.env.is_distributed and self.device.type == "cuda" and self.iter_num % self.cfg.log_interval:
+            return False  # all ranks agree at log intervals only: the agreement is a host sync, costly on GPUs
         if self.env.is_distributed:
             import torch.distributed as dist
 
@@ -414,13 +501,25 @@ class Trainer:
         return flag
 
 
+def defer_nonfinite_checks(device: torch.device, optimizer, scaler_enabled: bool, fsdp: bool) -> bool:
+    """Whether non-finite steps are skipped on the device and reported later (cuda with fused AdamW, no
+    GradScaler, no FSDP's sharded gradients) instead of checked at every step with a host sync."""
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    return device.type == "cuda" and fused and not scaler_enabled and not fsdp
+
+
 def check_out_dir(out_dir: Path) -> None:
-    """Fail before training, not at the first checkpoint, when out_dir cannot be written."""
+    """Fail before training, not at the first checkpoint, when out_dir cannot be written.
+
+    Leaves the disk as it found it: the probe file and the folders made for it are removed again,
+    so a run refused later (a missing dataset, a checkpoint that does not fit) changes nothing."""
+    created = []  # the folders this check makes, deepest first
     for parent in (out_dir, *out_dir.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise NgptError(f"cannot use out_dir {out_dir}: {parent} is a file, not a folder")
             break
+        created.append(parent)
     probe = out_dir / f".write-test-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -433,6 +532,9 @@ def check_out_dir(out_dir: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def train(cfg: TrainConfig, finetune: bool = False) -> TrainResult:
@@ -445,7 +547,8 @@ def train(cfg: TrainConfig, finetune: bool = False) -> TrainResult:
     done = False
     try:
         trainer = Trainer(cfg, device, env, finetune=finetune)
-        if env.is_main and not cfg.eval_only:
+        if env.is_main and not cfg.eval_only:  # the first write: nothing on disk changes until the setup worked
+            trainer.out_dir.mkdir(parents=True, exist_ok=True)
             (trainer.out_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
         result = trainer.run()
         del trainer  # the DDP/FSDP wrappers go before the process group (see cleanup_distributed)

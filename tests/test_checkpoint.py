@@ -177,9 +177,7 @@ def test_full_disk_is_found_before_training(tmp_path, data_dir, monkeypatch):
     result = runner.invoke(app, ["train", *cli_args(tmp_path, data_dir)])
     assert result.exit_code == 1
     assert one_error_line(result).endswith("No space left on device")
-    out = tmp_path / "out"
-    assert not (out / "metrics.jsonl").exists() and not (out / "ckpt.pt").exists()
-    assert [p.name for p in out.iterdir()] == []  # the probe file is gone too
+    assert not (tmp_path / "out").exists()  # the probe file is gone, and the folder made for it too
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes through chmod 0500")
@@ -222,7 +220,11 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
     with pytest.raises(NgptError, match="is corrupt or not a checkpoint"):
         load_checkpoint(tmp_path)
     result = runner.invoke(app, ["sample", f"--out_dir={tmp_path}", "--device=cpu"])
-    assert result.exit_code == 1 and "is corrupt or not a checkpoint" in one_error_line(result)
+    line = one_error_line(result)
+    assert result.exit_code == 1 and "is corrupt or not a checkpoint" in line
+    # the reason, without torch's advice to load it with weights_only=False (which would run the code)
+    assert "Unsupported global" in line and "never runs code" in line, line
+    assert "weights_only` set to `False" not in line and "\x1b" not in line, line
     assert not exploit.marker.exists()
 
 

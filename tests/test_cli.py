@@ -33,6 +33,13 @@ def test_version_and_help():
         out = ngpt(command, "--help").stdout
         assert "Usage" in out
     assert "Example" in ngpt("train", "--help").stdout and "--n_layer" in ngpt("train", "--help").stdout
+    import typer.main
+
+    group = typer.main.get_command(app)
+    leaves = [[name] for name, c in group.commands.items() if not hasattr(c, "commands")]
+    leaves += [[name, sub] for name, c in group.commands.items() for sub in getattr(c, "commands", {})]
+    for command in [*leaves, ["presets"]]:  # every command's help shows an example
+        assert "Example" in ngpt(*command, "--help").stdout, command
 
 
 def test_prepare_train_resume_sample_eval_export(tmp_path, monkeypatch):

@@ -54,6 +54,12 @@ def test_unknown_key_suggests_the_closest():
     (["--learning_rate"], "needs a value"),
     (["positional"], "unexpected argument"),
     (["--no-n_layer"], "only applies"),
+    (["--out_dir="], "--out_dir is empty"),
+    (["--dataset", " "], "--dataset is empty"),
+    (["--init_from="], "--init_from is empty"),
+    (["--seed=99999999999999999999999"], "--seed must be between"),
+    (["--backend=mpi"], "--backend must be one of"),
+    (["--backend=nccl", "--device=cpu"], "needs CUDA GPUs"),
 ])
 def test_bad_values_are_usage_errors(args, message):
     with pytest.raises(UsageError, match=message):
@@ -103,7 +109,8 @@ def test_toml_round_trip(tmp_path):
 
 def test_sample_config_validation():
     assert build(SampleConfig, None, ["--top_p=0.9"]).top_p == 0.9
-    for args in (["--top_p=0"], ["--top_p=1.5"], ["--temperature=-1"], ["--max_new_tokens=0"]):
+    for args in (["--top_p=0"], ["--top_p=1.5"], ["--temperature=-1"], ["--max_new_tokens=0"], ["--out_dir="],
+                 ["--init_from="], ["--seed=-99999999999999999999"]):
         with pytest.raises(UsageError):
             build(SampleConfig, None, args)
 

@@ -212,6 +212,24 @@ def test_fsdp_matches_and_its_checkpoint_resumes_in_one_process(setup):
 
 
 @pytest.mark.slow
+def test_ddp_resume_is_exact_with_dropout(setup):
+    """Each rank's RNG state (its dropout masks) is in the checkpoint: 2 processes x 3 iterations, stop,
+    resume to 6 give the losses of 6 in one go, bit for bit."""
+    root, args, _ = setup
+    full, half = root / "ddp-dropout-full", root / "ddp-dropout-half"
+    for extra in ([f"--out_dir={full}"], [f"--out_dir={half}", "--max_iters=3"],
+                  [f"--out_dir={half}", "--init_from=resume"]):
+        proc = run([sys.executable, "-m", "nanogpt_cli", "train", "--nproc-per-node", "2", *args, "--dropout=0.2",
+                    *extra])
+        assert proc.returncode == 0, show(proc)
+    assert "resuming from iteration 3" in proc.stderr
+    assert sorted(losses(full)) == list(range(7))
+    assert losses(half) == losses(full)
+    rngs = load_checkpoint(half)["rng_ranks"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # one state per rank
+
+
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_under_fsdp(setup):
     root, args, ref = setup
     out = root / "single-then-fsdp"

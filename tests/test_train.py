@@ -8,6 +8,7 @@ import torch
 
 from nanogpt_cli.checkpoint import load_checkpoint
 from nanogpt_cli.config import TrainConfig, build
+from nanogpt_cli.device import DistEnv
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.metrics import read_jsonl
 from nanogpt_cli.train import lr_at, train
@@ -72,6 +73,28 @@ def test_block_size_larger_than_checkpoint_is_refused(tiny_cfg):
         train(tiny_cfg("--init_from=resume", "--block_size=64"))
 
 
+def snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_run_changes_nothing_on_disk(tiny_cfg, tmp_path):
+    """Refusals found while setting up (after the out_dir check) leave no folder or file behind."""
+    fresh = tmp_path / "new" / "nested" / "out"
+    with pytest.raises(NgptError, match="ngpt prepare"):
+        train(tiny_cfg(f"--out_dir={fresh}", "--dataset=not_prepared"))
+    assert not (tmp_path / "new").exists()
+    train(tiny_cfg("--max_iters=3"))
+    before = snapshot(tmp_path)
+    with pytest.raises(UsageError, match="larger than the model's"):
+        train(tiny_cfg("--init_from=resume", "--block_size=64"))
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(NgptError, match="is corrupt"):
+        train(tiny_cfg(f"--init_from={tmp_path / 'corrupt'}", f"--out_dir={fresh}"), finetune=True)
+    assert snapshot(tmp_path) == {**before, tmp_path / "corrupt" / "ckpt.pt": b"not a checkpoint"}
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_without_checkpoint(tiny_cfg):
     with pytest.raises(NgptError, match="no checkpoint"):
         train(tiny_cfg("--init_from=resume"))
@@ -94,6 +117,83 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tiny_cfg, tmp_path, monkeypat
 def test_nonfinite_steps_can_be_skipped(tiny_cfg, tmp_path, monkeypatch):
     poison_loss_from(monkeypatch, 2)
     result = train(tiny_cfg("--on_nonfinite=skip"))
+    assert result.iter_num == 7
+    weights = load_checkpoint(tmp_path / "out")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.fixture
+def deferred_checks(monkeypatch):
+    """The cuda path: non-finite steps skipped by the fused AdamW kernel (found_inf), read at log intervals.
+    torch's fused AdamW honours found_inf on the CPU too, so the path runs here."""
+    import nanogpt_cli.train as train_module
+
+    monkeypatch.setattr(train_module, "defer_nonfinite_checks", lambda *args: True)
+
+
+def test_deferred_nonfinite_check_stops_at_the_log_interval(tiny_cfg, tmp_path, monkeypatch, deferred_checks):
+    train(tiny_cfg("--max_iters=3"))
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    poison_loss_from(monkeypatch, 2)  # the resumed run's second step: iteration 4
+    with pytest.raises(NgptError, match=r"non-finite at iteration 4 \(2 step\(s\) skipped by iteration 6\)"):
+        train(tiny_cfg("--init_from=resume", "--log_interval=3"))
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_deferred_nonfinite_steps_leave_the_weights_alone(tiny_cfg, tmp_path, monkeypatch, deferred_checks):
+    """A skipped step changes neither the weights nor AdamW's state or step count."""
+    from nanogpt_cli.train import Trainer
+
+    poisoned: list[int] = []
+
+    def once(loss):  # the second training forward only
+        poisoned.append(1)
+        return loss * float("nan") if len(poisoned) == 1 else loss
+
+    poison_training_from(monkeypatch, 2, once)
+    trainer = Trainer(tiny_cfg(), torch.device("cpu"), DistEnv())
+    assert trainer.defer_nonfinite
+    trainer.fetch_first_batch()
+    trainer.train_step(1e-3)  # a good step: AdamW state exists
+    weights = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    steps = [s["step"].clone() for s in trainer.optimizer.state.values()]
+    trainer.fetch_first_batch()
+    trainer.train_step(1e-3)  # poisoned: skipped on the "device"
+    assert all(torch.equal(weights[k], v) for k, v in trainer.raw_model.state_dict().items())
+    assert [s["step"] for s in trainer.optimizer.state.values()] == steps
+    assert trainer.pending_nonfinite.item() == 1
+    trainer.fetch_first_batch()
+    trainer.train_step(1e-3)  # good again: the weights move
+    assert not all(torch.equal(weights[k], v) for k, v in trainer.raw_model.state_dict().items())
+    trainer.cfg.on_nonfinite = "skip"
+    trainer.check_nonfinite()
+    assert trainer.nonfinite_steps == 1 and trainer.pending_nonfinite.item() == 0
+
+
+@pytest.fixture
+def loss_scaling(monkeypatch):
+    """A GradScaler that is on, as float16 on CUDA has it (torch's GradScaler works on the CPU too)."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled=True: real(device, enabled=True))
+
+
+def test_nonfinite_loss_is_caught_with_loss_scaling_too(tiny_cfg, tmp_path, monkeypatch, loss_scaling):
+    """Overflowing float16 gradients are the GradScaler's to skip, but a NaN loss is divergence: it stops the run."""
+    train(tiny_cfg("--max_iters=3"))
+    ckpt = load_checkpoint(tmp_path / "out")
+    assert ckpt["scaler"]["scale"] > 0  # the scaler was on, and its state is in the checkpoint
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    poison_loss_from(monkeypatch, 2)
+    with pytest.raises(NgptError, match="loss became nan"):
+        train(tiny_cfg("--init_from=resume"))
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("grad_clip", ["1.0", "0"])
+def test_nonfinite_steps_can_be_skipped_with_loss_scaling(tiny_cfg, tmp_path, monkeypatch, loss_scaling, grad_clip):
+    """Skipping works with a GradScaler, with and without clipping (which unscales the gradients first)."""
+    poison_loss_from(monkeypatch, 2)
+    result = train(tiny_cfg("--on_nonfinite=skip", f"--grad_clip={grad_clip}"))
     assert result.iter_num == 7
     weights = load_checkpoint(tmp_path / "out")["model"]
     assert all(torch.isfinite(w).all() for w in weights.values())
