@@ -328,9 +328,9 @@ class Trainer:
         return total
 
     def nonfinite_flag(self, total: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
-        """A 0-dim float32 tensor on the device (the shape fused AdamW's found_inf takes), 1.0 when the loss or a gradient is NaN/inf on any rank; no host
-        sync. The clipping norm, when there is one, already covers every gradient (all of them, after DDP's
-        all-reduce)."""
+        """A 0-dim float32 tensor on the device (the shape fused AdamW's found_inf takes), 1.0 when the loss
+        or a gradient is NaN/inf on any rank; no host sync. The clipping norm, when there is one, already
+        covers every gradient (all of them, after DDP's all-reduce)."""
         bad = ~torch.isfinite(total.float()).reshape(())
         if self.scaler.is_enabled():
             pass  # float16: overflowing gradients are the GradScaler's business (it skips the step, lowers the scale)
