@@ -68,6 +68,28 @@ def _no_progress_bars(transformers, quiet: bool = True):
             tlog.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Keep huggingface_hub's and transformers' warnings out of ngpt's output (shown with --verbose):
+    without a network the hub logs a line per failed request and per retry ("Retrying in 1s [Retry 1/5]"),
+    a dozen lines before ngpt's one-line error; transformers logs a load report whose problems
+    `_load_hf_gpt2` turns into one error itself."""
+    import logging
+
+    from nanogpt_cli.progress import is_verbose
+
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "transformers")]
+    levels = [lg.level for lg in loggers]
+    if not is_verbose():
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _known_names() -> str:
     return ", ".join(PRETRAINED)
 
@@ -210,6 +232,11 @@ def load_hf_gpt2(name_or_path: str, dropout: float | None = None) -> tuple[GPT, 
     """
     source, folder = _resolve_source(name_or_path)
     transformers = _import_transformers()
+    with _quiet_libraries():
+        return _load_hf_gpt2(name_or_path, source, folder, transformers, dropout)
+
+
+def _load_hf_gpt2(name_or_path: str, source: str, folder: Path | None, transformers, dropout: float | None):
     try:
         hf_config = transformers.AutoConfig.from_pretrained(source)
     except OSError as e:
@@ -223,7 +250,9 @@ def load_hf_gpt2(name_or_path: str, dropout: float | None = None) -> tuple[GPT, 
     _check_gpt2_config(hf_config, name_or_path)
     try:
         with _no_progress_bars(transformers, quiet=folder is not None):
-            hf_model = transformers.GPT2LMHeadModel.from_pretrained(source, config=hf_config)
+            # shape mismatches come back in `info` (not as transformers' RuntimeError after a long report)
+            hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(
+                source, config=hf_config, output_loading_info=True, ignore_mismatched_sizes=True)
     except OSError as e:
         if folder is not None:
             raise NgptError(f"could not load the weights in {name_or_path}: {' '.join(str(e).split())[:300]}") from None
@@ -231,7 +260,20 @@ def load_hf_gpt2(name_or_path: str, dropout: float | None = None) -> tuple[GPT, 
     except Exception as e:
         if folder is None and type(e).__module__.split(".")[0] in ("requests", "httpx", "urllib3", "huggingface_hub"):
             raise _hub_error(name_or_path, e) from None
+        if folder is not None:  # e.g. a truncated model.safetensors
+            reason = " ".join(str(e).split())[:300]
+            raise NgptError(f"could not load the weights in {name_or_path}: {type(e).__name__}: {reason}") from None
         raise
+    # transformers fills missing or misshapen weights with random values and only logs it: refuse them
+    mismatched = [f"{k} {tuple(a)} (config.json wants {tuple(b)})" for k, a, b in info.get("mismatched_keys") or []]
+    if mismatched:
+        raise NgptError(f"{name_or_path}: weights do not fit its config.json: {'; '.join(mismatched[:3])}"
+                        f"{' ...' if len(mismatched) > 3 else ''}")
+    missing = sorted(k for k in info.get("missing_keys") or []
+                     if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias")))
+    if missing:
+        raise NgptError(f"{name_or_path} lacks weights ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''});"
+                        " is it a complete GPT2LMHeadModel?")
     hf_sd = hf_model.state_dict()
     vocab_size, n_embd = hf_sd["transformer.wte.weight"].shape
     if not torch.equal(hf_sd["lm_head.weight"], hf_sd["transformer.wte.weight"]):

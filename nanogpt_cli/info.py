@@ -100,9 +100,13 @@ def device_report(measure: bool = True) -> dict:
     from nanogpt_cli.device import choose_compile, choose_dtype, cpu_has_fast_bf16, peak_flops, resolve_device
 
     device = resolve_device("auto")
+    # training and inference may differ: on cpu, train/finetune use bf16 autocast where measured to pay,
+    # sample and eval stay float32
+    train_dtype, train_dtype_why = choose_dtype(device, "auto", training=True)
     dtype, dtype_why = choose_dtype(device, "auto")
     use_compile, compile_why = choose_compile(device, None)
-    report = {"device": str(device), "dtype": dtype, "dtype_why": dtype_why, "compile": use_compile,
+    report = {"device": str(device), "dtype": train_dtype, "dtype_why": train_dtype_why,
+              "dtype_inference": dtype, "dtype_inference_why": dtype_why, "compile": use_compile,
               "compile_why": compile_why}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -174,7 +178,9 @@ def report_rows(report: dict) -> list[tuple[str, str]]:
          + (f", {dev['memory_gb']} GiB, sm {dev['capability']}, {dev['count']} GPU(s)" if "memory_gb" in dev else "")),
         ("peak FLOP/s", f"{_flops(peak)} ({dev['peak_flops_source']})"
          + (f"; bfloat16 {_flops(dev['peak_flops_bf16'])}" if dev.get("peak_flops_bf16") else "")),
-        ("dtype ngpt picks", f"{dev['dtype']} ({dev['dtype_why']})"),
+        ("dtype ngpt picks", f"train/finetune {dev['dtype']} ({dev['dtype_why']}); sample/eval "
+                             f"{dev['dtype_inference']}" + ("" if dev["dtype_inference"] == dev["dtype"]
+                                                            else f" ({dev['dtype_inference_why']})")),
         ("compile ngpt picks", f"{dev['compile']} ({dev['compile_why']})"),
         ("torch.compile usable", f"{_yes(comp['usable'])}: {comp['why']}"
                                  + (f" (compiler {comp['c_compiler']})" if comp["c_compiler"] else "")),

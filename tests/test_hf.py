@@ -412,3 +412,74 @@ def test_checkpoint_errors(tmp_path):
         pickle.dump({"vocab_size": 3, "stoi": {}}, f)
     with pytest.raises(NgptError, match="itos"):
         hf.read_nanogpt_meta_pkl(tmp_path / "meta.pkl")
+
+
+def test_no_network_is_one_line_without_the_hubs_retry_warnings(monkeypatch, caplog):
+    """A real failed hub download (a refused connection, retries made instant): huggingface_hub's
+    per-retry warnings stay hidden (shown with --verbose) and ngpt's one line says how to pass a local folder."""
+    import logging
+    import time
+
+    import huggingface_hub.constants as hub_constants
+
+    from nanogpt_cli.progress import configure
+
+    endpoint = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+
+    def hub_warnings():
+        return [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]
+
+    caplog.set_level(logging.DEBUG)
+    configure()
+    try:
+        with pytest.raises(NgptError) as e:
+            hf.load_hf_gpt2("someone/some-gpt2")
+        message = str(e.value)
+        assert "could not be reached" in message and "--init_from=" in message and "\n" not in message
+        assert hub_warnings() == []
+        assert hub_logger.level == level  # restored
+
+        configure(verbose=True)
+        with pytest.raises(NgptError):
+            hf.load_hf_gpt2("someone/some-gpt2")
+        assert any("Retry" in m for m in hub_warnings())  # the hub really retried: the test did reach it
+    finally:
+        configure()
+
+
+def test_incomplete_or_misshapen_weights_are_refused_not_randomly_filled(tmp_path, capfd):
+    """transformers fills missing weights, and weights of the wrong shape, with random values and
+    only logs it: ngpt refuses such folders with one line, and the load report stays out of the output."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = make_hf_folder(tmp_path / "partial", n_layer=2)
+    weights = load_file(folder / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    capfd.readouterr()
+    with pytest.raises(NgptError, match=r"lacks weights \(transformer\.h\.1\.mlp\.c_fc\.weight\)"):
+        hf.load_hf_gpt2(str(folder))
+    assert "LOAD REPORT" not in capfd.readouterr().err
+
+    folder, _ = make_hf_folder(tmp_path / "mismatch")
+    config = json.loads((folder / "config.json").read_text())
+    config["n_positions"] = 32  # the saved wpe has 16 rows
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NgptError, match=r"transformer\.wpe\.weight \(16, 8\) \(config\.json wants \(32, 8\)\)"):
+        hf.load_hf_gpt2(str(folder))
+    assert "LOAD REPORT" not in capfd.readouterr().err
+
+    folder, _ = make_hf_folder(tmp_path / "truncated")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(NgptError, match="could not load the weights in") as e:
+        hf.load_hf_gpt2(str(folder))
+    assert "\n" not in str(e.value)

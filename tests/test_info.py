@@ -22,7 +22,10 @@ def test_report_is_a_plain_json_serialisable_dict():
     assert {"python", "platform", "cuda", "cudnn", "device", "compile", "cpu", "threads", "packages"} <= set(report)
     device = resolve_device("auto")
     assert report["device"]["device"] == str(device)
-    assert (report["device"]["dtype"], report["device"]["dtype_why"]) == choose_dtype(device, "auto")
+    # the precision `ngpt train` uses (on cpu it may be bf16, measured), and the one sample and eval use
+    assert (report["device"]["dtype"], report["device"]["dtype_why"]) == choose_dtype(device, "auto", training=True)
+    assert (report["device"]["dtype_inference"], report["device"]["dtype_inference_why"]) == choose_dtype(device,
+                                                                                                          "auto")
     assert (report["device"]["compile"], report["device"]["compile_why"]) == choose_compile(device, None)
     assert report["threads"]["torch"] == torch.get_num_threads()
     labels = [label for label, _ in report_rows(report)]

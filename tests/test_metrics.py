@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tomllib
 import types
@@ -135,7 +136,9 @@ def test_wandb_offline_run_lives_in_out_dir_and_resume_continues_it(tiny_cfg, wa
 
     train(tiny_cfg("--wandb_log=True", "--init_from=resume", "--max_iters=9", "--lr_decay_iters=9"))
     folders = sorted(out.glob("wandb/offline-run-*"))
-    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)  # the same wandb run
+    # the same wandb run: offline-run-<date>_<time>-<id>, with "-1" appended when it starts in the same second
+    assert len(folders) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", f.name)
+                                     for f in folders), folders
     assert torch.load(out / "ckpt.pt", weights_only=False)["wandb_run_id"] == run_id
     iters = [r["iter"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert iters == list(range(10))
