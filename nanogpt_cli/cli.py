@@ -52,12 +52,6 @@ def config_args(ctx: typer.Context) -> list[str]:
     return [a for a in ctx.args if a != "--debug"]
 
 
-def show_config(cfg) -> None:
-    """The resolved config, compactly, at the start of a run."""
-    pairs = [f"{k}={'auto' if v is None else v}" for k, v in to_dict(cfg).items()]
-    console.print("[bold]config[/bold] " + "  ".join(pairs), style="dim")
-
-
 def version_callback(value: bool) -> None:
     if value:
         echo(f"ngpt {__version__}\n")
@@ -173,7 +167,6 @@ def train(
 
     _launch_if_asked(ctx, "train", preset, nproc_per_node, nnodes, node_rank, master_addr, master_port)
     cfg = build(TrainConfig, preset, config_args(ctx))
-    show_config(cfg)
     _finish_training(run_training(cfg), "train")
 
 
@@ -199,7 +192,6 @@ def finetune(
     if cfg.init_from == "scratch":
         raise UsageError("finetune starts from weights: set --init_from to gpt2*, a Hugging Face folder or an "
                          "ngpt checkpoint (or use `ngpt train` to start from scratch)")
-    show_config(cfg)
     _finish_training(run_training(cfg, finetune=True), "finetune")
 
 
@@ -450,7 +442,13 @@ def export(
     target = Path(dest).expanduser()
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not force)):
         raise UsageError(f"{dest} exists and is not an empty folder; choose another DEST or add --force")
-    model, meta, _ = load_model(out_dir, out_dir)
+    try:
+        model, meta, _ = load_model(out_dir, out_dir)
+    except UsageError as e:  # its message names --init_from, the training key; here the source is an argument
+        if not str(e).startswith("unknown init_from"):
+            raise
+        raise UsageError(f"cannot export {out_dir!r}: not an ngpt out_dir or checkpoint file, gpt2*, or a Hugging "
+                         "Face folder or hub id") from None
     path = export_hf(model, target, meta)
     console.print(f"wrote {path} (load it with transformers.GPT2LMHeadModel.from_pretrained({str(path)!r}))")
 

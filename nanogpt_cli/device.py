@@ -377,7 +377,8 @@ def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
         return flops, (f"{name} data sheet" if flops else f"{name}: unknown GPU")
     if device.type == "cpu":
         kind = "bfloat16" if dtype == "bfloat16" else "float32"
-        return measured_cpu_peak_flops(kind), f"measured {kind} matmul on {torch.get_num_threads()} threads"
+        return measured_cpu_peak_flops(kind), (f"measured {kind} matmul on {torch.get_num_threads()} "
+                                                     f"thread{'s' if torch.get_num_threads() > 1 else ''}")
     return None, "unknown for mps"
 
 

@@ -114,6 +114,7 @@ class StopRequest:
 class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device, env: DistEnv, finetune: bool = False):
         self.cfg, self.device, self.env, self.finetune = cfg, device, env, finetune
+        self.notes: list[str] = []  # warnings from the setup, shown once it has worked
         self.out_dir = Path(cfg.out_dir).expanduser()
         self.threads, self.threads_why = choose_threads(device)  # before the dtype choice: it measures matmuls
         apply_threads(self.threads)
@@ -160,6 +161,9 @@ class Trainer:
             self.restore(resume)
         self.peak, self.peak_why = peak_flops(device, self.dtype)
         n_params = self.raw_model.get_num_params()
+        show_config(cfg)  # once the setup worked: a refused run prints only its error line
+        for note in self.notes:
+            console.print(note)
         console.print(f"[bold]device[/bold] {device} ({env.world_size} process{'es' if env.world_size > 1 else ''})"
                       f"  [bold]dtype[/bold] {self.dtype}: {self.dtype_why}  [bold]compile[/bold] {self.use_compile}: "
                       f"{self.compile_why}"
@@ -194,7 +198,7 @@ class Trainer:
             for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_size"):  # the shape is the checkpoint's
                 setattr(cfg, key, resume["model_args"].get(key, getattr(cfg, key)))
             if saved.dataset != cfg.dataset:
-                console.print(f"[yellow]resuming a run trained on {saved.dataset!r} with {cfg.dataset!r}[/yellow]")
+                self.notes.append(f"[yellow]resuming a run trained on {saved.dataset!r} with {cfg.dataset!r}[/yellow]")
             self.model = ckpt_io.model_from_checkpoint(resume, str(ckpt_io.checkpoint_file(self.out_dir)), cfg.dropout)
             self.meta = ckpt_io.checkpoint_meta(resume, self.out_dir)
             self.check_block_size()
@@ -499,6 +503,12 @@ class Trainer:
             if flag and stop.signal_name is None:
                 stop.signal_name = "SIGTERM"
         return flag
+
+
+def show_config(cfg: TrainConfig) -> None:
+    """The resolved config, compactly, at the start of a run."""
+    pairs = [f"{k}={'auto' if v is None else v}" for k, v in to_dict(cfg).items()]
+    console.print("[bold]config[/bold] " + "  ".join(pairs), style="dim")
 
 
 def defer_nonfinite_checks(device: torch.device, optimizer, scaler_enabled: bool, fsdp: bool) -> bool:

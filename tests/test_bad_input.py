@@ -165,6 +165,7 @@ CASES = [
     # ------------------------------------------------------------------ export
     ("export-no-ckpt", ["export", "{root}/no_ckpt", "{root}/hf_{n}"], 1, "no checkpoint"),
     ("export-corrupt", ["export", "{root}/corrupt", "{root}/hf_{n}"], 1, "is corrupt"),
+    ("export-unknown-source", ["export", "{root}/nothing_here", "{root}/hf_{n}"], 2, "cannot export"),
     ("export-format", ["export", "{run}", "{root}/hf_{n}", "--to", "onnx"], 2, "unknown export format"),
     ("export-dest-is-file", ["export", "{run}", "{file}"], 2, "exists and is not an empty folder"),
     # ------------------------------------------------------------------ prepare / data
@@ -205,13 +206,13 @@ def fill(args: list[str], w: dict, n: int) -> list[str]:
 
 
 def check_one_error_line(result, code: int, message: str, args) -> str:
-    """Exit `code`, one `error:` line, the last thing on stderr, and no traceback."""
+    """Exit `code`, one `error:` line and nothing else on stderr, and no traceback."""
     what = (args, result.exit_code, result.stdout[-2000:], result.stderr[-2000:], repr(result.exception))
     assert result.exit_code == code, what
     assert isinstance(result.exception, SystemExit), what  # handled, not a crash the runner caught
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, what
-    assert result.stderr.rstrip("\n").splitlines()[-1] == errors[0], what
+    assert result.stderr.strip().splitlines() == errors, what  # nothing else: no config line, no warnings
     assert message in errors[0], what
     assert "Traceback" not in result.stdout + result.stderr, what
     return errors[0]
