@@ -144,6 +144,8 @@ def load_state_checked(model: torch.nn.Module, state_dict: dict, source: str) ->
 def model_from_checkpoint(ckpt: dict, source: str, dropout: float | None = None) -> GPT:
     known = GPTConfig.__dataclass_fields__
     args = {k: v for k, v in ckpt["model_args"].items() if k in known}
+    # Saved without it: nanoGPT's own checkpoints (no "format") used the exact GELU; ngpt's earliest, GPT-2's.
+    args.setdefault("activation", "gelu_new" if "format" in ckpt else "gelu")
     if dropout is not None:
         args["dropout"] = dropout
     try:

@@ -118,6 +118,10 @@ def _read_json(path: Path) -> dict:
         raise NgptError(f"could not read {path}: {type(e).__name__}: {e}") from None
 
 
+# transformers' activation_function -> GPTConfig.activation (gelu_pytorch_tanh is gelu_new's formula, fused)
+HF_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
+
+
 def _check_gpt2_config(cfg, source: str) -> None:
     """Refuse GPT-2 variants the ngpt model cannot compute exactly."""
     def get(key, default=None):
@@ -128,8 +132,8 @@ def _check_gpt2_config(cfg, source: str) -> None:
         raise UsageError(f"{source} is a {model_type!r} model; only GPT-2 (model_type 'gpt2') can be loaded")
     problems = []
     act = get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):  # both are the tanh approximation ngpt uses
-        problems.append(f"activation_function={act!r} (ngpt has only GPT-2's gelu_new)")
+    if act not in HF_ACTIVATIONS:
+        problems.append(f"activation_function={act!r} (ngpt has GPT-2's gelu_new and the exact gelu)")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if get(flag, False):
             problems.append(f"{flag}=True")
@@ -288,6 +292,7 @@ def _load_hf_gpt2(name_or_path: str, source: str, folder: Path | None, transform
         n_embd=n_embd,
         dropout=0.0 if dropout is None else float(dropout),
         bias=True,
+        activation=HF_ACTIVATIONS[getattr(hf_config, "activation_function", "gelu_new")],
     )
     bias_keys = [k for k in hf_sd if k.endswith(".bias") and k.startswith("transformer.")]
     if saved is not None and saved.get("bias") is False and all(not hf_sd[k].any() for k in bias_keys):
@@ -457,7 +462,7 @@ def export_hf(model: GPT, dest: str | Path, meta: dict | None = None) -> Path:
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
         n_inner=None,
-        activation_function="gelu_new",
+        activation_function=cfg.activation,
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,
@@ -534,7 +539,7 @@ def load_nanogpt_checkpoint(out_dir: str | Path) -> tuple[dict, dict]:
 
     torch.compile's `_orig_mod.` prefixes are stripped and old nanoGPT's causal-mask buffers
     (`attn.bias`) dropped; model_args keeps the GPTConfig fields (n_layer, n_head, n_embd,
-    block_size, bias, vocab_size, dropout).
+    block_size, bias, vocab_size, dropout) and nanoGPT's exact GELU.
     """
     ckpt = read_nanogpt_checkpoint(out_dir)
     prefix = "_orig_mod."
@@ -550,6 +555,7 @@ def load_nanogpt_checkpoint(out_dir: str | Path) -> tuple[dict, dict]:
     missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size") if model_args.get(k) is None]
     if missing:
         raise NgptError(f"the nanoGPT checkpoint's model_args lack {', '.join(missing)}")
+    model_args.setdefault("activation", "gelu")  # nanoGPT's nn.GELU(): exact
     return state_dict, model_args
 
 

@@ -24,6 +24,9 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+    # The MLP's GELU, by its Hugging Face name: "gelu_new" (the tanh approximation, OpenAI's GPT-2) or "gelu"
+    # (exact, erf: nanoGPT's, which models trained from scratch use; 2x faster forward and backward on CPU).
+    activation: str = "gelu_new"
 
 
 class LayerNorm(nn.Module):
@@ -100,11 +103,14 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu": "none"}
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's gelu
+        self.gelu = nn.GELU(approximate=GELU_APPROXIMATION[config.activation])
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -131,6 +137,7 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        assert config.activation in GELU_APPROXIMATION, f"activation must be one of {', '.join(GELU_APPROXIMATION)}"
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),

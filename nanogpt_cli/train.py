@@ -189,7 +189,7 @@ class Trainer:
         if cfg.init_from == "scratch":
             vocab = cfg.vocab_size or (padded_vocab(self.data_meta) if self.data_meta else 50304)
             self.model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS if k != "vocab_size"},
-                                       vocab_size=vocab))
+                                       vocab_size=vocab, activation="gelu"))  # nanoGPT's exact GELU
             self.meta = self.data_meta or {"tokenizer": "gpt2", "vocab_size": 50257}
             return None
         if cfg.init_from == "resume":
@@ -412,7 +412,7 @@ class Trainer:
         state = {
             "format": ckpt_io.FORMAT,
             "model": full_model_state_dict(self.raw_model),  # FSDP: gathered to rank 0, a collective
-            "model_args": {k: getattr(self.raw_model.config, k) for k in MODEL_KEYS},
+            "model_args": {k: getattr(self.raw_model.config, k) for k in (*MODEL_KEYS, "activation")},
             "optimizer": full_optimizer_state_dict(self.raw_model, self.optimizer),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "iter_num": self.iter_num,

@@ -78,8 +78,19 @@ def hf_greedy(model, idx, n):
     [(97, 16, 1, 1, 8), (256, 32, 2, 4, 32), (1000, 24, 3, 3, 24), (50257, 12, 1, 2, 8)],
 )
 def test_import_matches_transformers(tmp_path, vocab, block, n_layer, n_head, n_embd):
+    _check_import_parity(tmp_path, vocab, block, n_layer, n_head, n_embd)
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu"])
+def test_import_keeps_the_models_gelu(tmp_path, activation):
+    """GPT-2 uses the tanh GELU; a GPT-2 trained with the exact one (nanoGPT's) imports exactly too."""
+    model = _check_import_parity(tmp_path, 256, 32, 2, 4, 32, activation_function=activation)
+    assert model.config.activation == ("gelu" if activation == "gelu" else "gelu_new")
+
+
+def _check_import_parity(tmp_path, vocab, block, n_layer, n_head, n_embd, **overrides) -> GPT:
     folder, ref = make_hf_folder(tmp_path / "m", seed=vocab, vocab_size=vocab, n_positions=block,
-                                 n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+                                 n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
     model, meta = hf.load_hf_gpt2(str(folder))
     model.eval()
     cfg = model.config
@@ -104,6 +115,7 @@ def test_import_matches_transformers(tmp_path, vocab, block, n_layer, n_head, n_
     prompt = idx[:2, :3]
     n = block - 3
     assert torch.equal(ngpt_greedy(model, prompt, n), hf_greedy(ref, prompt, n))
+    return model
 
 
 def test_import_dropout_override(tmp_path):
@@ -144,21 +156,26 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module):
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_export_logits_and_round_trip(tmp_path, bias):
+@pytest.mark.parametrize(("bias", "activation"), [(True, "gelu_new"), (False, "gelu_new"), (True, "gelu"),
+                                                  (False, "gelu")])
+def test_export_logits_and_round_trip(tmp_path, bias, activation):
+    """Models trained from scratch (exact GELU) and imported GPT-2s (tanh GELU) both export exactly."""
     torch.manual_seed(1)
-    model = GPT(GPTConfig(block_size=24, vocab_size=300, n_layer=2, n_head=4, n_embd=32, bias=bias)).eval()
+    model = GPT(GPTConfig(block_size=24, vocab_size=300, n_layer=2, n_head=4, n_embd=32, bias=bias,
+                          activation=activation)).eval()
     _randomize(model, 4)
     dest = hf.export_hf(model, tmp_path / "hf", {"tokenizer": None, "vocab_size": 300})
     config = json.loads((dest / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["n_positions"] == 24 and config["vocab_size"] == 300
     assert config.get("tie_word_embeddings", True) is True  # transformers 4 leaves defaults out
+    assert config["activation_function"] == activation
     assert (dest / "generation_config.json").is_file()
     ref = transformers.GPT2LMHeadModel.from_pretrained(str(dest)).eval()
     idx = torch.randint(0, 300, (2, 24))
     torch.testing.assert_close(hf_logits(ref, idx), ngpt_logits(model, idx), atol=TOL, rtol=0)
     back, _ = hf.load_hf_gpt2(str(dest))
     _assert_same_state(back, model)
+    assert back.config.activation == activation
 
 
 def test_hf_import_export_import_is_lossless(tmp_path):
@@ -320,7 +337,7 @@ def write_nanogpt_run(root, dataset="shakespeare_char", meta_at="data"):
     chars = sorted(set(TEXT))
     model_args = dict(n_layer=2, n_head=2, n_embd=16, block_size=32, bias=False, vocab_size=len(chars), dropout=0.0)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**model_args))
+    model = GPT(GPTConfig(**model_args, activation="gelu"))  # nanoGPT's nn.GELU() is the exact one
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, len(chars), (2, 8))
     model(x, targets=x)[1].backward()
@@ -354,10 +371,16 @@ def test_load_nanogpt_checkpoint(tmp_path):
         assert not any(k.startswith("_orig_mod.") for k in state)
         assert "transformer.h.0.attn.bias" not in state
         assert model_args == dict(n_layer=2, n_head=2, n_embd=16, block_size=32, bias=False,
-                                  vocab_size=len(chars), dropout=0.0)
+                                  vocab_size=len(chars), dropout=0.0, activation="gelu")  # nanoGPT's exact GELU
         loaded = GPT(GPTConfig(**model_args))
         loaded.load_state_dict(state, strict=True)
         _assert_same_state(loaded, model)
+
+    from nanogpt_cli.checkpoint import load_model
+
+    loaded, _, _ = load_model(str(out), str(out))  # what ngpt sample/eval/finetune use: the same function
+    idx = torch.randint(0, len(chars), (2, 32))
+    torch.testing.assert_close(ngpt_logits(loaded.eval(), idx), ngpt_logits(model.eval(), idx), atol=0, rtol=0)
 
     meta = hf.find_nanogpt_meta(out)  # <out_dir>/../data/<dataset>/meta.pkl, config read from the checkpoint
     assert meta == {"tokenizer": "char", "vocab_size": len(chars), "itos": chars}
