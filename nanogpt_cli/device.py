@@ -280,14 +280,11 @@ class ThreadTuner:
         self.trial, self.next_trial = None, self.steps + self.interval
 
 
-def training_attention(device: torch.device, dtype: str):
-    """The attention kernel for a training step: on cpu under bf16 autocast the math path, whose backward
-    measured 2x faster than the fused (flash) CPU kernel's in bf16; everywhere else SDPA's own choice."""
-    if device.type != "cpu" or dtype == "float32":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
+def training_attention(device: torch.device, dtype: str) -> str:
+    """The attention of a training run (GPT.set_attention): on cpu under bf16 autocast the explicit form,
+    measured 1.6x faster than SDPA's math kernel and 4x faster than its flash kernel there (forward and
+    backward); everywhere else SDPA with torch's own kernel choice (flash on GPUs, and on cpu in fp32)."""
+    return "explicit" if device.type == "cpu" and dtype != "float32" else "sdpa"
 
 
 def autocast(device: torch.device, dtype: str):

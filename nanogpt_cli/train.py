@@ -137,6 +137,7 @@ class Trainer:
         self.loader = self.make_loader()
         self.check_vocab()
         self.model.to(device)
+        self.model.set_attention(training_attention(device, self.dtype))
         # Parallelise before the optimizer exists: FSDP turns the parameters into shards (DTensors).
         # raw_model is the model itself (FSDP2 shards in place), self.model what the steps call.
         self.raw_model = self.model
@@ -299,7 +300,7 @@ class Trainer:
     def forward_backward(self, X, Y, last: bool) -> torch.Tensor:
         """One micro-step; gradients sync across ranks only on the last micro-step."""
         with grad_sync(self.model, last or not self.env.is_distributed):
-            with autocast(self.device, self.dtype), training_attention(self.device, self.dtype):
+            with autocast(self.device, self.dtype):
                 _, loss = self.model(X, Y)
                 loss = loss / self.accum_steps  # the mean over the whole accumulated batch
             self.scaler.scale(loss).backward()

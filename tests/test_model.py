@@ -93,3 +93,26 @@ def test_estimate_mfu():
     model = tiny()
     assert model.estimate_mfu(1000.0, None) is None
     assert model.estimate_mfu(1000.0, 1e12) == pytest.approx(model.flops_per_token() * 1000 / 1e12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_explicit_attention_matches_sdpa_with_gradients(dtype):
+    """The explicit attention (cpu bf16 training) computes what SDPA does, forward and backward."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=32))
+    idx = torch.randint(0, 50, (3, 24))
+    results = []
+    for kind in ("sdpa", "explicit"):
+        model.set_attention(kind)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        results.append((logits.float(), [p.grad.clone() for p in model.parameters()]))
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(results[0][0], results[1][0], atol=tol, rtol=tol)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert all(block.attn.attention == "explicit" for block in model.transformer.h)
+    with pytest.raises(AssertionError):
+        model.set_attention("flash")
