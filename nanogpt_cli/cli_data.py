@@ -35,6 +35,7 @@ NumProc = Annotated[int, typer.Option("--num-proc", help="Tokenizer threads, 0 =
 Source = Annotated[str | None, typer.Option(
     "--source", help="A local file or URL instead of downloading the corpus.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Eot = Annotated[bool, typer.Option("--eot/--no-eot", help="Append the end-of-text token after every document (BPE).")]
 
 
 ValFraction = Annotated[float, typer.Option(
@@ -141,9 +142,7 @@ def text(
                                                show_default=False)],
     text_field: TextField = "text", tokenizer: Tokenizer = "gpt2", data_dir: DataDir = None, name: Name = None,
     force: Force = False, val_fraction: ValFraction = 0.1, seed: Seed = 2357,
-    errors: Errors = "strict", eot: Annotated[bool, typer.Option(
-        "--eot/--no-eot", help="Append the end-of-text token after every document (BPE).")] = True,
-    num_proc: NumProc = 0, quiet: Quiet = False,
+    errors: Errors = "strict", eot: Eot = True, num_proc: NumProc = 0, quiet: Quiet = False,
 ) -> None:
     """Local .txt, .jsonl and .parquet files, folders (recursive) and globs.
 
@@ -170,19 +169,20 @@ def hf(
     split: Annotated[str, typer.Option("--split", help="Which split to read.")] = "train",
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
     text_field: TextField = "text", tokenizer: Tokenizer = "gpt2", data_dir: DataDir = None, name: Name = None,
-    force: Force = False, val_fraction: ValFraction = 0.1, seed: Seed = 2357,
+    force: Force = False, val_fraction: ValFraction = 0.1, seed: Seed = 2357, eot: Eot = True,
     num_proc: NumProc = 0, quiet: Quiet = False,
 ) -> None:
     """Any Hugging Face dataset: a Hub id (streamed), a save_to_disk folder, or a folder of data files.
 
-    Val takes whole documents at random (--val-fraction, --seed); an EOT token follows every document.
+    Val takes whole documents at random (--val-fraction, --seed); an EOT token follows every document
+    (--no-eot to leave it out).
 
     Example: ngpt prepare hf roneneldan/TinyStories --val-fraction 0.01
     """
     from nanogpt_cli.prepare import prepare_hf
 
     opts = _options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, seed=seed,
-                    tokenizer=tokenizer, num_threads=num_proc, quiet=quiet)
+                    tokenizer=tokenizer, append_eot=eot, num_threads=num_proc, quiet=quiet)
     _show_summary(prepare_hf(name_or_path, opts, config, split, text_field, revision))
 
 

@@ -162,7 +162,7 @@ class SampleConfig:
     # are text here, not "unset", so `--prompt ""` is refused as empty instead of meaning the default.
     prompt: str = opt(None, "text to continue (default: a newline); '-' reads stdin", "Prompt")
     start: str = opt(None, "nanoGPT's spelling of the prompt; FILE:path reads the prompt from a file", "Prompt")
-    prompt_file: str = opt(None, "read the prompt from this file", "Prompt")
+    prompt_file: str = opt(None, "read the prompt from this file (- for stdin)", "Prompt")
     num_samples: int = opt(10, "how many samples to draw (as one batch)", "Sampling")
     max_new_tokens: int = opt(500, "tokens generated per sample", "Sampling")
     temperature: float = opt(0.8, "1.0 = the model's distribution, lower = more conservative, 0 = greedy",

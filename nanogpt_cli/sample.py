@@ -47,13 +47,16 @@ class SampleResult:
 
 
 def read_prompt(cfg: SampleConfig) -> str:
-    """--prompt TEXT | --prompt - (stdin) | --prompt-file PATH | --start TEXT | --start FILE:path."""
+    """--prompt TEXT | --prompt - (stdin) | --prompt-file PATH | --start TEXT | --start FILE:path;
+    `-` for a file is stdin too."""
     given = [name for name in ("prompt", "start", "prompt_file") if getattr(cfg, name) is not None]
     if len(given) > 1:
         raise UsageError(f"give one of --prompt, --start and --prompt_file, not {' and '.join(given)}")
     text, path = cfg.prompt if cfg.prompt is not None else cfg.start, cfg.prompt_file
     if text is not None and text.startswith("FILE:"):
         path = text[len("FILE:"):]
+    if path == "-":  # --prompt-file - and --start=FILE:- read stdin, as --prompt - does
+        path, text = None, "-"
     if path is not None:
         file = Path(path).expanduser()
         if not file.is_file():

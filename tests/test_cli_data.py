@@ -175,3 +175,19 @@ def test_prepare_help_has_examples(command):
 def test_data_help_has_examples(command):
     result = CliRunner().invoke(app, ["data", *command, "--help"])
     assert result.exit_code == 0 and "Example" in result.stdout and "--json" in result.stdout
+
+
+@needs_gpt2
+def test_hf_eot_after_every_document_unless_no_eot(ngpt, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    saved = tmp_path / "stories"
+    datasets.Dataset.from_dict({"text": [f"story {i}: once upon a time" for i in range(50)]}).save_to_disk(str(saved))
+    assert ngpt("prepare", "hf", saved, "--name", "with").exit_code == 0
+    result = ngpt("prepare", "hf", saved, "--name", "without", "--no-eot")
+    assert result.exit_code == 0, result.output
+    with_eot, without = meta_of(tmp_path, "with"), meta_of(tmp_path, "without")
+    tokens = {name: sum(s["tokens"] for s in meta["splits"].values()) for name, meta in
+              (("with", with_eot), ("without", without))}
+    assert tokens["with"] - tokens["without"] == 50
+    assert with_eot["options"]["append_eot"] and not without["options"]["append_eot"]

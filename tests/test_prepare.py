@@ -422,3 +422,29 @@ def test_hf_hub_without_network(tmp_path, hf_datasets, monkeypatch):
     with pytest.raises(UsageError, match="is a file"):
         (tmp_path / "f.txt").write_text("x")
         P.prepare_hf(str(tmp_path / "f.txt"), opts(tmp_path))
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["hf", "nobody/nothing"], "pass a local folder"),
+    (["openwebtext"], "pass --dataset-id FOLDER .* or --data-files FILES"),
+])
+def test_hub_unreachable_is_one_line_without_retry_warnings(tmp_path, args, hint):
+    """No network (a Hub that refuses connections): huggingface_hub's retry warnings stay quiet and
+    the command says, in one line, to use local data; its waits between retries are skipped here."""
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("datasets")
+    child = ("import sys, time; time.sleep = lambda s: None\n"
+             "from nanogpt_cli.cli_data import prepare_app\n"
+             "prepare_app(sys.argv[1:], prog_name='ngpt prepare')")
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+           "HF_HOME": str(tmp_path / "hf"), "NGPT_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run([sys.executable, "-c", child, *args, "--tokenizer", "char"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not load"), done.stderr
+    assert re.search(f"without network, {hint}", lines[0]), lines[0]
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())

@@ -183,6 +183,8 @@ def test_prompt_forms(run, tmp_path):
         "--prompt-file": (["--prompt-file", str(prompt_file)], None, "MENENIUS:"),
         "--start=FILE:": ([f"--start=FILE:{prompt_file}"], None, "MENENIUS:"),
         "--prompt -": (["--prompt", "-"], "First Citizen:", "First Citizen:"),
+        "--prompt-file -": (["--prompt-file", "-"], "JULIET:\n", "JULIET:\n"),
+        "--start=FILE:-": (["--start=FILE:-"], "ROMEO:", "ROMEO:"),
         "default": ([], None, "\n"),
     }
     for name, (args, stdin, prompt) in forms.items():
@@ -241,6 +243,7 @@ def test_interactive_loop(run):
     (["--stop="], "--stop is empty"),
     (["--interactive", "--prompt=ROMEO:"], "--interactive reads its prompts from stdin"),
     (["--prompt", "-"], "the prompt read from stdin is empty"),
+    (["--prompt-file", "-"], "the prompt read from stdin is empty"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(run, args, message):
     result = runner.invoke(app, ["sample", f"--out_dir={run}", "--device=cpu", *args], input="")

@@ -8,6 +8,7 @@ incremental: a text file a MiB at a time, JSONL a line at a time, parquet and da
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import hashlib
 import json
@@ -198,11 +199,12 @@ def _dataset_documents(ds, text_field: str, where: str, split: str | None = None
         raise NgptError(f"{where} has no {text_field!r} column (found: {', '.join(names)}); "
                         "choose the column with --text-field")
     try:
-        for batch in ds.select_columns([text_field]).iter(batch_size=1000):
-            for text in batch[text_field]:
-                if text is not None and not isinstance(text, str):
-                    raise NgptError(f"{where}: column {text_field!r} holds {type(text).__name__}, not text")
-                yield Document([(text or "", 1)], split)
+        with _quiet_hub():
+            for batch in ds.select_columns([text_field]).iter(batch_size=1000):
+                for text in batch[text_field]:
+                    if text is not None and not isinstance(text, str):
+                        raise NgptError(f"{where}: column {text_field!r} holds {type(text).__name__}, not text")
+                    yield Document([(text or "", 1)], split)
     except (NgptError, KeyboardInterrupt):
         raise
     except KeyError:
@@ -220,9 +222,25 @@ def _folder_identity(path: Path) -> list:
     return [_stat(p) for p in sorted(path.rglob("*")) if p.is_file()]
 
 
-def _hub_error(name: str, e: Exception) -> NgptError:
-    return NgptError(f"could not load {name!r} ({type(e).__name__}: {_one_line(e)}); without network, "
-                     "pass a local folder (saved with save_to_disk, or of .parquet/.jsonl files) instead")
+LOCAL_HINT = "pass a local folder (saved with save_to_disk, or of .parquet/.jsonl files) instead"
+
+
+def _hub_error(name: str, e: Exception, hint: str = LOCAL_HINT) -> NgptError:
+    return NgptError(f"could not load {name!r} ({type(e).__name__}: {_one_line(e)}); without network, {hint}")
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """Without network, huggingface_hub logs a warning per retry before it gives up: the error
+    that follows says it all, in one line."""
+    from huggingface_hub.utils import logging as hub_logging  # importing it sets its level: first
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
 
 
 class HFCorpus(Corpus):
@@ -246,6 +264,7 @@ class HFCorpus(Corpus):
         return {"hf": where, "config": self.config, "split": self.split, "revision": self.revision,
                 "text_field": self.text_field}
 
+    @_quiet_hub()
     def load(self, workdir: Path) -> None:
         import datasets
 
@@ -295,6 +314,7 @@ class OpenWebTextCorpus(Corpus):
             return {"folder": _folder_identity(self.path), "text_field": self.text_field}
         return {"hf": self.dataset_id, "revision": self.revision, "text_field": self.text_field}
 
+    @_quiet_hub()
     def load(self, workdir: Path) -> None:
         import datasets
 
@@ -310,7 +330,8 @@ class OpenWebTextCorpus(Corpus):
                 ds = datasets.load_dataset(str(self.path) if self.path.is_dir() else self.dataset_id,
                                            split="train", revision=self.revision, num_proc=self.num_proc)
         except Exception as e:
-            raise _hub_error(self.dataset_id, e) from None
+            raise _hub_error(self.dataset_id, e, "pass --dataset-id FOLDER (saved with save_to_disk, or of data "
+                             "files) or --data-files FILES instead") from None
         if len(ds) < 2:
             raise NgptError(f"{self.source}: {len(ds)} document(s); need at least 2 to split into train and val")
         # the shuffled indices (8 bytes a row) go to the scratch folder, not next to the user's data
