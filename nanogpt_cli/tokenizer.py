@@ -83,6 +83,10 @@ def get_tokenizer(name: str) -> CharTokenizer | TiktokenTokenizer:
 def from_meta(meta: dict) -> CharTokenizer | TiktokenTokenizer:
     """The tokenizer a dataset or checkpoint was made with, from its metadata."""
     name = meta.get("tokenizer", "gpt2")
+    if name is None:  # e.g. a Hugging Face GPT-2 with a vocabulary of its own
+        raise NgptError(f"this model's tokenizer is unknown to ngpt (a vocabulary of {meta.get('vocab_size')} tokens, "
+                        "not GPT-2's 50257): it can be evaluated on data prepared for it and exported, but not "
+                        "sampled from")
     if name == "char":
         if "itos" not in meta:
             raise NgptError("char-level metadata without its vocabulary ('itos')")
