@@ -258,6 +258,34 @@ def _report_speed(result: SampleResult, cfg: SampleConfig) -> None:
                   style="dim", markup=False, highlight=False)
 
 
+LIVE_REFRESH_S = 0.1  # how often a streaming batch redraws
+
+
+def _stream_batch(sampler: Sampler, prompt: str) -> SampleResult:
+    """Generate a batch with every sample growing on the terminal under its header as its tokens arrive
+    (rich Live, cropped to the screen); the view is cleared at the end, for the full samples to be printed."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.rule import Rule
+    from rich.text import Text
+
+    from nanogpt_cli.progress import out
+
+    n = sampler.cfg.num_samples
+    texts = [Text(prompt) for _ in range(n)]
+    view = Group(*(part for i, text in enumerate(texts, 1) for part in (Rule(Text(f"sample {i}/{n}")), text)))
+    last = [0.0]
+
+    def redraw(step: int) -> None:  # between decoding steps, at most every LIVE_REFRESH_S
+        now = time.perf_counter()
+        if now - last[0] >= LIVE_REFRESH_S:
+            live.refresh()
+            last[0] = now
+
+    with Live(view, console=out, auto_refresh=False, transient=True, vertical_overflow="crop") as live:
+        return sampler.generate(prompt, on_token=lambda i, piece: texts[i].append(piece), on_step=redraw)
+
+
 def _show_one(sampler: Sampler, prompt: str, as_json: bool) -> SampleResult:
     """Generate for one prompt and print it: streamed (one sample), JSON, or one section per sample."""
     from nanogpt_cli.progress import console, echo, is_interactive, out
@@ -271,8 +299,10 @@ def _show_one(sampler: Sampler, prompt: str, as_json: bool) -> SampleResult:
         echo(prompt)
         result = sampler.generate(prompt, on_token=lambda i, text: echo(text))
         echo("\n")
-    else:  # several samples are one batch: show them when it is done, each under its own header
-        if is_interactive():
+    else:  # several samples are one batch: each under its own header, growing live on a terminal
+        if out.is_terminal and is_interactive():
+            result = _stream_batch(sampler, prompt)
+        elif is_interactive():
             with console.status(f"generating {cfg.num_samples} samples") as status:
                 result = sampler.generate(prompt, on_step=lambda n: status.update(
                     f"generating {cfg.num_samples} samples: {n}/{cfg.max_new_tokens} tokens"))

@@ -251,3 +251,42 @@ def test_bad_input_is_one_error_line_and_exit_2(run, args, message):
     assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
     assert result.stdout == "" and "Traceback" not in result.output
+
+
+def test_several_samples_grow_live_on_a_terminal(run, monkeypatch):
+    """On a terminal a batch streams: every sample's tokens appear under its header as they arrive."""
+    import io
+
+    from rich.console import Console
+
+    from nanogpt_cli import progress
+    from nanogpt_cli import sample as sample_module
+    from nanogpt_cli.config import SampleConfig
+    from nanogpt_cli.sample import Sampler, _show_one
+
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=60, height=40)
+    monkeypatch.setattr(progress, "out", terminal)
+    monkeypatch.setattr(progress, "is_interactive", lambda: True)
+    monkeypatch.setattr(sample_module, "LIVE_REFRESH_S", 0.0)  # redraw after every step
+    sampler = Sampler(build(SampleConfig, None, [f"--out_dir={run}", "--device=cpu", "--max_new_tokens=30",
+                                                 "--num_samples=2"]))
+    frames = []
+    generate = sampler.generate
+
+    def watched(prompt, on_token=None, on_step=None):
+        def step_and_look(n):
+            on_step(n)
+            frames.append(screen.getvalue())
+
+        return generate(prompt, on_token=on_token, on_step=step_and_look)
+
+    monkeypatch.setattr(sampler, "generate", watched)
+    result = _show_one(sampler, "ROMEO:", as_json=False)
+    assert len(frames) == 30 and all(sample.startswith("ROMEO:") for sample in result.samples)
+    # mid-generation, both headers are on screen, and each sample's first tokens already are
+    middle = frames[15]
+    assert "sample 1/2" in middle and "sample 2/2" in middle
+    for sample in result.samples:
+        assert sample[:len("ROMEO:") + 10] in middle
+    assert len(frames[29]) > len(frames[5])  # the view grew as tokens arrived
