@@ -379,13 +379,17 @@ class Trainer:
         self.pending_nonfinite.zero_()
         self.first_nonfinite.fill_(-1)
         self.nonfinite_steps += count
-        what = f"the loss or gradients became non-finite at iteration {first}"
+        skipped = f"{count} step(s) skipped by iteration {self.iter_num}"
+        self.on_nonfinite(f"the loss or gradients became non-finite at iteration {first} ({skipped}); stopped",
+                          f"the loss or gradients became non-finite at iteration {first}: {skipped}")
+
+    def on_nonfinite(self, stopped: str, skipped: str) -> None:
+        """--on_nonfinite: stop (an NgptError saying what and that the last checkpoint is intact) or warn."""
         if self.cfg.on_nonfinite == "stop":
             ckpt = self.out_dir / ckpt_io.CKPT_NAME
             kept = (f"the last checkpoint {ckpt} is intact" if ckpt.is_file() else "no checkpoint had been saved yet")
-            raise NgptError(f"{what} ({count} step(s) skipped by iteration {self.iter_num}); stopped ({kept}). "
-                            "Lower --learning_rate, or use --on_nonfinite=skip to skip such steps")
-        console.print(f"[yellow]{what}: {count} step(s) skipped by iteration {self.iter_num}[/yellow]")
+            raise NgptError(f"{stopped} ({kept}). Lower --learning_rate, or use --on_nonfinite=skip to skip such steps")
+        console.print(f"[yellow]{skipped}[/yellow]")
 
     def loss_is_finite(self, total: torch.Tensor, norm: torch.Tensor | None = None) -> bool:
         """False (step skipped) or an NgptError (on_nonfinite=stop) when the loss or any gradient is NaN/inf:
@@ -396,12 +400,8 @@ class Trainer:
             return True
         self.nonfinite_steps += 1
         what = f"the loss became {total.item()}" if not torch.isfinite(total) else "the gradients became non-finite"
-        if self.cfg.on_nonfinite == "stop":
-            ckpt = self.out_dir / ckpt_io.CKPT_NAME
-            kept = (f"the last checkpoint {ckpt} is intact" if ckpt.is_file() else "no checkpoint had been saved yet")
-            raise NgptError(f"{what} at iteration {self.iter_num}; stopped before updating the weights ({kept}). "
-                            "Lower --learning_rate, or use --on_nonfinite=skip to skip such steps")
-        console.print(f"[yellow]{what} at iteration {self.iter_num}: step skipped[/yellow]")
+        self.on_nonfinite(f"{what} at iteration {self.iter_num}; stopped before updating the weights",
+                          f"{what} at iteration {self.iter_num}: step skipped")
         return False
 
     def fetch_first_batch(self) -> None:
