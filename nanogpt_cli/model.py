@@ -80,14 +80,11 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.attention = "sdpa"  # or "explicit" (see GPT.set_attention)
-        self._masks: dict = {}
 
     def explicit_attention(self, q, k, v, dropout_p: float):
         """Causal attention spelled out (nanoGPT's slow path): scores, mask, softmax, weighted sum."""
         T = q.size(-2)
-        mask = self._masks.get((T, q.device))
-        if mask is None:
-            mask = self._masks[(T, q.device)] = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # built inline: no state to recompile on
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         att = F.softmax(att.masked_fill(mask, float("-inf")), dim=-1)
         return F.dropout(att, dropout_p, self.training) @ v

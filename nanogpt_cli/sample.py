@@ -272,7 +272,7 @@ def _stream_batch(sampler: Sampler, prompt: str) -> SampleResult:
     from nanogpt_cli.progress import out
 
     n = sampler.cfg.num_samples
-    texts = [Text(prompt) for _ in range(n)]
+    texts = [Text(prompt, no_wrap=False, overflow="fold") for _ in range(n)]  # wrapped, though `out` soft-wraps
     view = Group(*(part for i, text in enumerate(texts, 1) for part in (Rule(Text(f"sample {i}/{n}")), text)))
     last = [0.0]
 

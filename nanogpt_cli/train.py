@@ -87,7 +87,8 @@ def padded_vocab(meta: dict) -> int:
 class StopRequest:
     """SIGINT/SIGTERM: finish the step, save, exit 130/143. A second Ctrl-C aborts at once."""
 
-    def __init__(self):
+    def __init__(self, until: str = "this step"):
+        self.until = until  # what runs before the save
         self.signal_name: str | None = None
         self.previous = {}
 
@@ -103,7 +104,7 @@ class StopRequest:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: abort now
         self.signal_name = signal.Signals(signum).name
-        console.print(f"[yellow]{self.signal_name}: finishing this step and saving a checkpoint "
+        console.print(f"[yellow]{self.signal_name}: finishing {self.until} and saving a checkpoint "
                       "(Ctrl-C again to abort now)[/yellow]")
 
     def __exit__(self, *exc):
@@ -120,7 +121,8 @@ class Trainer:
         apply_threads(self.threads)
         self.thread_tuner = thread_tuner(device, self.threads, env.is_distributed,
                                          log=lambda text: console.print(text, style="dim"))
-        self.dtype, self.dtype_why = choose_dtype(device, cfg.dtype, training=True)
+        # measured choices (cpu) could differ between processes: every rank takes rank 0's
+        self.dtype, self.dtype_why = same_on_all_ranks(choose_dtype(device, cfg.dtype, training=True), env)
         if cfg.gradient_accumulation_steps % env.world_size:
             raise UsageError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "
                              f"by the number of processes ({env.world_size})")
@@ -143,7 +145,8 @@ class Trainer:
         self.raw_model = self.model
         if env.is_distributed and cfg.strategy == "fsdp":
             self.model = wrap_model(self.model, cfg, device, env)  # shard first, then compile
-        self.use_compile, self.compile_why = choose_compile(device, cfg.compile, self.estimated_run_seconds())
+        self.use_compile, self.compile_why = same_on_all_ranks(
+            choose_compile(device, cfg.compile, self.estimated_run_seconds()), env)
         if self.use_compile:
             self.model = torch.compile(self.model)
         if env.is_distributed and cfg.strategy != "fsdp":
@@ -443,7 +446,8 @@ class Trainer:
         start_iter, t_start = self.iter_num, time.perf_counter()
         self.fetch_first_batch()
         progress = TrainProgress(cfg.max_iters, start_iter)
-        with StopRequest() as stop, progress:
+        sync_stop = env.is_distributed and self.device.type == "cuda"  # see stop_requested
+        with StopRequest("the steps to the next log interval" if sync_stop else "this step") as stop, progress:
             t_log, iters_since_log = time.perf_counter(), 0
             while True:
                 lr = lr_at(self.iter_num, cfg)
@@ -504,6 +508,17 @@ class Trainer:
             if flag and stop.signal_name is None:
                 stop.signal_name = "SIGTERM"
         return flag
+
+
+def same_on_all_ranks(value, env: DistEnv):
+    """Rank 0's value on every rank (a collective): choices measured on each rank must agree."""
+    if not env.is_distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def show_config(cfg: TrainConfig) -> None:
