@@ -150,7 +150,6 @@ def _bench(cfg: TrainConfig, device: torch.device, env, iters: int, warmup: int,
     cfg.eval_only = False
     trainer = Trainer(cfg, device, env)
     trainer.thread_tuner.enabled = False  # bench times one configuration: the thread count chosen at the start
-    trainer.nonfinite_steps = 0
     step = 0
 
     def train_step() -> torch.Tensor:

@@ -441,7 +441,6 @@ class Trainer:
         metrics = MetricsLog(self.out_dir, cfg, enabled=env.is_main, resume_from=self.iter_num,
                              run_id=self.wandb_run_id)
         self.wandb_run_id = metrics.run_id
-        self.nonfinite_steps = 0
         result = TrainResult(self.iter_num, self.best_val_loss)
         start_iter, t_start = self.iter_num, time.perf_counter()
         self.fetch_first_batch()
