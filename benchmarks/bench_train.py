@@ -68,6 +68,7 @@ def env_for(side: str, threads: int, work: Path) -> dict:
     env.pop("NGPT_THREADS", None)
     if side == "baseline":
         env["OMP_NUM_THREADS"] = str(threads)
+        env["NGPT_MALLOPT"] = "0"  # glibc's malloc as it comes, as under nanoGPT
     elif side == "ngpt+threads":
         env["NGPT_THREADS"] = "auto"
     env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{side}")  # a cold compile cache, should one compile

@@ -11,7 +11,7 @@ import math
 import torch
 
 from nanogpt_cli.config import TrainConfig
-from nanogpt_cli.device import DistEnv, autocast, choose_dtype, resolve_device
+from nanogpt_cli.device import DistEnv, autocast, choose_dtype, keep_freed_host_memory, resolve_device
 
 
 @torch.no_grad()
@@ -52,6 +52,8 @@ def evaluate(cfg: TrainConfig) -> dict:
     from nanogpt_cli.errors import NgptError, UsageError
 
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_host_memory()  # steps reuse freed memory instead of faulting in fresh pages
     dtype, _ = choose_dtype(device, cfg.dtype)
     if cfg.init_from == "scratch":
         raise UsageError("ngpt eval needs weights: --init_from=resume (with --out_dir), a checkpoint, or gpt2*")

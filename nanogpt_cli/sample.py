@@ -23,7 +23,7 @@ import torch
 
 from nanogpt_cli.checkpoint import load_model
 from nanogpt_cli.config import SampleConfig
-from nanogpt_cli.device import autocast, choose_dtype, resolve_device, synchronize
+from nanogpt_cli.device import autocast, choose_dtype, keep_freed_host_memory, resolve_device, synchronize
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.tokenizer import from_meta
 
@@ -143,6 +143,8 @@ class TextStream:
 
 def load_for_sampling(cfg: SampleConfig):
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_host_memory()  # steps reuse freed memory instead of faulting in fresh pages
     dtype, _ = choose_dtype(device, cfg.dtype)
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
     model.eval().to(device)

@@ -33,6 +33,7 @@ from nanogpt_cli.device import (
     cleanup_distributed,
     dist_env_from_environ,
     init_distributed,
+    keep_freed_host_memory,
     peak_flops,
     resolve_device,
     thread_tuner,
@@ -117,6 +118,7 @@ class Trainer:
         self.cfg, self.device, self.env, self.finetune = cfg, device, env, finetune
         self.notes: list[str] = []  # warnings from the setup, shown once it has worked
         self.out_dir = Path(cfg.out_dir).expanduser()
+        self.memory_why = keep_freed_host_memory() if device.type == "cpu" else ""
         self.threads, self.threads_why = choose_threads(device)  # before the dtype choice: it measures matmuls
         apply_threads(self.threads)
         self.thread_tuner = thread_tuner(device, self.threads, env.is_distributed,
@@ -171,7 +173,8 @@ class Trainer:
         console.print(f"[bold]device[/bold] {device} ({env.world_size} process{'es' if env.world_size > 1 else ''})"
                       f"  [bold]dtype[/bold] {self.dtype}: {self.dtype_why}  [bold]compile[/bold] {self.use_compile}: "
                       f"{self.compile_why}"
-                      + (f"  [bold]threads[/bold] {self.threads_why}" if device.type == "cpu" else ""))
+                      + (f"  [bold]threads[/bold] {self.threads_why}  [bold]host memory[/bold] {self.memory_why}"
+                         if device.type == "cpu" else ""))
         console.print(f"[bold]model[/bold] {n_params / 1e6:.2f}M parameters  [bold]tokens/iter[/bold] "
                       f"{self.tokens_per_iter:,}  [bold]peak[/bold] "
                       f"{f'{self.peak / 1e12:.2f} TFLOP/s' if self.peak else 'unknown'} ({self.peak_why})")

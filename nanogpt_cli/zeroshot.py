@@ -311,7 +311,7 @@ def zeroshot(cfg, tasks: list[str], files: dict[str, str | None] | None = None, 
     """Zero-shot results of cfg.init_from on each task: {"model", "block_size", task: {...}}.
     Files are found (or downloaded) and read before the model loads, so bad input fails fast."""
     from nanogpt_cli.checkpoint import load_model
-    from nanogpt_cli.device import choose_dtype, resolve_device
+    from nanogpt_cli.device import choose_dtype, keep_freed_host_memory, resolve_device
 
     files = files or {}
     paths = {task: benchmark_file(task, files.get(task)) for task in tasks}
@@ -319,6 +319,8 @@ def zeroshot(cfg, tasks: list[str], files: dict[str, str | None] | None = None, 
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
     tokenizer = benchmark_tokenizer(meta, model.config.vocab_size)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_host_memory()  # steps reuse freed memory instead of faulting in fresh pages
     dtype, _ = choose_dtype(device, cfg.dtype)
     model.to(device).eval()
     block_size = min(cfg.block_size, model.config.block_size)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanogpt_cli.model import GPT, GPTConfig, KVCache, sample_next
+from nanogpt_cli.model import GPT, GPTConfig, KVCache, cross_entropy, sample_next
 
 
 def tiny(**kw) -> GPT:
@@ -116,3 +116,25 @@ def test_explicit_attention_matches_sdpa_with_gradients(dtype):
     assert all(block.attn.attention == "explicit" for block in model.transformer.h)
     with pytest.raises(AssertionError):
         model.set_attention("flash")
+
+
+@pytest.mark.parametrize("vocab, dtype", [(65, torch.float32), (70_000, torch.float32), (50_304, torch.bfloat16)])
+def test_the_chunked_cross_entropy_is_f_cross_entropy_forward_and_backward(vocab, dtype):
+    """cpu's row-block cross-entropy (one block for a small vocabulary, several for a large one) gives the
+    loss and gradient of F.cross_entropy on float32 logits, skips ignore_index, keeps the logits' dtype."""
+    torch.manual_seed(0)
+    base = torch.randn(37, vocab) * 3
+    targets = torch.randint(vocab, (37,))
+    targets[::5] = -1
+    ours, ref = base.to(dtype).requires_grad_(), base.to(dtype).requires_grad_()
+    expected = torch.nn.functional.cross_entropy(ref.float(), targets, ignore_index=-1)
+    (expected * 2).backward()
+    loss = cross_entropy(ours, targets)
+    (loss * 2).backward()
+    assert loss.dtype == torch.float32 and ours.grad.dtype == dtype
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(ours.grad.float(), ref.grad.float(), atol=1e-7, rtol=1e-2 if dtype != torch.float32
+                               else 1e-5)
+    assert (ours.grad[::5] == 0).all()  # ignored rows get no gradient
+    every_row_ignored = torch.full((4,), -1)
+    assert torch.isnan(cross_entropy(torch.randn(4, 10), every_row_ignored))  # 0 / 0, as F.cross_entropy
