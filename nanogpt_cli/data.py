@@ -4,10 +4,16 @@
 block_size + 1 tokens, different per rank, reproducible from a seed, with a state that a
 checkpoint stores so a resumed run draws exactly the batches it would have drawn.
 
-Under several processes all ranks share one stream of micro-batches (seeded by `seed`) and rank
-r keeps the micro-batches r, r + W, r + 2W, ... of it (W = world size). So a step of W processes
-with accumulation A/W trains on exactly the micro-batches one process with accumulation A would,
-and the loader's state is the same on every rank and independent of W.
+A training run's stream continues torch's global generator from where the model's initialisation
+left it (`generator_state`), and its evaluations draw from the same stream, as nanoGPT's `get_batch`
+does: with the same seed a run trains on nanoGPT's batches and evaluates on nanoGPT's, so it
+reproduces nanoGPT's losses (tests/test_train.py checks this). Standalone (`ngpt eval`) a loader is
+seeded from `seed`.
+
+Under several processes all ranks share one stream of micro-batches (rank 0's) and rank r keeps
+the micro-batches r, r + W, r + 2W, ... of it (W = world size). So a step of W processes with
+accumulation A/W trains on exactly the micro-batches one process with accumulation A would, and
+the loader's state is the same on every rank and independent of W.
 """
 
 from __future__ import annotations
@@ -60,9 +66,18 @@ def shared_draw(loader, draw):
 
 
 def stream_seed(seed: int) -> int:
-    """The batch stream's seed: derived from the run's seed but distinct from the one that
-    initialises the weights, so the same random words do not both draw weights and pick batches."""
+    """A standalone loader's seed: derived from `seed` but distinct from it, so a loader next to a
+    model seeded alike does not draw the very random words that drew the weights."""
     return (seed * 1_000_003 + 7) % 2**63
+
+
+def make_generator(seed: int, state: torch.Tensor | None) -> torch.Generator:
+    generator = torch.Generator()
+    if state is not None:
+        generator.set_state(state)
+    else:
+        generator.manual_seed(stream_seed(seed))
+    return generator
 
 
 class BatchLoader:
@@ -74,7 +89,7 @@ class BatchLoader:
     """
 
     def __init__(self, folder: Path, meta: dict, batch_size: int, block_size: int, device: torch.device,
-                 seed: int = 1337, rank: int = 0, world_size: int = 1):
+                 seed: int = 1337, rank: int = 0, world_size: int = 1, generator_state: torch.Tensor | None = None):
         self.folder = folder
         self.meta = meta
         self.dtype = np.dtype(meta.get("dtype", "uint16"))
@@ -82,7 +97,7 @@ class BatchLoader:
         self.block_size = block_size
         self.device = device
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(stream_seed(seed))
+        self.generator = make_generator(seed, generator_state)
         self.files = {}
         for split in SPLITS:
             name = meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin")
@@ -98,10 +113,22 @@ class BatchLoader:
         # A new memmap per batch: holding one open grows memory without bound (a numpy quirk).
         return np.memmap(self.files[split], dtype=self.dtype, mode="r")
 
+    def next_draw(self, split: str) -> torch.Tensor:
+        """The window starts of the stream's next micro-batch, the same on every rank (see `batch`)."""
+        return torch.randint(len(self.tokens(split)) - self.block_size, (self.batch_size,), generator=self.generator)
+
+    def skip(self, split: str, batches: int) -> None:
+        """Advance the stream past `batches` micro-batches without reading them."""
+        for _ in range(batches):
+            self.next_draw(split)
+
     def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch: its share of the next world_size micro-batches of the stream."""
+        return self.batch(split, shared_draw(self, lambda: self.next_draw(split)))
+
+    def batch(self, split: str, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (x, y) windows of a draw, on the device."""
         data = self.tokens(split)
-        starts = shared_draw(self, lambda: torch.randint(len(data) - self.block_size, (self.batch_size,),
-                                                         generator=self.generator))
         x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in starts.tolist()])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64))
                          for i in starts.tolist()])
@@ -120,15 +147,23 @@ class SyntheticLoader:
     """Uniformly random tokens of the right shapes: benchmarks without a prepared dataset."""
 
     def __init__(self, vocab_size: int, batch_size: int, block_size: int, device: torch.device, seed: int = 1337,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, generator_state: torch.Tensor | None = None):
         self.meta = {"tokenizer": "synthetic", "vocab_size": vocab_size}
         self.vocab_size, self.batch_size, self.block_size, self.device = vocab_size, batch_size, block_size, device
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(stream_seed(seed))
+        self.generator = make_generator(seed, generator_state)
+
+    def next_draw(self, split: str) -> torch.Tensor:
+        return torch.randint(self.vocab_size, (self.batch_size, self.block_size + 1), generator=self.generator)
+
+    def skip(self, split: str, batches: int) -> None:
+        for _ in range(batches):
+            self.next_draw(split)
 
     def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        data = shared_draw(self, lambda: torch.randint(self.vocab_size, (self.batch_size, self.block_size + 1),
-                                                       generator=self.generator))
+        return self.batch(split, shared_draw(self, lambda: self.next_draw(split)))
+
+    def batch(self, split: str, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return data[:, :-1].to(self.device), data[:, 1:].to(self.device)
 
     def state_dict(self) -> dict:

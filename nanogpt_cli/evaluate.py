@@ -15,22 +15,26 @@ from nanogpt_cli.device import DistEnv, autocast, choose_dtype, keep_freed_host_
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: str, seed: int,
+def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: str, seed: int | None,
                   env: DistEnv | None = None, splits=("train", "val")) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split; with several processes each evaluates a share
-    and the results are averaged. Batches come from a generator seeded by `seed`, and the
-    loader's own state is restored afterwards, so evaluating never shifts the training stream."""
+    """Mean loss over eval_iters batches per split: the next ones of the loader's stream (training evaluates
+    on its own stream, as nanoGPT does) or, with a seed, of a generator seeded by it (the loader's state is
+    restored afterwards). Every process draws all eval_iters; process r evaluates those r, r + W, ... and the
+    sums are added up."""
     env = env or DistEnv()
     was_training = model.training
     model.eval()
     state = loader.state_dict()
     out = {}
     for i, split in enumerate(splits):
-        loader.generator.manual_seed(seed + 104729 * i + env.rank)
-        share = max(1, math.ceil(eval_iters / env.world_size))
+        if seed is not None:
+            loader.generator.manual_seed(seed + 104729 * i)
         total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, count)
-        for _ in range(share):
-            X, Y = loader.get_batch(split)
+        for j in range(eval_iters):
+            starts = loader.next_draw(split)
+            if j % env.world_size != env.rank:
+                continue
+            X, Y = loader.batch(split, starts)
             with autocast(device, dtype):
                 _, loss = model(X, Y)
             total[0] += loss.double()
@@ -40,7 +44,8 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
 
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
-    loader.load_state_dict(state)
+    if seed is not None:
+        loader.load_state_dict(state)
     model.train(was_training)
     return out
 

@@ -232,12 +232,15 @@ class Trainer:
         return load_meta(folder)
 
     def make_loader(self):
+        """The batch stream: torch's global generator where the model's initialisation left it (rank 0's, on
+        every rank), as nanoGPT's get_batch draws. A resumed run sets the state from its checkpoint."""
         cfg = self.cfg
+        state = same_on_all_ranks(torch.get_rng_state(), self.env)
         if self.data_meta is None:
             return SyntheticLoader(self.model.config.vocab_size, cfg.batch_size, cfg.block_size, self.device,
-                                   cfg.seed, self.env.rank, self.env.world_size)
+                                   cfg.seed, self.env.rank, self.env.world_size, generator_state=state)
         return BatchLoader(self.data_folder, self.data_meta, cfg.batch_size, cfg.block_size, self.device,
-                           cfg.seed, self.env.rank, self.env.world_size)
+                           cfg.seed, self.env.rank, self.env.world_size, generator_state=state)
 
     def check_vocab(self) -> None:
         if self.data_meta is None:
@@ -299,9 +302,14 @@ class Trainer:
 
     # -------------------------------------------------------------- the steps
     def evaluate(self) -> dict:
-        """Train and val loss; seeded by the iteration so that evaluations are repeatable."""
-        return evaluate_loss(self.model, self.loader, self.cfg.eval_iters, self.device, self.dtype,
-                             self.cfg.seed + 7919 * (self.iter_num + 1), self.env)
+        """Train and val loss on the next batches of the training stream (nanoGPT's order)."""
+        return evaluate_loss(self.model, self.loader, self.cfg.eval_iters, self.device, self.dtype, None, self.env)
+
+    def skip_evaluation(self) -> None:
+        """Move the stream past the batches of an evaluation done before the checkpoint this run resumed
+        from: the batches after it are the ones the uninterrupted run trained on."""
+        for split in ("train", "val"):
+            self.loader.skip(split, self.cfg.eval_iters)
 
     def forward_backward(self, X, Y, last: bool) -> torch.Tensor:
         """One micro-step; gradients sync across ranks only on the last micro-step."""
@@ -319,7 +327,7 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum_steps):
-            X, Y = self.next_batch if micro == 0 else self.loader.get_batch("train")
+            X, Y = self.first_batch() if micro == 0 else self.loader.get_batch("train")
             total += self.forward_backward(X, Y, last=micro == self.accum_steps - 1)
         norm = None
         if self.cfg.grad_clip > 0:
@@ -411,9 +419,20 @@ class Trainer:
         return False
 
     def fetch_first_batch(self) -> None:
-        """The step's first micro-batch, fetched ahead; the loader state before it is what a checkpoint keeps."""
+        """The step's first micro-batch of the stream, fetched ahead (rank 0's); the loader state before it is
+        what a checkpoint keeps. As in nanoGPT, an evaluation due at this step draws its batches after it."""
         self.loader_state = self.loader.state_dict()
-        self.next_batch = self.loader.get_batch("train")
+        starts = self.loader.next_draw("train")
+        self.next_batch = self.loader.batch("train", starts) if self.env.rank == 0 else None
+
+    def first_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's first micro-batch of the step: rank 0's was fetched ahead, rank r takes the stream's
+        r-th micro-batch of the step (drawn now, after any evaluation, by every rank alike)."""
+        for r in range(1, self.env.world_size):
+            starts = self.loader.next_draw("train")
+            if r == self.env.rank:
+                self.next_batch = self.loader.batch("train", starts)
+        return self.next_batch
 
     def save(self) -> None:
         state = {
@@ -466,6 +485,8 @@ class Trainer:
                         if self.iter_num > 0:
                             self.save()
                     t_log = time.perf_counter()  # evaluation time is not training speed
+                elif already_evaluated:
+                    self.skip_evaluation()
                 if cfg.eval_only:
                     break
                 loss = self.train_step(lr)
