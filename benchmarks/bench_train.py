@@ -4,10 +4,11 @@
     python benchmarks/bench_train.py --quick                                     # smoke test, tiny configs
 
 The baseline is ngpt itself, run as nanoGPT runs on a CPU: float32, eager, torch's default thread count
-(OMP_NUM_THREADS set to it, which ngpt obeys), the loss read every step (the recipe's --log_interval=1 does
-that for all). "ngpt" is the same command with ngpt's automatic choices (dtype, compile, the attention
-kernel), which it prints with their reasons (see the logs in the work folder); "ngpt+threads" adds
-NGPT_THREADS=auto, the thread count adapted to a busy machine (off by default: it costs bit-exact reruns).
+(OMP_NUM_THREADS set to it, which ngpt obeys), glibc's malloc as it comes (NGPT_MALLOPT=0), the loss read
+every step (the recipe's --log_interval=1 does that for all). "ngpt" is the same command with ngpt's automatic
+choices (dtype, compile, the attention kernel), which it prints with their reasons (see the logs in the work
+folder); "ngpt+threads" adds NGPT_THREADS=auto, the thread count adapted to a busy machine (off by default: it
+costs bit-exact reruns).
 
 1. recipe: the core issue's CPU recipe, `ngpt train --preset shakespeare-char --device=cpu --compile=False
    --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
