@@ -98,16 +98,17 @@ class BatchLoader:
         self.device = device
         self.rank, self.world_size = rank, world_size
         self.generator = make_generator(seed, generator_state)
-        self.files = {}
+        self.files, self.lengths = {}, {}
         for split in SPLITS:
             name = meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin")
             path = folder / name
             if not path.is_file():
                 raise NgptError(f"{path} is missing; prepare the dataset again with --force")
-            if path.stat().st_size // self.dtype.itemsize <= block_size + 1:
-                raise NgptError(f"the {split} split of {folder.name!r} has {path.stat().st_size // self.dtype.itemsize}"
-                                f" tokens, fewer than block_size + 2 = {block_size + 2}; use a smaller --block_size")
-            self.files[split] = path
+            length = path.stat().st_size // self.dtype.itemsize
+            if length <= block_size + 1:
+                raise NgptError(f"the {split} split of {folder.name!r} has {length} tokens, fewer than "
+                                f"block_size + 2 = {block_size + 2}; use a smaller --block_size")
+            self.files[split], self.lengths[split] = path, length
 
     def tokens(self, split: str) -> np.memmap:
         # A new memmap per batch: holding one open grows memory without bound (a numpy quirk).
@@ -115,7 +116,7 @@ class BatchLoader:
 
     def next_draw(self, split: str) -> torch.Tensor:
         """The window starts of the stream's next micro-batch, the same on every rank (see `batch`)."""
-        return torch.randint(len(self.tokens(split)) - self.block_size, (self.batch_size,), generator=self.generator)
+        return torch.randint(self.lengths[split] - self.block_size, (self.batch_size,), generator=self.generator)
 
     def skip(self, split: str, batches: int) -> None:
         """Advance the stream past `batches` micro-batches without reading them."""
