@@ -6,9 +6,9 @@ checkpoint stores so a resumed run draws exactly the batches it would have drawn
 
 A training run's stream continues torch's global generator from where the model's initialisation
 left it (`generator_state`), and its evaluations draw from the same stream, as nanoGPT's `get_batch`
-does: with the same seed a run trains on nanoGPT's batches and evaluates on nanoGPT's, so it
-reproduces nanoGPT's losses (tests/test_train.py checks this). Standalone (`ngpt eval`) a loader is
-seeded from `seed`.
+does: with the same seed (and no dropout, whose masks nanoGPT draws from that stream too) a run
+trains on nanoGPT's batches and evaluates on nanoGPT's, so it reproduces nanoGPT's losses
+(tests/test_train.py checks this). Standalone (`ngpt eval`) a loader is seeded from `seed`.
 
 Under several processes all ranks share one stream of micro-batches (rank 0's) and rank r keeps
 the micro-batches r, r + W, r + 2W, ... of it (W = world size). So a step of W processes with

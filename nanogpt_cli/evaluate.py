@@ -20,7 +20,8 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
     """Mean loss over eval_iters batches per split: the next ones of the loader's stream (training evaluates
     on its own stream, as nanoGPT does) or, with a seed, of a generator seeded by it (the loader's state is
     restored afterwards). Every process draws all eval_iters; process r evaluates those r, r + W, ... and the
-    sums are added up."""
+    sums are added up. Every process runs the same number of forwards (FSDP's are collectives): one without
+    a batch of its own in the last group runs the group's first and does not count it."""
     env = env or DistEnv()
     was_training = model.training
     model.eval()
@@ -30,15 +31,15 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
         if seed is not None:
             loader.generator.manual_seed(seed + 104729 * i)
         total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, count)
-        for j in range(eval_iters):
-            starts = loader.next_draw(split)
-            if j % env.world_size != env.rank:
-                continue
-            X, Y = loader.batch(split, starts)
+        for first in range(0, eval_iters, env.world_size):
+            group = [loader.next_draw(split) for _ in range(min(env.world_size, eval_iters - first))]
+            mine = env.rank < len(group)
+            X, Y = loader.batch(split, group[env.rank if mine else 0])
             with autocast(device, dtype):
                 _, loss = model(X, Y)
-            total[0] += loss.double()
-            total[1] += 1
+            if mine:
+                total[0] += loss.double()
+                total[1] += 1
         if env.is_distributed:
             import torch.distributed as dist
 

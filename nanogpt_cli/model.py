@@ -147,7 +147,7 @@ def cross_entropy(logits, targets, ignore_index: int = -1):
     """Mean cross-entropy of (N, V) logits over the targets that are not ignore_index, in float32.
 
     On cpu (uncompiled) it runs as `ChunkedCrossEntropy`; elsewhere as F.cross_entropy on float32 logits."""
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+    if logits.device.type == "cpu" and len(logits) and not torch.compiler.is_compiling():
         return ChunkedCrossEntropy.apply(logits, targets, ignore_index)
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
@@ -172,19 +172,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         count = keep.sum()
         ctx.save_for_backward(logits, lse, safe, keep, count)
         ctx.rows = rows
-        return ((lse - picked) * keep).sum() / count  # 0 / 0 = nan when every target is ignored, as F's
+        return torch.where(keep, lse - picked, 0.0).sum() / count  # 0 / 0 = nan when every target is ignored
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, lse, safe, keep, count = ctx.saved_tensors
-        scale = keep * (grad_loss / count)  # d loss / d logit = (softmax - one_hot) * scale, row by row
+        scale = grad_loss / count  # d loss / d logit = (softmax - one_hot) * scale, row by row; 0 where ignored
         grad = torch.empty_like(logits)
         minus_one = torch.full((1, 1), -1.0, device=logits.device).expand(ctx.rows, 1)
         for i in range(0, len(logits), ctx.rows):
             j = min(i + ctx.rows, len(logits))
             p = torch.exp(logits[i:j].float() - lse[i:j, None])
             p.scatter_add_(1, safe[i:j, None], minus_one[:j - i])
-            grad[i:j] = p.mul_(scale[i:j, None])
+            grad[i:j] = torch.where(keep[i:j, None], p.mul_(scale), 0.0)
         return grad, None, None
 
 

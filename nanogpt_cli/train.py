@@ -22,7 +22,7 @@ import torch
 
 from nanogpt_cli import checkpoint as ckpt_io
 from nanogpt_cli.config import TrainConfig, from_dict, to_dict, to_toml
-from nanogpt_cli.data import BatchLoader, SyntheticLoader, dataset_path, load_meta
+from nanogpt_cli.data import BatchLoader, SyntheticLoader, dataset_path, load_meta, stream_seed
 from nanogpt_cli.device import (
     DistEnv,
     apply_threads,
@@ -236,6 +236,9 @@ class Trainer:
         every rank), as nanoGPT's get_batch draws. A resumed run sets the state from its checkpoint."""
         cfg = self.cfg
         state = same_on_all_ranks(torch.get_rng_state(), self.env)
+        # Dropout draws from the global generator: a stream of its own (per rank), so that the words that pick
+        # the batches do not also draw the first dropout masks. (nanoGPT's dropout shares its batches' stream.)
+        torch.manual_seed(stream_seed(cfg.seed + self.env.rank))
         if self.data_meta is None:
             return SyntheticLoader(self.model.config.vocab_size, cfg.batch_size, cfg.block_size, self.device,
                                    cfg.seed, self.env.rank, self.env.world_size, generator_state=state)
@@ -261,6 +264,8 @@ class Trainer:
         self.best_val_loss = float(resume.get("best_val_loss", float("inf")))
         self.wandb_run_id = resume.get("wandb_run_id")
         self.evaluated_iter = int(resume.get("evaluated_iter", self.iter_num))
+        # the batches an evaluation drew before this checkpoint: its run's eval_iters, whatever this run's is
+        self.resumed_eval_iters = int(resume.get("config", {}).get("eval_iters", self.cfg.eval_iters))
         where = ckpt_io.checkpoint_file(self.out_dir)
         parts = [("optimizer", lambda state: load_optimizer_state(self.raw_model, self.optimizer, state),
                   "optimizer" in resume),
@@ -309,7 +314,7 @@ class Trainer:
         """Move the stream past the batches of an evaluation done before the checkpoint this run resumed
         from: the batches after it are the ones the uninterrupted run trained on."""
         for split in ("train", "val"):
-            self.loader.skip(split, self.cfg.eval_iters)
+            self.loader.skip(split, self.resumed_eval_iters)
 
     def forward_backward(self, X, Y, last: bool) -> torch.Tensor:
         """One micro-step; gradients sync across ranks only on the last micro-step."""

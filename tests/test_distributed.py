@@ -211,6 +211,23 @@ def test_fsdp_matches_and_its_checkpoint_resumes_in_one_process(setup):
     assert losses(out) == pytest.approx(one, rel=REL), (losses(out), one)
 
 
+def test_fsdp_evaluates_an_uneven_number_of_batches_like_one_process(setup):
+    """eval_iters=3 on 2 ranks: rank 0 evaluates batches 0 and 2, rank 1 batch 1 and, to keep FSDP's
+    collectives in step, a forward it does not count. No hang; the evaluations and the losses are one
+    process's."""
+    root, args, _ = setup
+    ref, out = root / "uneven-ref", root / "uneven-fsdp"
+    extra = ["--eval_iters=3", "--max_iters=3"]
+    train(build(TrainConfig, None, [*args, *extra, f"--out_dir={ref}"]))
+    proc = run([sys.executable, "-m", "nanogpt_cli", "train", "--nproc-per-node", "2", *args, *extra,
+                "--strategy=fsdp", f"--out_dir={out}"], timeout=120)
+    assert proc.returncode == 0, show(proc)
+    assert losses(out) == pytest.approx(losses(ref), rel=REL)
+    evals = [{(r["iter"], split): r[f"{split}_loss"] for r in read_jsonl(d / "metrics.jsonl") if "val_loss" in r
+              for split in ("train", "val")} for d in (out, ref)]
+    assert {it for it, _ in evals[0]} == {0, 3} and evals[0] == pytest.approx(evals[1], rel=REL)
+
+
 @pytest.mark.slow
 def test_ddp_resume_is_exact_with_dropout(setup):
     """Each rank's RNG state (its dropout masks) is in the checkpoint: 2 processes x 3 iterations, stop,

@@ -138,3 +138,12 @@ def test_the_chunked_cross_entropy_is_f_cross_entropy_forward_and_backward(vocab
     assert (ours.grad[::5] == 0).all()  # ignored rows get no gradient
     every_row_ignored = torch.full((4,), -1)
     assert torch.isnan(cross_entropy(torch.randn(4, 10), every_row_ignored))  # 0 / 0, as F.cross_entropy
+    masked = torch.randn(3, 10)
+    masked[0] = -float("inf")  # an ignored row may hold anything, -inf included
+    masked = masked.requires_grad_()
+    loss = cross_entropy(masked, torch.tensor([-1, 2, 5]))
+    loss.backward()
+    want = torch.nn.functional.cross_entropy(masked[1:].detach(), torch.tensor([2, 5]))
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert torch.isfinite(masked.grad).all() and (masked.grad[0] == 0).all()
+    assert torch.isnan(cross_entropy(torch.randn(0, 10), torch.zeros(0, dtype=torch.long)))  # empty, as F's
