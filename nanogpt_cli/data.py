@@ -71,16 +71,41 @@ def stream_seed(seed: int) -> int:
     return (seed * 1_000_003 + 7) % 2**63
 
 
-def make_generator(seed: int, state: torch.Tensor | None) -> torch.Generator:
-    generator = torch.Generator()
-    if state is not None:
-        generator.set_state(state)
-    else:
-        generator.manual_seed(stream_seed(seed))
-    return generator
+class Stream:
+    """What both loaders share: a generator whose state is the loader's whole state, drawn alike on every
+    rank. A subclass says what one draw is (`next_draw`) and what batch it makes (`batch`)."""
+
+    def __init__(self, seed: int, rank: int, world_size: int, generator_state: torch.Tensor | None):
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator()
+        if generator_state is not None:
+            self.generator.set_state(generator_state)
+        else:
+            self.generator.manual_seed(stream_seed(seed))
+
+    def next_draw(self, split: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch(self, split: str, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch: its share of the next world_size micro-batches of the stream."""
+        return self.batch(split, shared_draw(self, lambda: self.next_draw(split)))
+
+    def skip(self, split: str, batches: int) -> None:
+        """Advance the stream past `batches` micro-batches without reading them."""
+        for _ in range(batches):
+            self.next_draw(split)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
 
-class BatchLoader:
+class BatchLoader(Stream):
     """Random (x, y) windows from a split's token file, read through np.memmap.
 
     Every rank draws the same stream (seeded by `seed`) and keeps its own share of it: micro-batch
@@ -96,8 +121,7 @@ class BatchLoader:
         self.batch_size = batch_size
         self.block_size = block_size
         self.device = device
-        self.rank, self.world_size = rank, world_size
-        self.generator = make_generator(seed, generator_state)
+        super().__init__(seed, rank, world_size, generator_state)
         self.files, self.lengths = {}, {}
         for split in SPLITS:
             name = meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin")
@@ -118,15 +142,6 @@ class BatchLoader:
         """The window starts of the stream's next micro-batch, the same on every rank (see `batch`)."""
         return torch.randint(self.lengths[split] - self.block_size, (self.batch_size,), generator=self.generator)
 
-    def skip(self, split: str, batches: int) -> None:
-        """Advance the stream past `batches` micro-batches without reading them."""
-        for _ in range(batches):
-            self.next_draw(split)
-
-    def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next micro-batch: its share of the next world_size micro-batches of the stream."""
-        return self.batch(split, shared_draw(self, lambda: self.next_draw(split)))
-
     def batch(self, split: str, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (x, y) windows of a draw, on the device."""
         data = self.tokens(split)
@@ -137,38 +152,18 @@ class BatchLoader:
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-
-class SyntheticLoader:
+class SyntheticLoader(Stream):
     """Uniformly random tokens of the right shapes: benchmarks without a prepared dataset."""
 
     def __init__(self, vocab_size: int, batch_size: int, block_size: int, device: torch.device, seed: int = 1337,
                  rank: int = 0, world_size: int = 1, generator_state: torch.Tensor | None = None):
         self.meta = {"tokenizer": "synthetic", "vocab_size": vocab_size}
         self.vocab_size, self.batch_size, self.block_size, self.device = vocab_size, batch_size, block_size, device
-        self.rank, self.world_size = rank, world_size
-        self.generator = make_generator(seed, generator_state)
+        super().__init__(seed, rank, world_size, generator_state)
 
     def next_draw(self, split: str) -> torch.Tensor:
         return torch.randint(self.vocab_size, (self.batch_size, self.block_size + 1), generator=self.generator)
 
-    def skip(self, split: str, batches: int) -> None:
-        for _ in range(batches):
-            self.next_draw(split)
-
-    def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.batch(split, shared_draw(self, lambda: self.next_draw(split)))
-
     def batch(self, split: str, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return data[:, :-1].to(self.device), data[:, 1:].to(self.device)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
