@@ -251,6 +251,7 @@ def compare(configs: list[tuple[str, TrainConfig]], iters: int, warmup: int, pro
             base = Path(trace_path).expanduser() if trace_path else default_trace_path(cfg)
             path = base.with_name(f"{base.stem}-{_safe(label)}{base.suffix or '.json'}")
         result = bench(cfg, iters=iters, warmup=warmup, profile=profile, trace_path=path)
+        torch._dynamo.reset()  # compiled graphs of this configuration neither linger nor count against the next
         gc.collect()  # the previous configuration's model and optimizer go before the next one is built
         row = {"label": label, **result.as_dict()}
         first = rows[0] if rows else row

@@ -27,7 +27,9 @@ def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device
     """auto -> cuda (this process's local GPU under torchrun) > mps > cpu; explicit names are checked."""
     if requested == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+            return device
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -43,6 +45,7 @@ def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device
             device = torch.device("cuda", local_rank % count)
         elif device.index >= count:
             raise UsageError(f"--device={requested}: this machine has {count} CUDA device(s)")
+        torch.cuda.set_device(device)  # what torch allocates without naming a GPU (pinned memory too) goes there
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device=mps was asked for, but MPS is not available here; use --device=cpu or auto")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -80,6 +83,13 @@ def _cpu_bf16_speedup(threads: int) -> float:
     return max(bf16) / max(fp32)
 
 
+def cuda_has_bf16(device: torch.device) -> bool:
+    """bf16 in hardware on this GPU (Ampere and newer). torch's default check also says yes where bf16 is only
+    emulated (T4, V100): slow there, and inductor will not compile it, so those take float16."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def choose_dtype(device: torch.device, requested: str = "auto", training: bool = False) -> tuple[str, str]:
     """(dtype name, why): bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on mps; on cpu,
     for training, bf16 autocast where AMX/AVX512-BF16 make a measured bf16 matmul clearly faster, else fp32
@@ -87,15 +97,18 @@ def choose_dtype(device: torch.device, requested: str = "auto", training: bool =
     if requested != "auto":
         if requested not in DTYPES:
             raise UsageError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
-        if requested == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UsageError("--dtype=bfloat16: this GPU does not support bfloat16; use float16")
+        if requested == "bfloat16" and device.type == "cuda" and not cuda_has_bf16(device):
+            raise UsageError("--dtype=bfloat16: this GPU has no bfloat16 tensor cores; use float16")
+        if requested == "float16" and device.type == "mps" and training:
+            raise UsageError("--dtype=float16 trains without loss scaling on mps (small gradients vanish); "
+                             "use float32 or bfloat16")
         return requested, "asked for"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if cuda_has_bf16(device):
             return "bfloat16", "the GPU supports bfloat16 (no loss scaling needed)"
         return "float16", "the GPU lacks bfloat16: float16 with a GradScaler"
     if device.type == "mps":
-        return "float32", "mps: float32 (autocast gains little there; --dtype=float16 to try)"
+        return "float32", "mps: float32 (autocast gains little there; --dtype=bfloat16 to try, macOS 14+)"
     if not training:
         return "float32", "cpu: float32 (--dtype=bfloat16 to use bf16 autocast)"
     if not cpu_has_fast_bf16():
@@ -336,7 +349,8 @@ def synchronize(device: torch.device) -> None:
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s (fp32 accumulate), from the vendors' data sheets.
 # First match wins: more specific names come before the names they contain (H100 NVL before H100, A100 before A10).
 GPU_PEAK_FLOPS = [
-    ("H200", 989e12), ("GH200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+    ("H200 NVL", 835e12), ("H200", 989e12), ("GH200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12),
+    ("H100", 989e12),
     ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
     ("A10G", 70e12), ("A10", 125e12), ("A30", 165e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
     ("RTX 5090", 209e12), ("RTX 4090", 165e12), ("RTX 4080", 97e12), ("RTX 3090", 71e12),

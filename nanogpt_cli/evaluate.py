@@ -26,11 +26,12 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
     was_training = model.training
     model.eval()
     state = loader.state_dict()
+    acc = torch.float32 if torch.device(device).type == "mps" else torch.float64  # mps has no float64
     out = {}
     for i, split in enumerate(splits):
         if seed is not None:
             loader.generator.manual_seed(seed + 104729 * i)
-        total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, count)
+        total = torch.zeros(2, device=device, dtype=acc)  # (sum of losses, count)
         for first in range(0, eval_iters, env.world_size):
             group = [loader.next_draw(split) for _ in range(min(env.world_size, eval_iters - first))]
             mine = env.rank < len(group)
@@ -38,7 +39,7 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
             with autocast(device, dtype):
                 _, loss = model(X, Y)
             if mine:
-                total[0] += loss.double()
+                total[0] += loss.to(acc)
                 total[1] += 1
         if env.is_distributed:
             import torch.distributed as dist

@@ -17,6 +17,18 @@ from nanogpt_cli.config import TrainConfig, build
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA GPU: without one they are skipped, with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (this torch sees none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 TEXT = "".join(f"{w} the quick brown fox jumps over the lazy dog {i % 7}.\n"
                for i, w in enumerate(["ROMEO:", "JULIET:", "First Citizen:", "MENENIUS:"] * 150))
 

@@ -126,3 +126,22 @@ def test_bench_train_script_quick_mode_runs(tmp_path):
     assert baseline["dtype"] == "float32" and baseline["compile"] is False
     assert "threads OMP_NUM_THREADS=" in baseline["choices"] and "exact reruns" in ours["choices"]
     assert "measured" in adaptive["choices"] or "one core" in adaptive["choices"]
+
+
+@pytest.mark.gpu
+def test_a_cuda_bench_reports_the_data_sheet_peak_and_gpu_memory(tiny_cfg):
+    import torch
+
+    from nanogpt_cli.device import gpu_peak_flops
+
+    cfg = tiny_cfg("--device=cuda", "--dataset=synthetic", "--vocab_size=128", "--dtype=auto", "--compile=False")
+    result = bench(cfg, iters=5, warmup=2)
+    name = torch.cuda.get_device_name()
+    assert result.device.startswith("cuda") and result.tokens_per_second > 0
+    assert result.dtype == ("bfloat16" if torch.cuda.get_device_capability() >= (8, 0) else "float16")
+    assert result.peak_memory_mb > 0 and "cuda" in result.memory_kind.lower()
+    if gpu_peak_flops(name) is None:
+        assert result.mfu is None and "unknown GPU" in result.peak_flops_source
+    else:
+        assert result.peak_flops == gpu_peak_flops(name) and 0 < result.mfu < 1
+        assert "data sheet" in result.peak_flops_source

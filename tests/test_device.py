@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -43,14 +45,22 @@ def test_cpu_auto_dtype_follows_the_instructions_and_the_measured_speedup(monkey
 
 
 def test_gpu_and_mps_auto_dtypes(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **k: asked.append(k) or True)
     assert choose_dtype(CUDA)[0] == "bfloat16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    # emulated bf16 (T4, V100) counts as none: it is slow there and inductor will not compile it
+    assert asked == [{"including_emulation": False}]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **k: False)
     dtype, why = choose_dtype(CUDA)
     assert dtype == "float16" and "GradScaler" in why
-    with pytest.raises(UsageError, match="does not support bfloat16"):
+    with pytest.raises(UsageError, match="no bfloat16 tensor cores"):
         choose_dtype(CUDA, "bfloat16")
     assert choose_dtype(MPS)[0] == "float32"
+    # float16 on mps has no GradScaler: refused for training, fine for sampling and evaluation
+    with pytest.raises(UsageError, match="without loss scaling on mps"):
+        choose_dtype(MPS, "float16", training=True)
+    assert choose_dtype(MPS, "float16") == ("float16", "asked for")
 
 
 def test_the_measured_bf16_speedup_is_cached_and_sane():
@@ -199,7 +209,8 @@ def test_cpu_bf16_training_uses_explicit_attention():
 
 @pytest.mark.parametrize("name, flops", [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100-PCIE-40GB", 312e12),
     ("NVIDIA A10G", 70e12), ("NVIDIA A10", 125e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
     ("NVIDIA GeForce RTX 4090", 165e12), ("Tesla T4", 65e12), ("NVIDIA RTX A6000", 155e12),
 ])

@@ -147,3 +147,30 @@ def test_the_chunked_cross_entropy_is_f_cross_entropy_forward_and_backward(vocab
     assert torch.isfinite(loss) and loss.item() == pytest.approx(want.item(), rel=1e-6)
     assert torch.isfinite(masked.grad).all() and (masked.grad[0] == 0).all()
     assert torch.isnan(cross_entropy(torch.randn(0, 10), torch.zeros(0, dtype=torch.long)))  # empty, as F's
+
+
+@pytest.mark.gpu
+def test_on_cuda_sdpa_matches_the_explicit_attention_and_the_cache_matches_a_full_forward():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64)).cuda()
+    idx = torch.randint(0, 50, (3, 24), device="cuda")
+    results = []
+    for kind in ("sdpa", "explicit"):  # bf16 on cuda: SDPA's flash or memory-efficient kernel
+        model.set_attention(kind)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        results.append((logits.float(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=5e-2, rtol=5e-2)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    model.set_attention("sdpa")
+    model.eval()
+    with torch.inference_mode():
+        cache = KVCache(model.config, 3, "cuda")
+        model(idx[:, :10], kv_cache=cache)
+        for t in range(10, 24):
+            step, _ = model(idx[:, t:t + 1], kv_cache=cache)
+            full, _ = model(idx[:, :t + 1])
+            torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
