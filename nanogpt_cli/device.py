@@ -126,6 +126,14 @@ def choose_dtype(device: torch.device, requested: str = "auto", training: bool =
 CPU_COMPILE_MIN_SECONDS = 15 * 60
 
 
+def duration(seconds: float) -> str:
+    """A run's estimated length in words: minutes, hours or days."""
+    for unit, size in (("day", 86400), ("hour", 3600)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}s"
+    return f"{seconds / 60:.0f} minutes"
+
+
 def choose_compile(device: torch.device, requested: bool | None,
                    est_run_seconds: float | None = None) -> tuple[bool, str]:
     """(compile?, why): on by default on cuda; on cpu when the run is estimated to take long enough
@@ -147,9 +155,9 @@ def choose_compile(device: torch.device, requested: bool | None,
         return False, (f"cpu: compiling takes about a minute and saves 0-20% per step (measured: 16% on a 0.8M-"
                        f"parameter model, 1% on GPT-2 124M), worth it for runs of {minutes}+ minutes (--compile=True)")
     if est_run_seconds >= CPU_COMPILE_MIN_SECONDS:
-        return True, (f"cpu: a run of about {est_run_seconds / 60:.0f} minutes pays back compiling "
+        return True, (f"cpu: a run of about {duration(est_run_seconds)} pays back compiling "
                       "(about a minute, then 0-20% faster steps)")
-    length = f"about {est_run_seconds / 60:.0f} minutes" if est_run_seconds >= 90 else "a minute or two"
+    length = f"about {duration(est_run_seconds)}" if est_run_seconds >= 90 else "a minute or two"
     return False, (f"cpu: a run of {length} is too short to pay back "
                    f"compiling (pays from about {minutes} minutes; --compile=True to force)")
 

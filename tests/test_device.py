@@ -80,7 +80,9 @@ def test_compile_auto_choices(monkeypatch):
     use, why = choose_compile(CPU, None, est_run_seconds=120)
     assert use is False and "too short" in why
     use, why = choose_compile(CPU, None, est_run_seconds=3 * 3600)
-    assert use is True and "180 minutes" in why
+    assert use is True and "about 3 hours" in why
+    assert "about 93 days" in choose_compile(CPU, None, est_run_seconds=93 * 86400)[1]
+    assert "about 40 minutes" in choose_compile(CPU, None, est_run_seconds=40 * 60)[1]
     monkeypatch.setattr("shutil.which", lambda name: None)
     use, why = choose_compile(CPU, None, est_run_seconds=3 * 3600)
     assert use is False and "C++ compiler" in why
