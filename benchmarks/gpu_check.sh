@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, prepared to run in one go on a machine with an NVIDIA GPU (about 6 minutes on an H100/H200):
+# The GPU check, prepared to run in one go on a machine with an NVIDIA GPU (estimated 6 minutes on an H100/H200):
 #
 #   bash benchmarks/gpu_check.sh [FOLDER]      # from the repository root; results land in FOLDER (default gpu-check)
 #
@@ -33,7 +33,8 @@ part() {  # part NAME LOG COMMAND...: run COMMAND with its output in LOG (and on
   [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
-$py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU here')" || exit 1
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU here')" || exit 1
+"$py" -c "import nanogpt_cli.cli, pytest" || { echo "ngpt or pytest is not importable: pip install -e '.[dev]' (or PYTHONPATH=.)"; exit 1; }
 part info "$out/info.txt" "$py" -m nanogpt_cli info
 part tests "$out/tests.txt" "$py" -m pytest -q -m gpu -ra -p no:cacheprovider tests
 

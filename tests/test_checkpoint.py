@@ -57,7 +57,8 @@ def test_checkpoint_holds_everything_an_exact_resume_needs(trained):
     assert raw["optimizer"]["state"] and len(raw["optimizer"]["param_groups"]) == 2
     assert "scaler" in raw  # None on CPU float32; the GradScaler's state with float16 on CUDA
     assert np.isfinite(raw["best_val_loss"])
-    expected_rng = {"python", "numpy", "torch"} | ({"cuda"} if torch.cuda.is_available() else set())
+    expected_rng = ({"python", "numpy", "torch"} | ({"cuda"} if torch.cuda.is_available() else set())
+                    | ({"mps"} if torch.backends.mps.is_available() else set()))
     assert set(raw["rng"]) == expected_rng
     assert isinstance(raw["loader"]["generator"], torch.Tensor)
     assert raw["model_args"]["n_layer"] == 2 and raw["config"]["max_iters"] == 3
