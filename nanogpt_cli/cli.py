@@ -257,9 +257,18 @@ def eval_command(
     if limit is not None and not tasks:
         raise UsageError("--limit applies to the zero-shot benchmarks: add --task hellaswag or --task lambada")
     # with benchmarks, a dataset's loss only when asked for by name (a preset's default dataset may not be prepared)
-    report = evaluate(cfg) if not tasks or "dataset" in parse_overrides(config_args(ctx), TrainConfig) else {}
+    with_dataset = not tasks or "dataset" in parse_overrides(config_args(ctx), TrainConfig)
+    loaded = None
+    if tasks and with_dataset:  # both: the model is loaded once, after the benchmark files are found
+        from nanogpt_cli.checkpoint import load_model
+        from nanogpt_cli.zeroshot import benchmark_file
+
+        for name in tasks:
+            benchmark_file(name, files.get(name))
+        loaded = load_model(cfg.init_from, cfg.out_dir)[:2]
+    report = evaluate(cfg, loaded) if with_dataset else {}
     if tasks:
-        report = {**report, **zeroshot(cfg, tasks, files, limit)}
+        report = {**report, **zeroshot(cfg, tasks, files, limit, loaded)}
     if as_json:
         echo(json.dumps(report) + "\n")
         return

@@ -52,8 +52,9 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
     return out
 
 
-def evaluate(cfg: TrainConfig) -> dict:
-    """Loss and perplexity per split for cfg.init_from (an ngpt checkpoint or any importable model)."""
+def evaluate(cfg: TrainConfig, loaded: tuple | None = None) -> dict:
+    """Loss and perplexity per split for cfg.init_from (an ngpt checkpoint or any importable model);
+    `loaded`: its (model, meta) when the caller has loaded it already."""
     from nanogpt_cli.checkpoint import load_model
     from nanogpt_cli.data import BatchLoader, dataset_path, load_meta
     from nanogpt_cli.errors import NgptError, UsageError
@@ -64,7 +65,7 @@ def evaluate(cfg: TrainConfig) -> dict:
     dtype, _ = choose_dtype(device, cfg.dtype)
     if cfg.init_from == "scratch":
         raise UsageError("ngpt eval needs weights: --init_from=resume (with --out_dir), a checkpoint, or gpt2*")
-    model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
+    model, meta = loaded or load_model(cfg.init_from, cfg.out_dir)[:2]
     folder = dataset_path(cfg.dataset, cfg.data_dir)
     data_meta = load_meta(folder)
     other_chars = data_meta.get("tokenizer") == "char" and data_meta.get("itos") != meta.get("itos")

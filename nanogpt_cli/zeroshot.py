@@ -307,16 +307,18 @@ def benchmark_tokenizer(meta: dict, vocab_size: int):
     return tokenizer
 
 
-def zeroshot(cfg, tasks: list[str], files: dict[str, str | None] | None = None, limit: int | None = None) -> dict:
+def zeroshot(cfg, tasks: list[str], files: dict[str, str | None] | None = None, limit: int | None = None,
+             loaded: tuple | None = None) -> dict:
     """Zero-shot results of cfg.init_from on each task: {"model", "block_size", task: {...}}.
-    Files are found (or downloaded) and read before the model loads, so bad input fails fast."""
+    Files are found (or downloaded) and read before the model loads, so bad input fails fast.
+    `loaded`: the model's (model, meta) when the caller has loaded it already."""
     from nanogpt_cli.checkpoint import load_model
     from nanogpt_cli.device import choose_dtype, keep_freed_host_memory, resolve_device
 
     files = files or {}
     paths = {task: benchmark_file(task, files.get(task)) for task in tasks}
     data = {task: READERS[task](paths[task], limit) for task in tasks}
-    model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
+    model, meta = loaded or load_model(cfg.init_from, cfg.out_dir)[:2]
     tokenizer = benchmark_tokenizer(meta, model.config.vocab_size)
     device = resolve_device(cfg.device)
     if device.type == "cpu":

@@ -298,7 +298,11 @@ def test_cli_json_matches_transformers_for_checkpoint_and_hf_folder(tmp_path, mo
     assert "hellaswag" in table and "acc_norm" in table
 
 
-def test_cli_dataset_and_tasks_together(tmp_path, hf_folder, files, tiktoken_gpt2):
+def test_cli_dataset_and_tasks_together(tmp_path, hf_folder, files, tiktoken_gpt2, monkeypatch):
+    from nanogpt_cli import checkpoint
+
+    loads, load_model = [], checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
     folder = tmp_path / "data" / "tiny_bpe"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -314,6 +318,7 @@ def test_cli_dataset_and_tasks_together(tmp_path, hf_folder, files, tiktoken_gpt
                              "--json").stdout)
     assert report["dataset"] == "tiny_bpe" and "val_loss" in report
     assert report["block_size"] == 32 and report["hellaswag"]["examples"] == 3
+    assert len(loads) == 1  # one model serves both
 
 
 def test_cli_char_level_model_is_refused(tmp_path, files):
