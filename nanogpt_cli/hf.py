@@ -149,6 +149,28 @@ def _check_gpt2_config(cfg, source: str) -> None:
         raise UsageError(f"{source} uses GPT-2 options ngpt's model cannot represent: {', '.join(problems)}")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host takes a TCP connection. Offline, the Hub client retries for ~25 s before it
+    fails; with this answer an offline machine loads a cached model at once (local_files_only) and an
+    uncached one fails at once. Behind a proxy the proxy decides, so the answer is yes without a probe."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _hub_error(name: str, e: Exception) -> NgptError:
     text = " ".join(str(e).split())
     lowered = text.lower()
@@ -241,8 +263,9 @@ def load_hf_gpt2(name_or_path: str, dropout: float | None = None) -> tuple[GPT, 
 
 
 def _load_hf_gpt2(name_or_path: str, source: str, folder: Path | None, transformers, dropout: float | None):
+    cached_only = folder is None and not hub_reachable()  # offline: the local cache, without the Hub's retries
     try:
-        hf_config = transformers.AutoConfig.from_pretrained(source)
+        hf_config = transformers.AutoConfig.from_pretrained(source, local_files_only=cached_only)
     except OSError as e:
         raise _hub_error(name_or_path, e) from None
     except (ValueError, KeyError) as e:  # a model_type this transformers does not know
@@ -256,7 +279,8 @@ def _load_hf_gpt2(name_or_path: str, source: str, folder: Path | None, transform
         with _no_progress_bars(transformers, quiet=folder is not None):
             # shape mismatches come back in `info` (not as transformers' RuntimeError after a long report)
             hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(
-                source, config=hf_config, output_loading_info=True, ignore_mismatched_sizes=True)
+                source, config=hf_config, output_loading_info=True, ignore_mismatched_sizes=True,
+                local_files_only=cached_only)
     except OSError as e:
         if folder is not None:
             raise NgptError(f"could not load the weights in {name_or_path}: {' '.join(str(e).split())[:300]}") from None

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import sys
 
 import pytest
@@ -454,6 +455,7 @@ def test_no_network_is_one_line_without_the_hubs_retry_warnings(monkeypatch, cap
     monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                         endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(hf, "hub_reachable", lambda: True)  # a host that answers, then fails: the retry path
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
 
@@ -476,6 +478,40 @@ def test_no_network_is_one_line_without_the_hubs_retry_warnings(monkeypatch, cap
         assert any("Retry" in m for m in hub_warnings())  # the hub really retried: the test did reach it
     finally:
         configure()
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """A machine without network, with the Hub client not told so: a refused endpoint and an empty cache."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    return tmp_path / "hub-cache"
+
+
+def test_an_offline_machine_is_told_at_once_without_the_hubs_retries(unreachable_hub, monkeypatch):
+    import time
+
+    def no_retries(seconds):
+        raise AssertionError("the Hub client retried")
+
+    monkeypatch.setattr(time, "sleep", no_retries)
+    assert hf.hub_reachable() is False
+    with pytest.raises(NgptError, match="could not be reached"):
+        hf.load_hf_gpt2("someone/some-gpt2")
+
+
+def test_an_offline_machine_loads_a_cached_hub_model(unreachable_hub, tmp_path):
+    folder, reference = make_hf_folder(tmp_path / "src", n_layer=1)
+    repo = unreachable_hub / "models--someone--tiny-gpt2"  # the Hub cache's layout: refs/main -> snapshot
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(folder, repo / "snapshots" / "0123abcd")
+    model, _ = hf.load_hf_gpt2("someone/tiny-gpt2")
+    torch.testing.assert_close(model.lm_head.weight, reference.lm_head.weight)
 
 
 def test_incomplete_or_misshapen_weights_are_refused_not_randomly_filled(tmp_path, capfd):
