@@ -233,18 +233,53 @@ def threads_per_process(nproc_per_node: int) -> int:
 def launch(torchrun_args: list[str], command: list[str], nproc_per_node: int) -> int:
     """Run `torchrun <torchrun_args> -m nanogpt_cli <command>` through PyTorch's own launcher, in this
     process (torch.distributed.run), and return the job's exit code: 0, or the first failed
-    worker's (128 + N for a worker killed by signal N)."""
+    worker's (128 + N for a worker killed by signal N). The workers leave their error lines to this
+    process, which prints each different one once (see errors.emit_error) instead of torchrun's report."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    from nanogpt_cli.errors import LAUNCHED
+    from nanogpt_cli.progress import is_verbose
+
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc_per_node)))
+    os.environ[LAUNCHED] = "1"
+    quieted = {}
+    if not is_verbose():  # torchrun logs each failed worker at ERROR level; the error lines below say it
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger):
+                quieted[logger] = logger.level
+                logger.setLevel(logging.CRITICAL)
     try:
         torchrun_main([*torchrun_args, "-m", "nanogpt_cli", *command])
     except ChildFailedError as e:
+        os.environ.pop(LAUNCHED, None)  # this process prints its lines itself
+        report_failures(e.failures)
         _, failure = e.get_first_failure()
         code = failure.exitcode
         return 128 - code if code < 0 else (code or 1)
     except SignalException as e:
         return 128 + int(e.sigval)
+    finally:
+        os.environ.pop(LAUNCHED, None)
+        for logger, level in quieted.items():
+            logger.setLevel(level)
     return 0
+
+
+def report_failures(failures: dict) -> None:
+    """The failed workers' error lines, each different line once (with its ranks when they differ)."""
+    from nanogpt_cli.errors import emit_error
+
+    lines: dict[str, list[int]] = {}
+    for rank, failure in sorted(failures.items()):
+        message = failure.message if isinstance(failure.message, str) else ""
+        if not message.startswith("error: "):  # no line of ours: a signal, or a crash before ngpt started
+            cause = message if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+            message = f"error: process {rank} failed ({cause}); rerun with --verbose for torchrun's report"
+        lines.setdefault(message, []).append(rank)
+    for line, ranks in lines.items():
+        where = "" if len(lines) == 1 else f" (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+        emit_error(line + where)

@@ -45,11 +45,35 @@ def current_context():
     return None
 
 
+LAUNCHED = "NGPT_LAUNCHED"  # set by `ngpt ... --nproc-per-node N` for its workers (see distributed.launch)
+
+
+def emit_error(line: str) -> None:
+    """Print one error line on stderr, in one write (so that the lines of several processes do not interleave).
+    In a worker that `ngpt ... --nproc-per-node` started, the line goes to torchrun's error file for this
+    worker instead: the launcher prints each different line once, as every rank usually fails alike."""
+    import os
+    import sys
+
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and os.environ.get(LAUNCHED) == "1":
+        import json
+        import time
+
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+            return
+        except OSError:
+            pass
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def report_errors(func):
     """Decorate a CLI command: the project's errors become one line on stderr and an exit code;
     anything unexpected does too (with a hint), unless debugging is on."""
     import functools
-    import sys
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -59,12 +83,12 @@ def report_errors(func):
             if debug_enabled():
                 raise
             message = str(e).replace("\n", " ")
-            print(f"error: {message}", file=sys.stderr)
+            emit_error(f"error: {message}")
             raise SystemExit(e.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
-            print("error: interrupted", file=sys.stderr)
+            emit_error("error: interrupted")
             raise SystemExit(130) from None
         except BrokenPipeError:  # the reader went away (`ngpt sample | head`): stop quietly, as `yes | head` does
             _silence_stdout()
@@ -75,7 +99,7 @@ def report_errors(func):
             if debug_enabled() or type(e).__name__ in ("Exit", "Abort"):  # typer/click control flow
                 raise
             message = " ".join(str(e).split()) or type(e).__name__
-            print(f"error: {type(e).__name__}: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+            emit_error(f"error: {type(e).__name__}: {message} (rerun with --debug for the traceback)")
             raise SystemExit(1) from None
 
     return wrapper

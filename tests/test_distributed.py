@@ -150,6 +150,31 @@ def test_launcher_options_are_refused_inside_a_worker(monkeypatch):
     assert result.exit_code == 2 and "already is a torchrun worker" in result.output
 
 
+def test_failed_workers_are_reported_once_per_different_line(capsys):
+    from types import SimpleNamespace
+
+    same = {r: SimpleNamespace(message="error: no such dataset", exitcode=1) for r in (1, 0)}
+    D.report_failures(same)
+    assert capsys.readouterr().err == "error: no such dataset\n"  # every rank failed alike: one line
+    D.report_failures({0: SimpleNamespace(message="error: out of memory", exitcode=1),
+                       1: SimpleNamespace(message="Signal 9 (SIGKILL) received by PID 7", exitcode=-9),
+                       2: SimpleNamespace(message="To enable traceback see: https://...", exitcode=1)})
+    assert capsys.readouterr().err.splitlines() == [
+        "error: out of memory (rank 0)",
+        "error: process 1 failed (Signal 9 (SIGKILL) received by PID 7); rerun with --verbose for torchrun's report "
+        "(rank 1)",
+        "error: process 2 failed (exit code 1); rerun with --verbose for torchrun's report (rank 2)"]
+
+
+def test_bad_input_under_the_launcher_is_one_line_not_one_per_rank(tmp_path):
+    """Both workers refuse the run alike: the launcher prints the line once, without torchrun's report."""
+    proc = run([sys.executable, "-m", "nanogpt_cli", "train", "--nproc-per-node", "2", "--device=cpu",
+                "--dataset=nonexistent", f"--data_dir={tmp_path}", "--gradient_accumulation_steps=2"], timeout=90)
+    assert proc.returncode == 1, show(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dataset 'nonexistent' is not prepared"), show(proc)
+
+
 def test_grad_sync_and_state_dicts_without_a_process_group():
     from nanogpt_cli.model import GPT, GPTConfig
 
