@@ -16,21 +16,16 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from nanogpt_cli.config import TrainConfig
-from nanogpt_cli.device import (
-    cleanup_distributed,
-    dist_env_from_environ,
-    init_distributed,
-    resolve_device,
-    synchronize,
-)
+from nanogpt_cli.distributed import cleanup_distributed, dist_env_from_environ
 from nanogpt_cli.errors import UsageError
-from nanogpt_cli.train import Trainer, lr_at
+from nanogpt_cli.runtime import synchronize
+from nanogpt_cli.train import build_trainer, lr_at
 
 
 @dataclass
@@ -134,27 +129,25 @@ def bench(cfg: TrainConfig, iters: int = 20, warmup: int = 5, profile: bool = Fa
     and the result has each rank's tokens/s and their sum. With profile, profile_iters more steps
     run under torch.profiler (after the timing, which the profiler would slow down): their Chrome
     trace goes to trace_path (default out_dir/bench-trace.json) and the top operators into the result."""
-    device = resolve_device(cfg.device, dist_env_from_environ().local_rank)
-    env = init_distributed(device, cfg.backend)
     done = False
     try:
-        result = _bench(cfg, device, env, iters, warmup, profile, trace_path, profile_iters, top)
+        result = _bench(replace(cfg, eval_only=False), iters, warmup, profile, trace_path, profile_iters, top)
         done = True
         return result
     finally:
         cleanup_distributed(barrier=done)
 
 
-def _bench(cfg: TrainConfig, device: torch.device, env, iters: int, warmup: int, profile: bool,
-           trace_path: str | Path | None, profile_iters: int, top: int) -> BenchResult:
-    cfg.eval_only = False
-    trainer = Trainer(cfg, device, env)
+def _bench(cfg: TrainConfig, iters: int, warmup: int, profile: bool, trace_path: str | Path | None,
+           profile_iters: int, top: int) -> BenchResult:
+    trainer = build_trainer(cfg)
+    runtime, device, env = trainer.runtime, trainer.device, trainer.env
     trainer.thread_tuner.enabled = False  # bench times one configuration: the thread count chosen at the start
     step = 0
 
     def train_step() -> torch.Tensor:
         nonlocal step
-        trainer.fetch_first_batch()
+        trainer.prefetch()
         loss = trainer.train_step(lr_at(step, cfg))
         step += 1
         return loss
@@ -163,7 +156,7 @@ def _bench(cfg: TrainConfig, device: torch.device, env, iters: int, warmup: int,
         t0 = time.perf_counter()
         for _ in range(warmup):
             train_step()
-        synchronize(device)
+        runtime.synchronize()
         start = time.perf_counter()
         for _ in range(iters):
             loss = train_step()
@@ -179,16 +172,16 @@ def _bench(cfg: TrainConfig, device: torch.device, env, iters: int, warmup: int,
         per_rank = gathered
     tokens_per_s = sum(per_rank)
     result = BenchResult(
-        device=str(device), dtype=trainer.dtype, compile=trainer.use_compile, iters=iters,
+        device=str(device), dtype=runtime.dtype, compile=runtime.compile, iters=iters,
         ms_per_iter=1000 * seconds / iters, tokens_per_second=tokens_per_s,
-        mfu=trainer.raw_model.estimate_mfu(tokens_per_s / env.world_size, trainer.peak), peak_flops=trainer.peak,
-        peak_memory_mb=memory.megabytes, params_millions=trainer.raw_model.get_num_params() / 1e6,
+        mfu=trainer.model.estimate_mfu(tokens_per_s / env.world_size, runtime.peak[0]), peak_flops=runtime.peak[0],
+        peak_memory_mb=memory.megabytes, params_millions=trainer.model.get_num_params() / 1e6,
         final_loss=final_loss, world_size=env.world_size,
         per_rank_tokens_per_second=per_rank if env.is_distributed else None,
-        dtype_why=trainer.dtype_why, compile_why=trainer.compile_why,
-        threads=trainer.threads if device.type == "cpu" else None,
-        threads_why=trainer.threads_why if device.type == "cpu" else "",
-        peak_flops_source=trainer.peak_why, memory_kind=memory.kind, warmup_seconds=start - t0,
+        dtype_why=runtime.dtype_why, compile_why=runtime.compile_why,
+        threads=runtime.threads if device.type == "cpu" else None,
+        threads_why=runtime.threads_why if device.type == "cpu" else "",
+        peak_flops_source=runtime.peak[1], memory_kind=memory.kind, warmup_seconds=start - t0,
         tokens_per_iter=trainer.tokens_per_iter,
     )
     if profile:

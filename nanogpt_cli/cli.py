@@ -192,7 +192,7 @@ def finetune(
     if cfg.init_from == "scratch":
         raise UsageError("finetune starts from weights: set --init_from to gpt2*, a Hugging Face folder or an "
                          "ngpt checkpoint (or use `ngpt train` to start from scratch)")
-    _finish_training(run_training(cfg, finetune=True), "finetune")
+    _finish_training(run_training(cfg), "finetune")
 
 
 @app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(SampleConfig))

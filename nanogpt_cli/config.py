@@ -104,6 +104,13 @@ class TrainConfig:
     strategy: str = opt("ddp", "multi-process strategy: ddp, or fsdp to shard parameters and optimizer state",
                         "System", ("ddp", "fsdp"))
 
+    def model_config(self, vocab_size: int):
+        """The GPTConfig of a model trained from scratch with these keys (nanoGPT's exact GELU)."""
+        from nanogpt_cli.model import GPTConfig
+
+        return GPTConfig(block_size=self.block_size, vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+                         n_embd=self.n_embd, dropout=self.dropout, bias=self.bias, activation="gelu")
+
     def validate(self) -> TrainConfig:
         positive = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
                     "eval_interval", "log_interval", "eval_iters")

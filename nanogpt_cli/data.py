@@ -54,12 +54,27 @@ def load_meta(folder: Path) -> dict:
     return meta
 
 
-def shared_draw(loader, draw):
-    """Draw world_size micro-batches from the shared stream and keep this rank's one: every rank
+def check_vocabulary(data_meta: dict, model_meta: dict, model_vocab_size: int, dataset: str) -> None:
+    """Refuse a dataset whose tokens the model cannot read: another tokenizer, other characters, or ids past
+    the model's vocabulary."""
+    data_tok, model_tok = data_meta.get("tokenizer"), model_meta.get("tokenizer")
+    if data_tok != model_tok:
+        raise NgptError(f"the dataset {dataset!r} uses the {data_tok!r} tokenizer but the model was trained with "
+                        f"{model_tok!r}; prepare the data with the model's tokenizer")
+    if data_tok == "char" and data_meta.get("itos") != model_meta.get("itos"):
+        raise NgptError(f"the dataset {dataset!r} has a different character vocabulary from the model's; prepare "
+                        "it with the same characters, or train a new model")
+    if data_meta["vocab_size"] > model_vocab_size:
+        raise NgptError(f"the dataset's vocabulary ({data_meta['vocab_size']}) is larger than the model's "
+                        f"({model_vocab_size})")
+
+
+def this_ranks_pick(loader, pick):
+    """Pick world_size micro-batches from the shared stream and keep this rank's one: every rank
     advances its generator alike, and rank r gets the micro-batches r, r + W, ... of the stream."""
     mine = None
     for r in range(loader.world_size):
-        value = draw()
+        value = pick()
         if r == loader.rank:
             mine = value
     return mine
@@ -75,14 +90,15 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def stream_seed(seed: int) -> int:
-    """A standalone loader's seed: derived from `seed` but distinct from it, so a loader next to a
-    model seeded alike does not draw the very random words that drew the weights."""
+    """A standalone loader's seed: derived from `seed` but distinct from it, so that a loader next to a
+    model seeded alike does not repeat the random numbers that initialised the weights."""
     return (seed * 1_000_003 + 7) % 2**63
 
 
 class Stream:
     """What both loaders share: a generator whose state is the loader's whole state, drawn alike on every
-    rank. A subclass says what one draw is (`next_draw`) and what batch it makes (`batch`)."""
+    rank. A subclass says what picks a micro-batch (`pick`: window starts, or synthetic tokens) and what
+    batch a pick makes (`batch`)."""
 
     def __init__(self, seed: int, rank: int, world_size: int, generator_state: torch.Tensor | None):
         self.rank, self.world_size = rank, world_size
@@ -92,20 +108,20 @@ class Stream:
         else:
             self.generator.manual_seed(stream_seed(seed))
 
-    def next_draw(self, split: str) -> torch.Tensor:
+    def pick(self, split: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def batch(self, split: str, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, split: str, pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch: its share of the next world_size micro-batches of the stream."""
-        return self.batch(split, shared_draw(self, lambda: self.next_draw(split)))
+        return self.batch(split, this_ranks_pick(self, lambda: self.pick(split)))
 
     def skip(self, split: str, batches: int) -> None:
         """Advance the stream past `batches` micro-batches without reading them."""
         for _ in range(batches):
-            self.next_draw(split)
+            self.pick(split)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -147,12 +163,12 @@ class BatchLoader(Stream):
         # A new memmap per batch: holding one open grows memory without bound (a numpy quirk).
         return np.memmap(self.files[split], dtype=self.dtype, mode="r")
 
-    def next_draw(self, split: str) -> torch.Tensor:
+    def pick(self, split: str) -> torch.Tensor:
         """The window starts of the stream's next micro-batch, the same on every rank (see `batch`)."""
         return torch.randint(self.lengths[split] - self.block_size, (self.batch_size,), generator=self.generator)
 
     def batch(self, split: str, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (x, y) windows of a draw, on the device."""
+        """The (x, y) windows that start at `starts`, on the device."""
         # One gather of block_size + 1 tokens per row; x and y are its two overlapping windows.
         rows = starts.numpy()[:, None] + np.arange(self.block_size + 1)
         windows = torch.from_numpy(self.tokens(split)[rows].astype(np.int64))
@@ -168,7 +184,7 @@ class SyntheticLoader(Stream):
         self.vocab_size, self.batch_size, self.block_size, self.device = vocab_size, batch_size, block_size, device
         super().__init__(seed, rank, world_size, generator_state)
 
-    def next_draw(self, split: str) -> torch.Tensor:
+    def pick(self, split: str) -> torch.Tensor:
         return torch.randint(self.vocab_size, (self.batch_size, self.block_size + 1), generator=self.generator)
 
     def batch(self, split: str, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,12 +14,87 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
-from nanogpt_cli.config import TrainConfig
-from nanogpt_cli.device import DistEnv
+from nanogpt_cli.errors import NgptError
 
+# ---------------------------------------------------------------- process group
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env_from_environ() -> DistEnv:
+    """What torchrun set: RANK, LOCAL_RANK, WORLD_SIZE (absent for a plain single process)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistEnv()
+    return DistEnv(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+
+
+def init_distributed(device: torch.device, backend: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Join the process group torchrun prepared (nccl on cuda, gloo on cpu); no-op for one process.
+
+    The timeout makes collectives fail instead of hanging when another rank died.
+    """
+    env = dist_env_from_environ()
+    if not env.is_distributed:
+        return env
+    import torch.distributed as dist
+
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        try:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        except Exception as e:
+            raise NgptError(f"could not join the process group ({backend}): {e}") from None
+    return env
+
+
+def cleanup_distributed(barrier: bool = False) -> None:
+    """Leave the process group. With barrier (the success path), first wait until every rank is done, so no
+    rank tears down while a peer is still in a collective; and collect garbage before, so that no DDP reducer
+    or pending gloo work outlives the group and is freed during interpreter shutdown (which aborts)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def same_on_all_ranks(value, env: DistEnv):
+    """Rank 0's value on every rank (a collective): choices measured on each rank must agree."""
+    if not env.is_distributed:
+        return value
+    import torch.distributed as dist
+
+    rank0_value = [value]
+    dist.broadcast_object_list(rank0_value, src=0)
+    return rank0_value[0]
+
+
+# ---------------------------------------------------------------- wrapping
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module under torch.compile's and DDP's wrappers (FSDP2 wraps in place: nothing to strip)."""
@@ -40,9 +115,9 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(unwrap(model), FSDPModule)
 
 
-def wrap_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, env: DistEnv) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, strategy: str, device: torch.device, env: DistEnv) -> torch.nn.Module:
     """DDP around the (possibly compiled) model, or FSDP2 sharding of the model itself (in place)."""
-    if cfg.strategy == "fsdp":
+    if strategy == "fsdp":
         return shard_model(model, device, env)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -115,6 +190,15 @@ def mean_across_ranks(value: torch.Tensor, env: DistEnv) -> float:
     t = value.detach().reshape(1).float().clone()
     dist.all_reduce(t)  # SUM: gloo has no AVG
     return t.item() / env.world_size
+
+
+def max_across_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The largest of a tensor's values across ranks, in place (a collective); the tensor itself alone."""
+    if env.is_distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
 
 
 # ---------------------------------------------------------------- checkpoints

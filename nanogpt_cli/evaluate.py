@@ -11,7 +11,8 @@ import math
 import torch
 
 from nanogpt_cli.config import TrainConfig
-from nanogpt_cli.device import DistEnv, autocast, choose_dtype, keep_freed_host_memory, resolve_device
+from nanogpt_cli.distributed import DistEnv
+from nanogpt_cli.runtime import autocast, plan
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
             loader.generator.manual_seed(seed + 104729 * i)
         total = torch.zeros(2, device=device, dtype=acc)  # (sum of losses, count)
         for first in range(0, eval_iters, env.world_size):
-            group = [loader.next_draw(split) for _ in range(min(env.world_size, eval_iters - first))]
+            group = [loader.pick(split) for _ in range(min(env.world_size, eval_iters - first))]
             mine = env.rank < len(group)
             X, Y = loader.batch(split, group[env.rank if mine else 0])
             with autocast(device, dtype):
@@ -59,10 +60,8 @@ def evaluate(cfg: TrainConfig, loaded: tuple | None = None) -> dict:
     from nanogpt_cli.data import BatchLoader, dataset_path, load_meta
     from nanogpt_cli.errors import NgptError, UsageError
 
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        keep_freed_host_memory()  # steps reuse freed memory instead of faulting in fresh pages
-    dtype, _ = choose_dtype(device, cfg.dtype)
+    runtime = plan(cfg.device, cfg.dtype)
+    device, dtype = runtime.device, runtime.dtype
     if cfg.init_from == "scratch":
         raise UsageError("ngpt eval needs weights: --init_from=resume (with --out_dir), a checkpoint, or gpt2*")
     model, meta = loaded or load_model(cfg.init_from, cfg.out_dir)[:2]

@@ -43,7 +43,7 @@ def cpu_features() -> dict:
         features["torch_capability"] = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # older torch
         features["torch_capability"] = None
-    from nanogpt_cli.device import cpu_has_fast_bf16
+    from nanogpt_cli.cpu_tuning import cpu_has_fast_bf16
 
     features["fast_bf16"] = cpu_has_fast_bf16()
     features["model"] = _cpu_model()
@@ -97,7 +97,8 @@ def device_report(measure: bool = True) -> dict:
     """The device `auto` picks, its peak FLOP/s (measured on CPU), and ngpt's dtype/compile choice there."""
     import torch
 
-    from nanogpt_cli.device import choose_compile, choose_dtype, cpu_has_fast_bf16, peak_flops, resolve_device
+    from nanogpt_cli.cpu_tuning import cpu_has_fast_bf16
+    from nanogpt_cli.runtime import choose_compile, choose_dtype, peak_flops, resolve_device
 
     device = resolve_device("auto")
     # training and inference may differ: on cpu, train/finetune use bf16 autocast where measured to pay,

@@ -23,8 +23,8 @@ import torch
 
 from nanogpt_cli.checkpoint import load_model
 from nanogpt_cli.config import SampleConfig
-from nanogpt_cli.device import autocast, choose_dtype, keep_freed_host_memory, resolve_device, synchronize
 from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.runtime import autocast, plan, synchronize
 from nanogpt_cli.tokenizer import from_meta
 
 
@@ -142,15 +142,12 @@ class TextStream:
 
 
 def load_for_sampling(cfg: SampleConfig):
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        keep_freed_host_memory()  # steps reuse freed memory instead of faulting in fresh pages
-    dtype, _ = choose_dtype(device, cfg.dtype)
+    runtime = plan(cfg.device, cfg.dtype)
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
-    model.eval().to(device)
+    model.eval().to(runtime.device)
     if cfg.compile:
         model = torch.compile(model)
-    return model, from_meta(meta), device, dtype
+    return model, from_meta(meta), runtime.device, runtime.dtype
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -210,7 +210,7 @@ def fit_window(context: list[int], continuation: list[int], block_size: int, bos
 def score(model, rows: list[tuple[list[int], int]], device: torch.device, dtype: str) -> list[Scored]:
     """One forward over all rows, right-padded (causal attention keeps the padding out of every
     real position); the log-likelihood and greedy match of each row's last n tokens."""
-    from nanogpt_cli.device import autocast
+    from nanogpt_cli.runtime import autocast
 
     T = max(len(tokens) for tokens, _ in rows)
     idx = torch.zeros(len(rows), T, dtype=torch.long)
@@ -313,17 +313,15 @@ def zeroshot(cfg, tasks: list[str], files: dict[str, str | None] | None = None, 
     Files are found (or downloaded) and read before the model loads, so bad input fails fast.
     `loaded`: the model's (model, meta) when the caller has loaded it already."""
     from nanogpt_cli.checkpoint import load_model
-    from nanogpt_cli.device import choose_dtype, keep_freed_host_memory, resolve_device
+    from nanogpt_cli.runtime import plan
 
     files = files or {}
     paths = {task: benchmark_file(task, files.get(task)) for task in tasks}
     data = {task: READERS[task](paths[task], limit) for task in tasks}
     model, meta = loaded or load_model(cfg.init_from, cfg.out_dir)[:2]
     tokenizer = benchmark_tokenizer(meta, model.config.vocab_size)
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        keep_freed_host_memory()  # steps reuse freed memory instead of faulting in fresh pages
-    dtype, _ = choose_dtype(device, cfg.dtype)
+    runtime = plan(cfg.device, cfg.dtype)
+    device, dtype = runtime.device, runtime.dtype
     model.to(device).eval()
     block_size = min(cfg.block_size, model.config.block_size)
     report: dict = {"model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir, "block_size": block_size}

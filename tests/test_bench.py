@@ -132,7 +132,7 @@ def test_bench_train_script_quick_mode_runs(tmp_path):
 def test_a_cuda_bench_reports_the_data_sheet_peak_and_gpu_memory(tiny_cfg):
     import torch
 
-    from nanogpt_cli.device import gpu_peak_flops
+    from nanogpt_cli.runtime import gpu_peak_flops
 
     cfg = tiny_cfg("--device=cuda", "--dataset=synthetic", "--vocab_size=128", "--dtype=auto", "--compile=False")
     result = bench(cfg, iters=5, warmup=2)

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from nanogpt_cli import __version__
 from nanogpt_cli.cli import app
-from nanogpt_cli.device import choose_compile, choose_dtype, resolve_device
 from nanogpt_cli.info import compile_support, cpu_features, environment_report, report_rows
+from nanogpt_cli.runtime import choose_compile, choose_dtype, resolve_device
 
 runner = CliRunner()
 

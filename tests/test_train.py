@@ -8,7 +8,6 @@ import torch
 
 from nanogpt_cli.checkpoint import load_checkpoint
 from nanogpt_cli.config import TrainConfig, build
-from nanogpt_cli.device import DistEnv
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.metrics import read_jsonl
 from nanogpt_cli.train import lr_at, train
@@ -178,7 +177,7 @@ def test_a_refused_run_changes_nothing_on_disk(tiny_cfg, tmp_path):
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(NgptError, match="is corrupt"):
-        train(tiny_cfg(f"--init_from={tmp_path / 'corrupt'}", f"--out_dir={fresh}"), finetune=True)
+        train(tiny_cfg(f"--init_from={tmp_path / 'corrupt'}", f"--out_dir={fresh}"))
     assert snapshot(tmp_path) == {**before, tmp_path / "corrupt" / "ckpt.pt": b"not a checkpoint"}
     assert not (tmp_path / "new").exists()
 
@@ -214,9 +213,9 @@ def test_nonfinite_steps_can_be_skipped(tiny_cfg, tmp_path, monkeypatch):
 def deferred_checks(monkeypatch):
     """The cuda path: non-finite steps skipped by the fused AdamW kernel (found_inf), read at log intervals.
     torch's fused AdamW honours found_inf on the CPU too, so the path runs here."""
-    import nanogpt_cli.train as train_module
+    import nanogpt_cli.nonfinite as nonfinite
 
-    monkeypatch.setattr(train_module, "defer_nonfinite_checks", lambda *args: True)
+    monkeypatch.setattr(nonfinite, "checks_on_device", lambda *args: True)
 
 
 def test_deferred_nonfinite_check_stops_at_the_log_interval(tiny_cfg, tmp_path, monkeypatch, deferred_checks):
@@ -230,7 +229,7 @@ def test_deferred_nonfinite_check_stops_at_the_log_interval(tiny_cfg, tmp_path, 
 
 def test_deferred_nonfinite_steps_leave_the_weights_alone(tiny_cfg, tmp_path, monkeypatch, deferred_checks):
     """A skipped step changes neither the weights nor AdamW's state or step count."""
-    from nanogpt_cli.train import Trainer
+    from nanogpt_cli.train import build_trainer
 
     poisoned: list[int] = []
 
@@ -239,23 +238,24 @@ def test_deferred_nonfinite_steps_leave_the_weights_alone(tiny_cfg, tmp_path, mo
         return loss * float("nan") if len(poisoned) == 1 else loss
 
     poison_training_from(monkeypatch, 2, once)
-    trainer = Trainer(tiny_cfg(), torch.device("cpu"), DistEnv())
-    assert trainer.defer_nonfinite
-    trainer.fetch_first_batch()
+    trainer = build_trainer(tiny_cfg())
+    guard = trainer.guard
+    assert guard.on_device
+    trainer.prefetch()
     trainer.train_step(1e-3)  # a good step: AdamW state exists
-    weights = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     steps = [s["step"].clone() for s in trainer.optimizer.state.values()]
-    trainer.fetch_first_batch()
+    trainer.prefetch()
     trainer.train_step(1e-3)  # poisoned: skipped on the "device"
-    assert all(torch.equal(weights[k], v) for k, v in trainer.raw_model.state_dict().items())
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
     assert [s["step"] for s in trainer.optimizer.state.values()] == steps
-    assert trainer.pending_nonfinite.item() == 1
-    trainer.fetch_first_batch()
+    assert guard.pending.item() == 1
+    trainer.prefetch()
     trainer.train_step(1e-3)  # good again: the weights move
-    assert not all(torch.equal(weights[k], v) for k, v in trainer.raw_model.state_dict().items())
-    trainer.cfg.on_nonfinite = "skip"
-    trainer.check_nonfinite()
-    assert trainer.nonfinite_steps == 1 and trainer.pending_nonfinite.item() == 0
+    assert not all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    guard.policy = "skip"
+    guard.check(trainer.iter_num)
+    assert guard.bad_steps == 1 and guard.pending.item() == 0
 
 
 @pytest.fixture
@@ -289,8 +289,7 @@ def test_nonfinite_steps_can_be_skipped_with_loss_scaling(tiny_cfg, tmp_path, mo
 
 def test_finetune_from_an_ngpt_checkpoint(tiny_cfg, tmp_path):
     train(tiny_cfg("--max_iters=3"))
-    result = train(tiny_cfg(f"--init_from={tmp_path / 'out'}", f"--out_dir={tmp_path / 'ft'}", "--block_size=16"),
-                   finetune=True)
+    result = train(tiny_cfg(f"--init_from={tmp_path / 'out'}", f"--out_dir={tmp_path / 'ft'}", "--block_size=16"))
     assert result.iter_num == 7
     assert load_checkpoint(tmp_path / "ft")["model_args"]["block_size"] == 16
     assert math.isfinite(result.best_val_loss)
