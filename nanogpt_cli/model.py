@@ -234,10 +234,11 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  generator=None, use_cache=True, stop_token=None):
-        """Extend idx (B, T) by up to max_new_tokens tokens: an iterable of the new columns (B, 1).
+        """Extend idx (B, T) by up to max_new_tokens tokens, yielding each new column (B, 1); stops early
+        once every row has produced stop_token.
 
-        Decoding (the KV cache, sampling, stopping) is `nanogpt_cli.generate.Generation`, which
-        `ngpt sample` uses too; this is nanoGPT's entry point to it."""
+        The decoding (KV cache, sampling filters, stopping) is `nanogpt_cli.generate.Generation`, the loop
+        `ngpt sample` runs too; this is nanoGPT's entry point to it."""
         from nanogpt_cli.generate import Generation  # generate.py builds on this module: imported on use
 
-        return Generation(self, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_token)
+        yield from Generation(self, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_token)
