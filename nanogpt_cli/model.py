@@ -1,7 +1,9 @@
-"""The GPT-2 language model, top to bottom: attention, MLP, block, GPT.
+"""The GPT-2 language model, top to bottom: config, norm, attention, MLP, block, GPT.
 
 Parameter names and shapes follow nanoGPT (and so, after transposing Conv1D weights,
-OpenAI's GPT-2 in Hugging Face `transformers`). This module imports only torch.
+OpenAI's GPT-2 in Hugging Face `transformers`). This module depends only on torch and on
+`nanogpt_cli.ops` (the CPU loss kernel, itself torch only). Decoding with a KV cache and
+sampling live in `nanogpt_cli.generate`.
 """
 
 from __future__ import annotations
@@ -9,10 +11,16 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from nanogpt_cli import ops
+
+if TYPE_CHECKING:
+    from nanogpt_cli.generate import KVCache
 
 
 @dataclass
@@ -39,33 +47,6 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class KVCache:
-    """Keys and values of every layer for a batch, preallocated to `block_size` positions.
-
-    `pos` is how many positions are filled. Generation prefills the prompt once, then
-    feeds one token at a time; `Decoder` rebuilds the cache when it is full. The buffer is
-    allocated on the first update, in the dtype of the keys (so autocast's bf16 keys are
-    stored as bf16), unless `dtype` is given.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype=None):
-        head_size = config.n_embd // config.n_head
-        self.shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, head_size)
-        self.device, self.dtype = device, dtype
-        self.cache = None if dtype is None else torch.zeros(self.shape, device=device, dtype=dtype)
-        self.pos = 0
-
-    def update(self, layer: int, k, v):
-        """Store k, v (B, nh, T, hs) after the filled positions; return all keys and values so far."""
-        if self.cache is None:
-            self.cache = torch.zeros(self.shape, device=self.device, dtype=k.dtype)
-        T = k.size(2)
-        end = self.pos + T
-        self.cache[layer, 0, :, :, self.pos:end] = k
-        self.cache[layer, 1, :, :, self.pos:end] = v
-        return self.cache[layer, 0, :, :, :end], self.cache[layer, 1, :, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -143,51 +124,6 @@ class Block(nn.Module):
         return x
 
 
-def cross_entropy(logits, targets, ignore_index: int = -1):
-    """Mean cross-entropy of (N, V) logits over the targets that are not ignore_index, in float32.
-
-    On cpu (uncompiled) it runs as `ChunkedCrossEntropy`; elsewhere as F.cross_entropy on float32 logits."""
-    if logits.device.type == "cpu" and len(logits) and not torch.compiler.is_compiling():
-        return ChunkedCrossEntropy.apply(logits, targets, ignore_index)
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits.float(), targets), forward and backward, a few rows at a time.
-
-    The float32 copy of the logits, the log-softmax and its gradient are never whole tensors: each block
-    of rows (4 MB in float32) is upcast, reduced and differentiated while it is in cache, and the gradient
-    is written once, in the logits' dtype (softmax - one_hot, scaled). For GPT-2's 50304-word vocabulary
-    on cpu this replaces several passes over (B*T, 50304) float32 tensors, one of them (log-softmax's
-    backward) slow there: the loss and its gradient measured 1.3-2.5x faster. Saved for backward: the
-    logits themselves (bf16 under autocast) and one log-sum-exp per row."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index):
-        rows = max(1, 2**20 // logits.size(-1))
-        lse = torch.cat([torch.logsumexp(logits[i:i + rows].float(), dim=-1) for i in range(0, len(logits), rows)])
-        keep = targets != ignore_index
-        safe = targets.masked_fill(~keep, 0)
-        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
-        count = keep.sum()
-        ctx.save_for_backward(logits, lse, safe, keep, count)
-        ctx.rows = rows
-        return torch.where(keep, lse - picked, 0.0).sum() / count  # 0 / 0 = nan when every target is ignored
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, lse, safe, keep, count = ctx.saved_tensors
-        scale = grad_loss / count  # d loss / d logit = (softmax - one_hot) * scale, row by row; 0 where ignored
-        grad = torch.empty_like(logits)
-        minus_one = torch.full((1, 1), -1.0, device=logits.device).expand(ctx.rows, 1)
-        for i in range(0, len(logits), ctx.rows):
-            j = min(i + ctx.rows, len(logits))
-            p = torch.exp(logits[i:j].float() - lse[i:j, None])
-            p.scatter_add_(1, safe[i:j, None], minus_one[:j - i])
-            grad[i:j] = torch.where(keep[i:j, None], p.mul_(scale), 0.0)
-        return grad, None, None
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -248,7 +184,7 @@ class GPT(nn.Module):
             kv_cache.pos += t
         if targets is not None:
             logits = self.lm_head(x)
-            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = ops.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
             return logits, loss
         if all_logits:
             return self.lm_head(x), None
@@ -296,88 +232,13 @@ class GPT(nn.Module):
             return None
         return self.flops_per_token() * tokens_per_second / peak_flops
 
-    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  generator=None, use_cache=True, stop_token=None):
-        """Extend idx (B, T) by max_new_tokens tokens, yielding each new column (B, 1).
+        """Extend idx (B, T) by up to max_new_tokens tokens, yielding each new column (B, 1); stops early
+        once every row has produced stop_token.
 
-        With use_cache, the prompt is prefilled once and each step feeds one token against
-        cached keys and values; when the cache is full it is rebuilt from the last half
-        block of context (see `Decoder`). Without, every step recomputes the last
-        block_size tokens, as nanoGPT does. Stops early once every row has produced stop_token.
-        """
-        decoder = Decoder(self, idx, use_cache=use_cache)
-        finished = None
-        for _ in range(max_new_tokens):
-            next_token = sample_next(decoder.logits(), temperature, top_k, top_p, generator)
-            decoder.append(next_token)
-            yield next_token
-            if stop_token is not None:
-                hit = next_token[:, 0] == stop_token
-                finished = hit if finished is None else finished | hit
-                if bool(finished.all()):
-                    return
+        The decoding (KV cache, sampling filters, stopping) is `nanogpt_cli.generate.Generation`, the loop
+        `ngpt sample` runs too; this is nanoGPT's entry point to it."""
+        from nanogpt_cli.generate import Generation  # generate.py builds on this module: imported on use
 
-
-class Decoder:
-    """Next-token logits for a batch of growing sequences: `logits()`, then `append(tokens)`.
-
-    With use_cache, the first call prefills the last min(T, block_size) tokens into a
-    `KVCache`; later calls feed only the appended column. When the cache is full it is
-    rebuilt: the last block_size // 2 tokens are prefilled again (positions restart at 0),
-    so a rebuild costs one half-block forward every block_size // 2 tokens. `start` is the
-    index in `idx` of the first token the model sees, so the logits always equal those of a
-    full forward over `idx[:, start:]`. Without the cache, `start` keeps the last
-    block_size tokens and every call is that full forward.
-    """
-
-    def __init__(self, model: GPT, idx, use_cache: bool = True):
-        self.model, self.idx, self.use_cache = model, idx, use_cache
-        self.block_size = model.config.block_size
-        self.cache: KVCache | None = None
-        self.start = 0
-        self.rebuilds = 0
-        self._pending = idx  # tokens not yet fed to the cache
-
-    @torch.inference_mode()
-    def logits(self):
-        """(B, vocab) logits for the token after idx."""
-        T = self.idx.size(1)
-        if not self.use_cache:
-            self.start = max(0, T - self.block_size)
-            logits, _ = self.model(self.idx[:, self.start:])
-            return logits[:, -1, :]
-        if self.cache is None or self.cache.pos + self._pending.size(1) > self.block_size:
-            keep = min(T, self.block_size) if self.cache is None else max(1, self.block_size // 2)
-            self.rebuilds += self.cache is not None
-            self.cache = KVCache(self.model.config, self.idx.size(0), self.idx.device)
-            self.start = T - keep
-            self._pending = self.idx[:, self.start:]
-        logits, _ = self.model(self._pending, kv_cache=self.cache)
-        self._pending = self.idx[:, :0]
-        return logits[:, -1, :]
-
-    def append(self, tokens) -> None:
-        """Add a column (B, n) of tokens to every sequence."""
-        self.idx = torch.cat((self.idx, tokens), dim=1)
-        self._pending = torch.cat((self._pending, tokens), dim=1)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token (B, 1) from logits (B, vocab): greedy at temperature 0,
-    otherwise sampled after temperature, top-k and nucleus (top-p) filtering."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        v, _ = torch.topk(logits, top_k)
-        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # keep the smallest set whose mass reaches top_p: a token stays if the mass before it is < top_p
-        remove = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(remove, -float("inf"))
-        logits = torch.full_like(logits, -float("inf")).scatter(1, sorted_idx, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+        yield from Generation(self, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_token)

@@ -5,9 +5,9 @@
     ngpt sample --init_from=gpt2 --interactive --max-new-tokens 60
 
 The prompt is prefilled once and each step decodes one token against cached keys and values
-(`nanogpt_cli.model.Decoder`); text is decoded incrementally, token by token, so a long sample
-costs no more per token than a short one. Several samples are one batch. Samples go to stdout;
-the tokens/s line and any prompt marker go to stderr.
+(`nanogpt_cli.generate.Generation`, the decoding loop); text is decoded incrementally, token by
+token, so a long sample costs no more per token than a short one. Several samples are one batch.
+Samples go to stdout; the tokens/s line and any prompt marker go to stderr.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from nanogpt_cli.checkpoint import load_model
 from nanogpt_cli.config import SampleConfig
 from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.generate import Generation
 from nanogpt_cli.runtime import autocast, plan, synchronize
 from nanogpt_cli.tokenizer import from_meta
 
@@ -162,62 +163,50 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 def generate_samples(model, tokenizer, prompt: str, cfg: SampleConfig, device: torch.device, dtype: str,
                      on_token=None, generator: torch.Generator | None = None, on_step=None) -> SampleResult:
-    """num_samples continuations of `prompt`, generated as one batch.
+    """num_samples continuations of `prompt`, generated as one batch by `Generation`.
 
     on_token(i, text) is called with each sample's newly final text as it is produced;
     on_step(n) after the n-th decoding step. A sample ends at max_new_tokens, at
     <|endoftext|> (stop_at_eot; the token is not part of the text) or at the stop string
     (cut before it); the batch ends when every sample has.
     """
-    from nanogpt_cli.model import Decoder, sample_next
-
     ids = encode_prompt(tokenizer, prompt)
     n = cfg.num_samples
     x = torch.tensor([ids] * n, dtype=torch.long, device=device)
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     eot = tokenizer.eot_token if cfg.stop_at_eot else None
-    top_k = cfg.top_k or None
     vocab = getattr(tokenizer, "vocab_size", None)  # the model's table may be padded (50257 -> 50304)
+    generation = Generation(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p, generator,
+                            cfg.use_cache, stop_token=eot, vocab_size=vocab)
     to_bytes = token_bytes(tokenizer)
     streams = [TextStream(to_bytes, cfg.stop) for _ in range(n)]
-    reasons = ["length"] * n
     emit = on_token or (lambda i, text: None)
     start = time.perf_counter()
-    steps = 0
     with torch.inference_mode(), autocast(device, dtype):
-        decoder = Decoder(model, x, use_cache=cfg.use_cache)
-        while steps < cfg.max_new_tokens:
-            logits = decoder.logits()
-            if vocab and vocab < logits.size(-1):
-                logits = logits[:, :vocab]  # never sample a padding id: it has no text
-            column = sample_next(logits, cfg.temperature, top_k, cfg.top_p, generator)
-            decoder.append(column)
-            steps += 1
+        for column in generation:
             for i, token in enumerate(column[:, 0].tolist()):
                 stream = streams[i]
-                if stream.done:
+                if stream.done:  # this sample ended at an earlier step
                     continue
-                if token == eot:
-                    reasons[i] = "eot"
+                if generation.finish_reasons[i] == "eot":  # ended at this token, which has no text
                     text = stream.finish()
                 else:
                     text = stream.push(token)
                     if stream.stopped:
-                        reasons[i] = "stop"
+                        generation.finish(i, "stop")
                 if text:
                     emit(i, text)
             if on_step:
-                on_step(steps)
-            if all(stream.done for stream in streams):
-                break
+                on_step(generation.steps)
     synchronize(device)
     seconds = time.perf_counter() - start
     for i, stream in enumerate(streams):
         text = stream.finish()
         if text:
             emit(i, text)
-    return SampleResult([prompt + s.text for s in streams], prompt, steps * n, seconds, reasons)
+    return SampleResult([prompt + s.text for s in streams], prompt, generation.steps * n, seconds,
+                        generation.finish_reasons)
 
 
 class Sampler:
@@ -238,12 +227,6 @@ class Sampler:
     def generate(self, prompt: str, on_token=None, on_step=None) -> SampleResult:
         return generate_samples(self.model, self.tokenizer, prompt, self.cfg, self.device, self.dtype, on_token,
                                 self.generator, on_step)
-
-
-def sample(cfg: SampleConfig, on_token=None) -> SampleResult:
-    prompt = read_prompt(cfg)
-    model, tokenizer, device, dtype = load_for_sampling(cfg)
-    return generate_samples(model, tokenizer, prompt, cfg, device, dtype, on_token)
 
 
 # ---------------------------------------------------------------- the `ngpt sample` command's output

@@ -1,4 +1,6 @@
-"""`ngpt sample`: KV-cache decoding, strategies, seeds, stop conditions, prompt forms, output modes, bad input."""
+"""`ngpt sample`: seeds, stop conditions, streamed text, prompt forms, output modes, bad input.
+
+The decoding loop it runs (KV cache, sampling filters) is tested in test_generate.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from typer.testing import CliRunner
 
 from nanogpt_cli.cli import app
 from nanogpt_cli.config import SampleConfig, TrainConfig, build
-from nanogpt_cli.model import GPT, Decoder, GPTConfig, sample_next
 from nanogpt_cli.sample import TextStream, generate_samples, load_for_sampling
 from tests.conftest import TINY, write_char_dataset
 
@@ -49,57 +50,7 @@ def base(run: str, *extra: str) -> list[str]:
     return ["sample", f"--out_dir={run}", "--device=cpu", "--max_new_tokens=40", *extra]
 
 
-# ---------------------------------------------------------------- the KV cache
-
-
-@pytest.mark.parametrize("prompt_len", [3, 12])  # a short prompt, and one longer than block_size
-def test_cached_logits_equal_a_full_forward_at_every_step_across_rebuilds(prompt_len):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=True)).eval()
-    decoder = Decoder(model, torch.randint(50, (2, prompt_len)))
-    windows = []
-    with torch.inference_mode():
-        for _ in range(30):  # far past block_size: the cache is rebuilt several times
-            logits = decoder.logits()
-            window = decoder.idx[:, decoder.start:]
-            assert 1 <= window.size(1) <= 8 and decoder.cache.pos == window.size(1)
-            full, _ = model(window)  # a full forward over the same context window, no cache
-            torch.testing.assert_close(logits, full[:, -1], atol=1e-5, rtol=1e-5)
-            windows.append(window.size(1))
-            decoder.append(logits.argmax(-1, keepdim=True))
-    assert decoder.rebuilds >= 5 and decoder.idx.size(1) == prompt_len + 30
-    assert 4 in windows and 8 in windows  # rebuilt from half a block, then grown to a full block
-    with torch.inference_mode():  # without the cache: always the last block_size tokens
-        recompute = Decoder(model, decoder.idx, use_cache=False)
-        torch.testing.assert_close(recompute.logits(), model(decoder.idx[:, -8:])[0][:, -1])
-        assert recompute.start == decoder.idx.size(1) - 8
-
-
-def test_cache_and_recompute_agree_within_the_block():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
-    idx = torch.randint(50, (3, 5))
-    runs = [torch.cat(list(model.generate(idx, 40, temperature=0.9, top_k=20, generator=torch.Generator()
-                                          .manual_seed(3), use_cache=c)), 1) for c in (True, False)]
-    assert torch.equal(*runs)
-
-
-# ---------------------------------------------------------------- strategies
-
-
-def test_sample_next_strategies():
-    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]])
-    assert sample_next(logits, temperature=0).tolist() == [[3], [0]]  # greedy
-    g = torch.Generator().manual_seed(0)
-    picks = torch.cat([sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(200)], 1)
-    assert set(picks[0].tolist()) == {2, 3} and set(picks[1].tolist()) == {0, 1}
-    # probabilities 0.032 0.087 0.237 0.644: top_p 0.8 keeps {3, 2} (mass 0.88), 0.6 keeps {3}, 1.0 all
-    for top_p, expected in ((0.6, {3}), (0.8, {2, 3}), (0.95, {1, 2, 3}), (1.0, {0, 1, 2, 3})):
-        picks = {sample_next(logits[:1], 1.0, top_p=top_p, generator=g).item() for _ in range(400)}
-        assert picks == expected, top_p
-    # a low temperature sharpens: token 3 nearly always
-    cold = [sample_next(logits[:1], 0.1, generator=g).item() for _ in range(100)]
-    assert cold.count(3) >= 99
+# ---------------------------------------------------------------- seeds
 
 
 def test_seed_reproduces_and_greedy_ignores_it(run):

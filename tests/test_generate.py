@@ -1,0 +1,181 @@
+"""Decoding: the KV cache against full forwards (rebuilds past block_size included), the sampling filters,
+per-row stopping, and the loop giving what `ngpt sample` prints for a seed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nanogpt_cli.checkpoint import FORMAT
+from nanogpt_cli.cli import app
+from nanogpt_cli.generate import Decoder, Generation, KVCache, sample_next
+from nanogpt_cli.model import GPT, GPTConfig
+from tests.test_model import tiny
+
+# ---------------------------------------------------------------- the KV cache
+
+
+def test_kv_cache_matches_full_forward_at_every_step():
+    model = tiny(block_size=32)
+    idx = torch.randint(50, (2, 5))
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    logits, _ = model(idx, kv_cache=cache)
+    for _ in range(10):
+        full, _ = model(idx)
+        torch.testing.assert_close(logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat([idx, nxt], 1)
+        logits, _ = model(nxt, kv_cache=cache)
+    chunk = torch.randint(50, (2, 3))  # a multi-token chunk after a filled cache
+    logits, _ = model(chunk, kv_cache=cache, all_logits=True)
+    full, _ = model(torch.cat([idx, chunk], 1), all_logits=True)
+    torch.testing.assert_close(logits, full[:, -3:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 12])  # a short prompt, and one longer than block_size
+def test_cached_logits_equal_a_full_forward_at_every_step_across_rebuilds(prompt_len):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=True)).eval()
+    decoder = Decoder(model, torch.randint(50, (2, prompt_len)))
+    windows = []
+    with torch.inference_mode():
+        for _ in range(30):  # far past block_size: the cache is rebuilt several times
+            logits = decoder.logits()
+            window = decoder.idx[:, decoder.start:]
+            assert 1 <= window.size(1) <= 8 and decoder.cache.pos == window.size(1)
+            full, _ = model(window)  # a full forward over the same context window, no cache
+            torch.testing.assert_close(logits, full[:, -1], atol=1e-5, rtol=1e-5)
+            windows.append(window.size(1))
+            decoder.append(logits.argmax(-1, keepdim=True))
+    assert decoder.rebuilds >= 5 and decoder.idx.size(1) == prompt_len + 30
+    assert 4 in windows and 8 in windows  # rebuilt from half a block, then grown to a full block
+    with torch.inference_mode():  # without the cache: always the last block_size tokens
+        recompute = Decoder(model, decoder.idx, use_cache=False)
+        torch.testing.assert_close(recompute.logits(), model(decoder.idx[:, -8:])[0][:, -1])
+        assert recompute.start == decoder.idx.size(1) - 8
+
+
+def test_generation_with_and_without_cache_agree_greedily_past_block_size():
+    model = tiny(block_size=8)
+    idx = torch.randint(50, (1, 4))
+    cached = torch.cat(list(model.generate(idx, 6, temperature=0)), 1)
+    full = torch.cat(list(model.generate(idx, 6, temperature=0, use_cache=False)), 1)
+    assert torch.equal(cached, full)  # within block_size the two paths are the same computation
+    long = torch.cat(list(model.generate(idx, 30, temperature=0)), 1)
+    assert long.shape == (1, 30)
+
+
+def test_cache_and_recompute_agree_within_the_block():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(50, (3, 5))
+    runs = [torch.cat(list(model.generate(idx, 40, temperature=0.9, top_k=20, generator=torch.Generator()
+                                          .manual_seed(3), use_cache=c)), 1) for c in (True, False)]
+    assert torch.equal(*runs)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_cache_matches_a_full_forward(monkeypatch):
+    # fp32 matmuls in full precision: a Trainer earlier in the session turns TF32 on for the process, and TF32
+    # rounds differently for a one-token step than for a full forward (1e-4 apart, past this test's tolerance)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64)).cuda().eval()
+    idx = torch.randint(0, 50, (3, 24), device="cuda")
+    with torch.inference_mode():
+        cache = KVCache(model.config, 3, "cuda")
+        model(idx[:, :10], kv_cache=cache)
+        for t in range(10, 24):
+            step, _ = model(idx[:, t:t + 1], kv_cache=cache)
+            full, _ = model(idx[:, :t + 1])
+            torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- sampling filters
+
+
+def test_sample_next_strategies():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]])
+    assert sample_next(logits, temperature=0).tolist() == [[3], [0]]  # greedy
+    g = torch.Generator().manual_seed(0)
+    picks = torch.cat([sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(200)], 1)
+    assert set(picks[0].tolist()) == {2, 3} and set(picks[1].tolist()) == {0, 1}
+    # probabilities 0.032 0.087 0.237 0.644: top_p 0.8 keeps {3, 2} (mass 0.88), 0.6 and 0.5 keep {3}, 1.0 all
+    for top_p, expected in ((0.5, {3}), (0.6, {3}), (0.8, {2, 3}), (0.95, {1, 2, 3}), (1.0, {0, 1, 2, 3})):
+        picks = {sample_next(logits[:1], 1.0, top_p=top_p, generator=g).item() for _ in range(400)}
+        assert picks == expected, top_p
+    # a low temperature sharpens: token 3 nearly always
+    cold = [sample_next(logits[:1], 0.1, generator=g).item() for _ in range(100)]
+    assert cold.count(3) >= 99
+
+
+def test_padding_ids_past_vocab_size_are_never_sampled():
+    model = tiny()
+    generation = Generation(model, torch.zeros(4, 1, dtype=torch.long), 20, temperature=2.0, vocab_size=5,
+                            generator=torch.Generator().manual_seed(0))
+    tokens = torch.cat(list(generation), 1)
+    assert tokens.shape == (4, 20) and int(tokens.max()) < 5 and len(tokens.unique()) == 5
+
+
+# ---------------------------------------------------------------- stopping, row by row
+
+
+def test_each_row_ends_at_the_stop_token_and_the_batch_once_every_row_has():
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(block_size=8, vocab_size=6, n_layer=1, n_head=2, n_embd=8)).eval()
+    generation = Generation(model, torch.zeros(4, 2, dtype=torch.long), 200, generator=torch.Generator().manual_seed(1),
+                            stop_token=2)
+    tokens = torch.cat(list(generation), 1)
+    assert generation.finish_reasons == ["eot"] * 4 and tokens.size(1) == generation.steps < 200
+    ends = [row.index(2) for row in tokens.tolist()]  # the step at which each row sampled the stop token
+    assert max(ends) == generation.steps - 1 and len(set(ends)) > 1  # rows ended apart; the last one ended it
+    assert torch.equal(tokens, torch.cat(list(model.generate(torch.zeros(4, 2, dtype=torch.long), 200, generator=
+                                                             torch.Generator().manual_seed(1), stop_token=2)), 1))
+    short = Generation(model, torch.zeros(4, 2, dtype=torch.long), min(ends) + 1,
+                       generator=torch.Generator().manual_seed(1), stop_token=2)
+    list(short)
+    assert short.finish_reasons == ["eot" if end == min(ends) else "length" for end in ends]
+
+
+def test_the_caller_ends_rows_and_a_row_keeps_its_first_reason():
+    model = tiny()
+    generation = Generation(model, torch.randint(50, (3, 4)), 30, temperature=0)
+    for _ in generation:
+        if generation.steps == 2:
+            generation.finish(0, "stop")
+        if generation.steps == 5:
+            generation.finish(1, "stop")
+            generation.finish(0, "later")
+    assert generation.steps == 30 and generation.finish_reasons == ["stop", "stop", "length"]
+    generation = Generation(model, torch.randint(50, (2, 4)), 30, temperature=0)
+    for _ in generation:
+        generation.finish(generation.steps % 2, "stop")  # row 1 at the first step, row 0 at the second
+    assert generation.steps == 2 and generation.finish_reasons == ["stop", "stop"]
+
+
+# ---------------------------------------------------------------- the loop is what `ngpt sample` runs
+
+
+@pytest.mark.parametrize("use_cache", ["--use_cache", "--no-use_cache"])
+def test_the_loop_gives_what_ngpt_sample_prints_for_a_seed(tmp_path, use_cache):
+    """A char model whose table is padded past its vocabulary (20 -> 32), decoded past block_size."""
+    chars = list("abcdefghij klmnop.\n:")
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(config).eval()
+    torch.save({"format": FORMAT, "model": model.state_dict(), "model_args": asdict(config),
+                "meta": {"tokenizer": "char", "itos": chars, "vocab_size": len(chars)}}, tmp_path / "ckpt.pt")
+    result = CliRunner().invoke(app, ["sample", f"--out_dir={tmp_path}", "--device=cpu", "--dtype=float32", "--json",
+                                      "--prompt=ab:", "--num_samples=3", "--max_new_tokens=30", "--temperature=0.9",
+                                      "--top_k=12", "--seed=5", use_cache])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)["samples"]
+    prompt = torch.tensor([[chars.index(c) for c in "ab:"]] * 3)
+    columns = Generation(model, prompt, 30, temperature=0.9, top_k=12, generator=torch.Generator().manual_seed(5),
+                         use_cache=use_cache == "--use_cache", vocab_size=len(chars))
+    tokens = torch.cat(list(columns), 1).tolist()
+    assert printed == ["ab:" + "".join(chars[t] for t in row) for row in tokens]
