@@ -10,7 +10,6 @@ evaluate -> checkpoint -> train_step (-> forward_backward per micro-step) -> log
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -610,10 +609,3 @@ def train(cfg: TrainConfig, finetune: bool = False) -> TrainResult:
         return result
     finally:
         cleanup_distributed(barrier=done)
-
-
-def read_metrics(out_dir: str | Path) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
