@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.errors import NgptError, UnknownInitFrom, UsageError
 from nanogpt_cli.model import GPT, GPTConfig
 
 CKPT_NAME = "ckpt.pt"
@@ -183,8 +183,8 @@ def load_model(init_from: str, out_dir: str, dropout: float | None = None) -> tu
     from nanogpt_cli import hf
 
     if not hf.is_hf_source(init_from):
-        raise UsageError(f"unknown init_from {init_from!r}: use scratch, resume, gpt2, gpt2-medium, gpt2-large, "
-                         "gpt2-xl, a checkpoint path, or a Hugging Face folder or hub id")
+        raise UnknownInitFrom(f"unknown init_from {init_from!r}: use scratch, resume, gpt2, gpt2-medium, "
+                              "gpt2-large, gpt2-xl, a checkpoint path, or a Hugging Face folder or hub id")
     model, meta = hf.load_hf_gpt2(init_from, dropout=dropout)
     return model, meta, None
 

@@ -19,6 +19,10 @@ class UsageError(NgptError):
     exit_code = 2
 
 
+class UnknownInitFrom(UsageError):
+    """An init_from that names no checkpoint, pretrained GPT-2 or Hugging Face model."""
+
+
 def debug_enabled() -> bool:
     """`ngpt --debug ...` (or `--debug` among a command's keys) or NGPT_DEBUG=1: let tracebacks through."""
     import os

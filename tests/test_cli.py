@@ -42,6 +42,13 @@ def test_version_and_help():
         assert "Example" in ngpt(*command, "--help").stdout, command
 
 
+def test_eval_and_sample_help_list_only_the_keys_they_read():
+    eval_help, sample_help = ngpt("eval", "--help").stdout, ngpt("sample", "--help").stdout
+    assert "--eval_iters" in eval_help and "--dataset" in eval_help
+    assert "--learning_rate" not in eval_help and "--n_layer" not in eval_help and "--wandb_log" not in eval_help
+    assert "--temperature" in sample_help and "--learning_rate" not in sample_help and "--eval_iters" not in sample_help
+
+
 def test_prepare_train_resume_sample_eval_export(tmp_path, monkeypatch):
     corpus = tmp_path / "input.txt"
     corpus.write_text(TEXT * 3)

@@ -3,13 +3,17 @@
 import pytest
 
 from nanogpt_cli.config import (
+    EVAL_KEYS,
     SampleConfig,
     TrainConfig,
     build,
     coerce,
+    field_types,
+    help_epilog,
     list_presets,
     load_preset,
     parse_overrides,
+    resolve_preset,
     to_toml,
 )
 from nanogpt_cli.errors import UsageError
@@ -117,3 +121,27 @@ def test_sample_config_validation():
 
 def test_parse_overrides_keeps_negative_numbers_as_values():
     assert parse_overrides(["--seed", "-5"], TrainConfig) == {"seed": "-5"}
+
+
+def test_model_config_is_the_scratch_architecture():
+    from nanogpt_cli.model import GPTConfig
+
+    cfg = build(TrainConfig, "shakespeare-char", ["--bias=True", "--dropout=0.1"])
+    assert cfg.model_config(65) == GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, bias=True,
+                                             dropout=0.1, vocab_size=65, activation="gelu")
+
+
+def test_resolve_preset_picks_the_config_its_keys_belong_to(tmp_path):
+    assert resolve_preset("shakespeare-char") == build(TrainConfig, "shakespeare-char")
+    sampling = tmp_path / "sampling.toml"
+    sampling.write_text("num_samples = 2\ntop_p = 0.9\n")
+    cfg = resolve_preset(str(sampling))
+    assert isinstance(cfg, SampleConfig) and (cfg.num_samples, cfg.top_p) == (2, 0.9)
+    assert field_types(SampleConfig)["top_p"] == float | None
+
+
+def test_help_epilog_lists_only_the_keys_asked_for():
+    everything, some = help_epilog(TrainConfig), help_epilog(TrainConfig, EVAL_KEYS)
+    assert "--learning_rate" in everything and "--learning_rate" not in some and "--n_layer" not in some
+    assert all(f"--{key} (" in some for key in EVAL_KEYS) and "other config keys are accepted" in some
+    assert "other config keys" not in everything

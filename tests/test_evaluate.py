@@ -3,6 +3,7 @@ GPT-2 saved as a Hugging Face folder and Tiny Shakespeare prepared in GPT-2 BPE.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 from nanogpt_cli.cli import app
 from nanogpt_cli.config import TrainConfig, build
 from nanogpt_cli.data import BatchLoader, load_meta
-from nanogpt_cli.evaluate import evaluate_loss
+from nanogpt_cli.errors import UsageError
+from nanogpt_cli.evaluate import evaluate_loss, run_eval
 from tests.conftest import shared_file
 
 transformers = pytest.importorskip("transformers")
@@ -131,3 +133,16 @@ def test_finetune_preset_from_a_tiny_hf_model_on_shakespeare_bpe(tmp_path, shake
          *common[:1], f"--out_dir={tmp_path / 'ft2'}", *common[2:])
     again = torch.load(tmp_path / "ft2" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert again["model_args"]["block_size"] == 16
+
+
+def test_run_eval_of_scratch_evaluates_the_out_dirs_checkpoint_and_leaves_the_config_alone(tiny_cfg):
+    from nanogpt_cli.train import train
+
+    cfg = tiny_cfg("--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2")
+    train(cfg)
+    before = dataclasses.replace(cfg)
+    report = run_eval(cfg, [])
+    assert cfg == before and cfg.init_from == "scratch"
+    assert report["model"] == cfg.out_dir and report["dataset"] == "tiny_char" and report["val_loss"] > 0
+    with pytest.raises(UsageError, match="--limit applies to the zero-shot benchmarks"):
+        run_eval(cfg, [], limit=5)
