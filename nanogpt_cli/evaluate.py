@@ -59,8 +59,8 @@ def evaluate(cfg: TrainConfig, loaded: tuple | None = None) -> dict:
     """Loss and perplexity per split for cfg.init_from (an ngpt checkpoint or any importable model);
     `loaded`: its (model, meta) when the caller has loaded it already."""
     from nanogpt_cli.checkpoint import load_model
-    from nanogpt_cli.data import BatchLoader, dataset_path, load_meta
-    from nanogpt_cli.errors import NgptError, UsageError
+    from nanogpt_cli.data import BatchLoader, check_vocabulary, dataset_path, load_meta
+    from nanogpt_cli.errors import UsageError
 
     runtime = plan(cfg.device, cfg.dtype)
     device, dtype = runtime.device, runtime.dtype
@@ -69,11 +69,7 @@ def evaluate(cfg: TrainConfig, loaded: tuple | None = None) -> dict:
     model, meta = loaded or load_model(cfg.init_from, cfg.out_dir)[:2]
     folder = dataset_path(cfg.dataset, cfg.data_dir)
     data_meta = load_meta(folder)
-    other_chars = data_meta.get("tokenizer") == "char" and data_meta.get("itos") != meta.get("itos")
-    if (data_meta.get("tokenizer") != meta.get("tokenizer") or data_meta["vocab_size"] > model.config.vocab_size
-            or other_chars):
-        raise NgptError(f"the dataset {cfg.dataset!r} ({data_meta.get('tokenizer')}, vocab {data_meta['vocab_size']})"
-                        f" does not match the model ({meta.get('tokenizer')}, vocab {model.config.vocab_size})")
+    check_vocabulary(data_meta, meta, model.config.vocab_size, cfg.dataset)
     block_size = min(cfg.block_size, model.config.block_size)
     model.to(device)
     loader = BatchLoader(folder, data_meta, cfg.batch_size, block_size, device, cfg.seed)

@@ -15,7 +15,23 @@ from rich.table import Table
 from rich.text import Text
 
 from nanogpt_cli.info import CPU_FLAGS
-from nanogpt_cli.progress import out
+from nanogpt_cli.progress import console, out
+
+# ---------------------------------------------------------------- training
+
+
+def print_training_start(config: dict, runtime, params: int, tokens_per_iter: int, warnings: list[str]) -> None:
+    """The resolved config, the runtime's choices and the model's size, on stderr, once a run's setup has worked
+    (a refused run prints only its error line)."""
+    pairs = [f"{key}={'auto' if value is None else value}" for key, value in config.items()]
+    console.print("[bold]config[/bold] " + "  ".join(pairs), style="dim")
+    for warning in warnings:
+        console.print(warning)
+    console.print(runtime.describe())
+    peak, peak_why = runtime.peak
+    console.print(f"[bold]model[/bold] {params / 1e6:.2f}M parameters  [bold]tokens/iter[/bold] {tokens_per_iter:,}"
+                  f"  [bold]peak[/bold] {f'{peak / 1e12:.2f} TFLOP/s' if peak else 'unknown'} ({peak_why})")
+
 
 # ---------------------------------------------------------------- presets
 

@@ -46,6 +46,7 @@ from nanogpt_cli.evaluate import evaluate_loss
 from nanogpt_cli.model import GPT
 from nanogpt_cli.nonfinite import NonfiniteGuard
 from nanogpt_cli.progress import TrainProgress, console
+from nanogpt_cli.report import print_training_start
 from nanogpt_cli.runtime import Runtime, plan
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size")  # what a checkpoint fixes about the model
@@ -131,7 +132,7 @@ class Trainer:
         self.prefetched: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0's first micro-batch of the step
         if built.resume is not None:
             self.restore(built.resume)
-        show_start(cfg, runtime, model, self.tokens_per_iter, built.warnings)
+        print_training_start(to_dict(cfg), runtime, model.get_num_params(), self.tokens_per_iter, built.warnings)
 
     # -------------------------------------------------------------- resuming
     def restore(self, resume: dict) -> None:
@@ -337,20 +338,6 @@ class Trainer:
             if flag and stop.signal_name is None:
                 stop.signal_name = "SIGTERM"
         return flag
-
-
-def show_start(cfg: TrainConfig, runtime: Runtime, model: GPT, tokens_per_iter: int, warnings: list[str]) -> None:
-    """The resolved config, the runtime's choices and the model's size, once the setup has worked (a refused
-    run prints only its error line)."""
-    pairs = [f"{k}={'auto' if v is None else v}" for k, v in to_dict(cfg).items()]
-    console.print("[bold]config[/bold] " + "  ".join(pairs), style="dim")
-    for warning in warnings:
-        console.print(warning)
-    console.print(runtime.describe())
-    peak, peak_why = runtime.peak
-    console.print(f"[bold]model[/bold] {model.get_num_params() / 1e6:.2f}M parameters  [bold]tokens/iter[/bold] "
-                  f"{tokens_per_iter:,}  [bold]peak[/bold] {f'{peak / 1e12:.2f} TFLOP/s' if peak else 'unknown'} "
-                  f"({peak_why})")
 
 
 # ---------------------------------------------------------------- setup steps

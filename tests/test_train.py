@@ -344,3 +344,34 @@ def test_training_on_cuda_with_the_automatic_choices_learns_resumes_and_samples_
     sampled = CliRunner().invoke(app, ["sample", f"--out_dir={tmp_path / 'full'}", "--device=cpu",
                                        "--max_new_tokens=20", "--seed=1"])
     assert sampled.exit_code == 0 and len(sampled.stdout.strip()) > 0, sampled.stderr
+
+
+def test_a_worse_val_loss_leaves_the_checkpoint_alone(tiny_cfg, tmp_path, monkeypatch):
+    """Without always_save_checkpoint, an evaluation that does not improve on the best val loss writes nothing;
+    one that improves saves."""
+    from nanogpt_cli.train import Trainer
+
+    vals = iter([3.0, 2.0, 2.5, 1.0])  # iterations 0, 3 (better: saved), 6 (worse: not saved), 9 (better: saved)
+
+    def scripted(self):
+        return {"train": 1.0, "val": next(vals)}
+
+    monkeypatch.setattr(Trainer, "evaluate", scripted)
+    saves = []
+    original_save = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self: saves.append(self.iter_num) or original_save(self))
+    train(tiny_cfg("--no-always_save_checkpoint", "--max_iters=9"))
+    assert saves == [3, 9]
+    ckpt = load_checkpoint(tmp_path / "out")
+    assert ckpt["iter_num"] == 9 and ckpt["best_val_loss"] == 1.0
+
+
+def test_a_worse_val_loss_does_not_touch_the_file(tiny_cfg, tmp_path, monkeypatch):
+    from nanogpt_cli.train import Trainer
+
+    train(tiny_cfg("--no-always_save_checkpoint", "--max_iters=3"))
+    path = tmp_path / "out" / "ckpt.pt"
+    before, stamp = path.read_bytes(), path.stat().st_mtime_ns
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"train": 9.0, "val": 9.0})  # worse than any real loss
+    train(tiny_cfg("--no-always_save_checkpoint", "--init_from=resume", "--max_iters=6"))
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
