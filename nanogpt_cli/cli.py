@@ -170,10 +170,10 @@ def _add_training_command(name: str, finetune: bool, help_text: str) -> None:
         master_addr: MasterAddrOption = None,
         master_port: MasterPortOption = None,
     ) -> None:
-        from nanogpt_cli.train import train
+        from nanogpt_cli.train import run_config, train
 
         _launch_if_asked(ctx, name, preset, nproc_per_node, nnodes, node_rank, master_addr, master_port)
-        cfg = build(TrainConfig, preset, config_args(ctx))
+        cfg = run_config(preset, config_args(ctx), finetune)
         if finetune and cfg.init_from == "scratch":
             raise UsageError("finetune starts from weights: set --init_from to gpt2*, a Hugging Face folder or an "
                              "ngpt checkpoint (or use `ngpt train` to start from scratch)")

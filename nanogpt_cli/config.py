@@ -56,6 +56,7 @@ class TrainConfig:
     """Everything a training (or finetuning, or evaluation) run needs; keys are nanoGPT's."""
 
     # I/O
+    preset: str | None = opt(None, "the preset these keys started from (set by --preset; kept in checkpoints)", "I/O")
     out_dir: str = opt("out", "folder for checkpoints, metrics.jsonl and config.toml", "I/O")
     init_from: str = opt("scratch", "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face "
                          "folder or hub id | an ngpt out_dir or checkpoint file", "I/O")
@@ -76,7 +77,8 @@ class TrainConfig:
                                "Data")
     gradient_accumulation_steps: int = opt(40, "micro-steps per optimizer step, across all processes", "Data")
     batch_size: int = opt(12, "sequences per micro-step per process", "Data")
-    block_size: int = opt(1024, "context length in tokens", "Data")
+    block_size: int | None = opt(AUTO, "context length in tokens (auto: 1024 from scratch, the model's own when "
+                                 "resuming or finetuning)", "Data")
     # model
     n_layer: int = opt(12, "transformer blocks", "Model")
     n_head: int = opt(12, "attention heads per block", "Model")
@@ -108,11 +110,13 @@ class TrainConfig:
                         "System", ("ddp", "fsdp"))
 
     def validate(self) -> TrainConfig:
-        positive = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
+        positive = ("batch_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
                     "eval_interval", "log_interval", "eval_iters")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.block_size is not None and self.block_size <= 0:
+            raise UsageError(f"--block_size must be positive, got {self.block_size}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr",
                      "learning_rate"):
             if getattr(self, name) < 0:
@@ -136,10 +140,18 @@ class TrainConfig:
         """The architecture of a model trained from scratch with these keys."""
         from nanogpt_cli.model import GPTConfig
 
-        return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, block_size=self.block_size,
+        return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                         block_size=SCRATCH_BLOCK_SIZE if self.block_size is None else self.block_size,
                          bias=self.bias, dropout=self.dropout, vocab_size=vocab_size,
                          activation="gelu")  # nanoGPT's exact GELU (pretrained GPT-2 uses the tanh one)
 
+
+SCRATCH_BLOCK_SIZE = 1024  # a new model's context when block_size is auto: GPT-2's
+
+# `ngpt finetune` without a preset: a short run at a small, constant learning rate (nanoGPT's finetuning recipe,
+# config/finetune_shakespeare.py, scaled to a laptop), instead of pretraining's 2000-step warmup and 600,000-step decay.
+FINETUNE_DEFAULTS = {"learning_rate": 3e-5, "decay_lr": False, "warmup_iters": 0, "max_iters": 200,
+                     "eval_interval": 50, "eval_iters": 20, "batch_size": 4, "gradient_accumulation_steps": 4}
 
 # The TrainConfig keys that `ngpt eval` reads (its --help lists these; the others are accepted, so that a
 # training preset works, and change nothing).
@@ -362,8 +374,9 @@ def parse_overrides(args: list[str], cls) -> dict:
     return out
 
 
-def build(cls, preset: str | None = None, args: list[str] | None = None, **values):
-    """Resolve a config: dataclass defaults < preset < `values` < command-line args; then validate."""
+def build(cls, preset: str | None = None, args: list[str] | None = None, values: dict | None = None, **more):
+    """Resolve a config: dataclass defaults < preset < `values` (and `more`) < command-line args; then validate."""
+    values = {**(values or {}), **more}
     key_types = field_types(cls)
     merged: dict = {}
     if preset:
@@ -372,6 +385,8 @@ def build(cls, preset: str | None = None, args: list[str] | None = None, **value
                 raise UsageError(f"preset {preset!r}: {_unknown(key, list(key_types))}")
             merged[key] = value
     merged.update({key: value for key, value in values.items() if value is not None})
+    if preset and "preset" in key_types:
+        merged["preset"] = preset
     merged.update(parse_overrides(args or [], cls))
     typed = {key: coerce(value, key_types[key], key) for key, value in merged.items()}
     cfg = cls(**typed)

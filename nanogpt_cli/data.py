@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from nanogpt_cli.config import resolve_data_dir
-from nanogpt_cli.errors import NgptError
+from nanogpt_cli.errors import NgptError, UsageError
 
 SPLITS = ("train", "val")
 
@@ -56,16 +56,16 @@ def load_meta(folder: Path) -> dict:
 
 def check_vocabulary(data_meta: dict, model_meta: dict, model_vocab_size: int, dataset: str) -> None:
     """Refuse a dataset whose tokens the model cannot read: another tokenizer, other characters, or ids past
-    the model's vocabulary."""
+    the model's vocabulary (a usage error: the command named both)."""
     data_tok, model_tok = data_meta.get("tokenizer"), model_meta.get("tokenizer")
     if data_tok != model_tok:
-        raise NgptError(f"the dataset {dataset!r} uses the {data_tok!r} tokenizer but the model was trained with "
+        raise UsageError(f"the dataset {dataset!r} uses the {data_tok!r} tokenizer but the model was trained with "
                         f"{model_tok!r}; prepare the data with the model's tokenizer")
     if data_tok == "char" and data_meta.get("itos") != model_meta.get("itos"):
-        raise NgptError(f"the dataset {dataset!r} has a different character vocabulary from the model's; prepare "
+        raise UsageError(f"the dataset {dataset!r} has a different character vocabulary from the model's; prepare "
                         "it with the same characters, or train a new model")
     if data_meta["vocab_size"] > model_vocab_size:
-        raise NgptError(f"the dataset's vocabulary ({data_meta['vocab_size']}) is larger than the model's "
+        raise UsageError(f"the dataset's vocabulary ({data_meta['vocab_size']}) is larger than the model's "
                         f"({model_vocab_size})")
 
 

@@ -70,7 +70,7 @@ def evaluate(cfg: TrainConfig, loaded: tuple | None = None) -> dict:
     folder = dataset_path(cfg.dataset, cfg.data_dir)
     data_meta = load_meta(folder)
     check_vocabulary(data_meta, meta, model.config.vocab_size, cfg.dataset)
-    block_size = min(cfg.block_size, model.config.block_size)
+    block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
     model.to(device)
     loader = BatchLoader(folder, data_meta, cfg.batch_size, block_size, device, cfg.seed)
     losses = evaluate_loss(model, loader, cfg.eval_iters, device, dtype, cfg.seed)

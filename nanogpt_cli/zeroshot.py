@@ -323,7 +323,7 @@ def zeroshot(cfg, tasks: list[str], files: dict[str, str | None] | None = None, 
     runtime = plan(cfg.device, cfg.dtype)
     device, dtype = runtime.device, runtime.dtype
     model.to(device).eval()
-    block_size = min(cfg.block_size, model.config.block_size)
+    block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
     report: dict = {"model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir, "block_size": block_size}
     for task in tasks:
         with _Progress(task, len(data[task])) as progress:

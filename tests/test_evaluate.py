@@ -95,7 +95,7 @@ def test_eval_gpt2_presets_are_nanogpts_and_run_with_a_local_model(shakespeare_b
 
 def test_eval_refuses_a_dataset_of_another_vocabulary(tmp_path, data_dir, hf_folder):
     result = ngpt("eval", f"--init_from={hf_folder}", "--dataset=tiny_char", f"--data_dir={data_dir}",
-                  "--device=cpu", code=1)
+                  "--device=cpu", code=2)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "uses the 'char' tokenizer but the model was trained with 'gpt2'" in lines[0]
@@ -106,8 +106,10 @@ def test_finetune_preset_from_a_tiny_hf_model_on_shakespeare_bpe(tmp_path, shake
     common = (f"--data_dir={shakespeare_bpe}", f"--out_dir={out}", "--device=cpu", "--dtype=float32",
               "--compile=False", "--eval_iters=2", "--eval_interval=2", "--max_iters=2",
               "--always_save_checkpoint=True")  # the preset saves only on a better val loss
-    # the preset's block size (1024) is larger than the model's: cropping is asked for, never silent
-    result = ngpt("finetune", "--preset", "finetune-shakespeare", f"--init_from={hf_folder}", *common, code=2)
+    # a block size longer than the model's is refused (cropping is asked for, never silent); without one the
+    # finetune takes the model's own
+    result = ngpt("finetune", "--preset", "finetune-shakespeare", f"--init_from={hf_folder}", "--block_size=1024",
+                  *common, code=2)
     assert "larger than the model's 64" in result.stderr
     ngpt("finetune", "--preset", "finetune-shakespeare", f"--init_from={hf_folder}", "--block_size=32",
          "--gradient_accumulation_steps=2", *common)
