@@ -30,7 +30,7 @@ from nanogpt_cli.config import (
     to_dict,
     to_toml,
 )
-from nanogpt_cli.errors import UnknownInitFrom, UsageError, report_errors
+from nanogpt_cli.errors import UnknownInitFrom, UsageError, one_line, report_errors
 from nanogpt_cli.progress import console, echo
 from nanogpt_cli.report import (
     print_bench,
@@ -424,7 +424,7 @@ def main() -> None:
     except click_errors.NoArgsIsHelpError:  # `ngpt` or a group alone: the help was printed already
         code = 0
     except click_errors.ClickException as e:
-        message = " ".join(e.format_message().split()).rstrip(".")
+        message = one_line(e.format_message()).rstrip(".")
         if isinstance(e, click_errors.UsageError) and e.ctx is not None:
             message += f"; see `{e.ctx.command_path} --help`"
         print(f"error: {message}", file=sys.stderr)

@@ -12,12 +12,9 @@ from typing import Annotated
 import typer
 
 from nanogpt_cli.errors import report_errors
+from nanogpt_cli.hub import OPENWEBTEXT_ID, OPENWEBTEXT_REVISION  # defaults shown in --help (prepare loads later)
 from nanogpt_cli.progress import echo
 from nanogpt_cli.report import print_dataset_info, print_datasets, print_prepared
-
-# the defaults shown in --help; the module itself is imported only when a command runs
-OPENWEBTEXT_ID = "Skylion007/openwebtext"
-OPENWEBTEXT_REVISION = "refs/convert/parquet"
 
 prepare_app = typer.Typer(help="Turn text into training tokens: <data-dir>/<name>/train.bin, val.bin, meta.json.",
                           no_args_is_help=True)

@@ -23,6 +23,16 @@ class UnknownInitFrom(UsageError):
     """An init_from that names no checkpoint, pretrained GPT-2 or Hugging Face model."""
 
 
+def one_line(reason: object, limit: int | None = None) -> str:
+    """`reason` (an exception, or any text) on one line, its runs of whitespace made single spaces, cut
+    to `limit` characters: the part of an error message that a library wrote. An exception with no
+    message gives its type's name."""
+    text = " ".join(str(reason).split())[:limit]
+    if not text and isinstance(reason, BaseException):
+        return type(reason).__name__
+    return text
+
+
 def debug_enabled() -> bool:
     """`ngpt --debug ...` (or `--debug` among a command's keys) or NGPT_DEBUG=1: let tracebacks through."""
     import os
@@ -102,7 +112,7 @@ def report_errors(func):
         except Exception as e:
             if debug_enabled() or type(e).__name__ in ("Exit", "Abort"):  # typer/click control flow
                 raise
-            message = " ".join(str(e).split()) or type(e).__name__
+            message = one_line(e)
             emit_error(f"error: {type(e).__name__}: {message} (rerun with --debug for the traceback)")
             raise SystemExit(1) from None
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from nanogpt_cli.config import TrainConfig, to_dict
-from nanogpt_cli.errors import NgptError
+from nanogpt_cli.errors import NgptError, one_line
 from nanogpt_cli.progress import console, debug, is_verbose
 
 
@@ -103,7 +103,7 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
         run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=to_dict(cfg),
                          dir=str(out_dir), settings=wandb.Settings(**settings), **kwargs)
     except Exception as e:
-        message = " ".join(str(e).split()) or type(e).__name__
+        message = one_line(e)
         raise NgptError(f"wandb could not start: {message.rstrip('.')} (to log without an account or network, "
                         "set WANDB_MODE=offline and upload later with `wandb sync`)") from None
     mode = getattr(getattr(run, "settings", None), "mode", None) or os.environ.get("WANDB_MODE", "")

@@ -41,7 +41,7 @@ from nanogpt_cli.distributed import (
     same_on_all_ranks,
     wrap_model,
 )
-from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.errors import NgptError, UsageError, one_line
 from nanogpt_cli.evaluate import evaluate_loss
 from nanogpt_cli.model import GPT
 from nanogpt_cli.nonfinite import NonfiniteGuard
@@ -158,7 +158,7 @@ class Trainer:
             try:
                 load(resume[key])
             except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-                reason = " ".join(str(e).split())[:200]
+                reason = one_line(e, 200)
                 raise NgptError(f"the {key} state in {where} does not fit this run ({type(e).__name__}: {reason}); "
                                 "resume with the settings it was trained with, or start from its weights with "
                                 f"`ngpt finetune --init_from={where}`") from None

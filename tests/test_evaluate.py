@@ -16,9 +16,9 @@ from nanogpt_cli.config import TrainConfig, build
 from nanogpt_cli.data import BatchLoader, load_meta
 from nanogpt_cli.errors import UsageError
 from nanogpt_cli.evaluate import evaluate_loss, run_eval
-from tests.conftest import shared_file
+from tests.conftest import require_module, shared_file
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 runner = CliRunner()
 CPU = torch.device("cpu")
 
