@@ -30,7 +30,15 @@ from nanogpt_cli.config import (
     to_dict,
     to_toml,
 )
-from nanogpt_cli.errors import UnknownInitFrom, UsageError, one_line, report_errors
+from nanogpt_cli.errors import (
+    UnknownInitFrom,
+    UsageError,
+    emit_error,
+    one_line,
+    report_errors,
+    silence_stdout,
+    write_stderr,
+)
 from nanogpt_cli.progress import console, echo
 from nanogpt_cli.report import (
     print_bench,
@@ -116,8 +124,8 @@ def _finish_training(result, command: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prog = f"torchrun --nproc_per_node={world} -m nanogpt_cli" if world > 1 else "ngpt"
     if int(os.environ.get("RANK", "0")) == 0:  # printed even with --quiet: it says what the exit code means
-        print(f"stopped by {result.stopped_by} at iteration {result.iter_num}; checkpoint saved. Resume with:\n"
-              f"  {prog} {shlex.join(kept)} --init_from=resume", file=sys.stderr, flush=True)
+        write_stderr(f"stopped by {result.stopped_by} at iteration {result.iter_num}; checkpoint saved. Resume "
+                     f"with:\n  {prog} {shlex.join(kept)} --init_from=resume\n")
     raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
 
 
@@ -427,9 +435,13 @@ def main() -> None:
         message = one_line(e.format_message()).rstrip(".")
         if isinstance(e, click_errors.UsageError) and e.ctx is not None:
             message += f"; see `{e.ctx.command_path} --help`"
-        print(f"error: {message}", file=sys.stderr)
+        emit_error(f"error: {message}")
         code = e.exit_code
     except typer.Abort:
-        print("error: interrupted", file=sys.stderr)
+        emit_error("error: interrupted")
         code = 130
+    try:  # flushed here, not at interpreter exit, where a closed stdout turns the exit code into 120
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        silence_stdout()
     raise SystemExit(code if isinstance(code, int) else 0)

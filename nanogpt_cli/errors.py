@@ -67,7 +67,6 @@ def emit_error(line: str) -> None:
     In a worker that `ngpt ... --nproc-per-node` started, the line goes to torchrun's error file for this
     worker instead: the launcher prints each different line once, as every rank usually fails alike."""
     import os
-    import sys
 
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and os.environ.get(LAUNCHED) == "1":
@@ -80,8 +79,19 @@ def emit_error(line: str) -> None:
             return
         except OSError:
             pass
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    write_stderr(line + "\n")
+
+
+def write_stderr(text: str) -> None:
+    """Write and flush text on stderr, in one write; nothing when stderr is gone (a closed pipe): what was being
+    said must not cost what the process is doing, and its exit code still says it."""
+    import sys
+
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def report_errors(func):
@@ -105,7 +115,7 @@ def report_errors(func):
             emit_error("error: interrupted")
             raise SystemExit(130) from None
         except BrokenPipeError:  # the reader went away (`ngpt sample | head`): stop quietly, as `yes | head` does
-            _silence_stdout()
+            silence_stdout()
             raise SystemExit(141) from None
         except SystemExit:
             raise
@@ -119,7 +129,7 @@ def report_errors(func):
     return wrapper
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """Point stdout at /dev/null so that Python's exit-time flush does not complain about the closed pipe."""
     import os
     import sys

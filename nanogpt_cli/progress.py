@@ -29,9 +29,54 @@ def _no_color() -> bool:
     return os.environ.get("NO_COLOR", "") != ""
 
 
+class LogStream:
+    """sys.stderr as the log console writes it: a write that fails (a closed pipe, as when Ctrl-C also ends the
+    `tee` that reads a run's output; a full disk) drops that line and every later one to the same stream instead
+    of raising. Logs are never worth a run: a stop in progress still saves its checkpoint. Looked up at each
+    write, so that a test runner's replacement of sys.stderr is honoured."""
+
+    def __init__(self):
+        self.broken: object | None = None  # the stream that failed
+
+    def _target(self):
+        return None if sys.stderr is self.broken else sys.stderr
+
+    def write(self, text: str) -> int:
+        target = self._target()
+        if target is not None:
+            try:
+                target.write(text)
+            except (OSError, ValueError):  # ValueError: the file was closed
+                self.broken = target
+        return len(text)
+
+    def flush(self) -> None:
+        target = self._target()
+        if target is not None:
+            try:
+                target.flush()
+            except (OSError, ValueError):
+                self.broken = target
+
+    def isatty(self) -> bool:
+        target = self._target()
+        try:
+            return target is not None and target.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stderr, "encoding", None) or "utf-8"
+
+
 def make_console(stderr: bool = False) -> Console:
     quiet = _rank() != 0 or (stderr and _env_flag("NGPT_QUIET"))
-    return Console(stderr=stderr, quiet=quiet, highlight=False, soft_wrap=True, no_color=_no_color())
+    file = LogStream() if stderr else None
+    return Console(file=file, quiet=quiet, highlight=False, soft_wrap=True, no_color=_no_color())
 
 
 console = make_console(stderr=True)  # logs, progress, warnings: stderr
