@@ -73,6 +73,9 @@ def load_checkpoint(location: str | os.PathLike) -> dict:
     """Load a checkpoint safely (no arbitrary unpickling); clear errors for missing or corrupt files."""
     path = checkpoint_file(location)
     if not path.is_file():
+        if (path.parent / "config.json").is_file():
+            raise UsageError(f"{path.parent} is a Hugging Face model folder, not an ngpt run: load it with "
+                             f"--init_from={path.parent}")
         raise NgptError(f"no checkpoint at {path}; train one first (`ngpt train ... --out_dir={path.parent}`)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -31,20 +31,37 @@ SPLITS = ("train", "val")
 
 
 def dataset_path(dataset: str, data_dir: str | None = None) -> Path:
-    """The folder of a prepared dataset (dataset may be a name or a path to such a folder)."""
+    """The folder of a prepared dataset: a path to such a folder, or a name under the data folder, spelt with
+    dashes or underscores alike (`ngpt prepare shakespeare-char` makes `shakespeare_char`)."""
     as_path = Path(dataset).expanduser()
     if (as_path / "meta.json").is_file():
         return as_path
-    return resolve_data_dir(data_dir) / dataset
+    root = resolve_data_dir(data_dir)
+    for name in (dataset, dataset.replace("-", "_"), dataset.replace("_", "-")):
+        if (root / name / "meta.json").is_file():
+            return root / name
+    return root / dataset
+
+
+RECIPES = {"shakespeare_char": "shakespeare-char", "shakespeare": "shakespeare", "openwebtext": "openwebtext"}
 
 
 def load_meta(folder: Path) -> dict:
     """meta.json of a prepared dataset, or a clear error saying which `ngpt prepare` to run."""
     meta_file = folder / "meta.json"
     if not meta_file.is_file():
-        hint = folder.name.replace("_", "-")
-        raise NgptError(f"dataset {folder.name!r} is not prepared in {folder.parent}: run `ngpt prepare {hint}` "
-                        f"(or `ngpt prepare text FILES --name {folder.name}`), or set --data_dir")
+        import difflib
+
+        name = folder.name.replace("-", "_")
+        prepared = sorted(meta.parent.name for meta in folder.parent.glob("*/meta.json"))
+        close = difflib.get_close_matches(folder.name, prepared, n=1, cutoff=0.6)
+        if close:
+            hint = f"did you mean --dataset={close[0]}? (prepared in {folder.parent}: {', '.join(prepared)})"
+        elif name in RECIPES:
+            hint = f"run `ngpt prepare {RECIPES[name]}` (it makes {name!r}), or set --data_dir"
+        else:
+            hint = f"run `ngpt prepare text FILES --name {folder.name}`, or set --data_dir"
+        raise NgptError(f"dataset {folder.name!r} is not prepared in {folder.parent}: {hint}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -55,9 +55,10 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
     return losses
 
 
-def evaluate(cfg: TrainConfig, loaded: tuple | None = None) -> dict:
+def evaluate(cfg: TrainConfig, loaded: tuple | None = None, dataset_named: bool = True) -> dict:
     """Loss and perplexity per split for cfg.init_from (an ngpt checkpoint or any importable model);
-    `loaded`: its (model, meta) when the caller has loaded it already."""
+    `loaded`: its (model, meta, checkpoint) when the caller has loaded it already. An ngpt run is evaluated on
+    its own dataset unless `dataset_named` (the command line named one)."""
     from nanogpt_cli.checkpoint import load_model
     from nanogpt_cli.data import BatchLoader, check_vocabulary, dataset_path, load_meta
     from nanogpt_cli.errors import UsageError
@@ -66,7 +67,11 @@ def evaluate(cfg: TrainConfig, loaded: tuple | None = None) -> dict:
     device, dtype = runtime.device, runtime.dtype
     if cfg.init_from == "scratch":
         raise UsageError("ngpt eval needs weights: --init_from=resume (with --out_dir), a checkpoint, or gpt2*")
-    model, meta = loaded or load_model(cfg.init_from, cfg.out_dir)[:2]
+    model, meta, ckpt = loaded or load_model(cfg.init_from, cfg.out_dir)
+    trained_on = (ckpt or {}).get("config") or {}
+    if not dataset_named and trained_on.get("dataset"):
+        cfg = dataclasses.replace(cfg, dataset=trained_on["dataset"],
+                                  data_dir=cfg.data_dir or trained_on.get("data_dir"))
     folder = dataset_path(cfg.dataset, cfg.data_dir)
     data_meta = load_meta(folder)
     check_vocabulary(data_meta, meta, model.config.vocab_size, cfg.dataset)
@@ -106,8 +111,8 @@ def run_eval(cfg: TrainConfig, tasks: list[str], files: dict[str, str | None] | 
 
         for name in tasks:
             benchmark_file(name, files.get(name))
-        loaded = load_model(cfg.init_from, cfg.out_dir)[:2]
-    report = evaluate(cfg, loaded) if wants_dataset_loss else {}
+        loaded = load_model(cfg.init_from, cfg.out_dir)
+    report = evaluate(cfg, loaded, dataset_named) if wants_dataset_loss else {}
     if tasks:
-        report = {**report, **zeroshot(cfg, tasks, files, limit, loaded)}
+        report = {**report, **zeroshot(cfg, tasks, files, limit, loaded and loaded[:2])}
     return report

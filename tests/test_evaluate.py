@@ -149,3 +149,19 @@ def test_run_eval_of_scratch_evaluates_the_out_dirs_checkpoint_and_leaves_the_co
     assert report["model"] == cfg.out_dir and report["dataset"] == "tiny_char" and report["val_loss"] > 0
     with pytest.raises(UsageError, match="--limit applies to the zero-shot benchmarks"):
         run_eval(cfg, [], limit=5)
+
+
+def test_eval_of_a_run_uses_the_runs_own_dataset(tmp_path, data_dir):
+    """`ngpt eval --out_dir RUN` without --dataset: the run's dataset (and data folder), not openwebtext."""
+    from nanogpt_cli.train import run_config, train
+    from tests.conftest import TINY
+
+    train(run_config(None, [*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--max_iters=3"]))
+    report = json.loads(ngpt("eval", f"--out_dir={tmp_path / 'run'}", "--device=cpu", "--eval_iters=1",
+                             "--json").stdout)
+    assert report["dataset"] == "tiny_char" and report["val_loss"] > 0
+
+
+def test_sampling_a_hugging_face_folder_as_a_run_points_at_init_from(hf_folder):
+    result = ngpt("sample", f"--out_dir={hf_folder}", "--device=cpu", code=2)
+    assert f"is a Hugging Face model folder, not an ngpt run: load it with --init_from={hf_folder}" in result.stderr

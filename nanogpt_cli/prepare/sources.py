@@ -20,7 +20,7 @@ from typing import NamedTuple
 from nanogpt_cli.atomic import download
 from nanogpt_cli.config import cache_dir
 from nanogpt_cli.errors import NgptError, UsageError, one_line
-from nanogpt_cli.hub import hub_error, quiet_hub_logs
+from nanogpt_cli.hub import hub_error, offline_unless_reachable, quiet_hub_logs
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
@@ -262,8 +262,9 @@ class HFCorpus(Corpus):
                                          "choose one with --split")
                     ds = ds[self.split]
             else:  # stream: never download or convert the whole dataset first
-                ds = datasets.load_dataset(str(self.path) if self.local else self.name, self.config,
-                                           split=self.split, revision=self.revision, streaming=True)
+                with offline_unless_reachable(uses_hub=not self.local):
+                    ds = datasets.load_dataset(str(self.path) if self.local else self.name, self.config,
+                                               split=self.split, revision=self.revision, streaming=True)
         except NgptError:
             raise
         except Exception as e:
@@ -312,8 +313,9 @@ class OpenWebTextCorpus(Corpus):
                 ds = datasets.load_from_disk(str(self.path))
                 ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
             else:
-                ds = datasets.load_dataset(str(self.path) if self.path.is_dir() else self.dataset_id,
-                                           split="train", revision=self.revision, num_proc=self.num_proc)
+                with offline_unless_reachable(uses_hub=not self.path.is_dir()):
+                    ds = datasets.load_dataset(str(self.path) if self.path.is_dir() else self.dataset_id,
+                                               split="train", revision=self.revision, num_proc=self.num_proc)
         except Exception as e:
             raise _load_error(self.dataset_id, e, bool(self.files) or self.path.is_dir(),
                               "pass --dataset-id FOLDER (saved with save_to_disk, or of data files) or --data-files "
