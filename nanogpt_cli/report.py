@@ -7,6 +7,7 @@ rows): the same result that `--json` prints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -15,16 +16,33 @@ from rich.table import Table
 from rich.text import Text
 
 from nanogpt_cli.info import CPU_FLAGS
-from nanogpt_cli.progress import console, out
+from nanogpt_cli.progress import console, is_verbose, out
 
 # ---------------------------------------------------------------- training
+
+
+def config_line(config: dict, verbose: bool = False) -> str:
+    """The run's config on one line: what differs from its preset (or from the defaults), every key with verbose."""
+    from nanogpt_cli.config import TrainConfig, build
+    from nanogpt_cli.errors import UsageError
+
+    preset = config.get("preset")
+    try:
+        baseline = dataclasses.asdict(build(TrainConfig, preset) if preset else TrainConfig())
+    except UsageError:  # the preset is gone or changed since the run began: compare with the defaults
+        baseline = dataclasses.asdict(TrainConfig())
+    shown = {key: value for key, value in config.items() if key != "preset" and (verbose or baseline[key] != value)}
+    pairs = "  ".join(f"{key}={'auto' if value is None else value}" for key, value in shown.items())
+    origin = f"preset {preset}" if preset else "defaults"
+    if verbose:
+        return f"[bold]config[/bold] ({origin})  {pairs}"
+    return f"[bold]config[/bold] {origin}" + (f" with {pairs}" if pairs else "") + "  (every key: --verbose)"
 
 
 def print_training_start(config: dict, runtime, params: int, tokens_per_iter: int, warnings: list[str]) -> None:
     """The resolved config, the runtime's choices and the model's size, on stderr, once a run's setup has worked
     (a refused run prints only its error line)."""
-    pairs = [f"{key}={'auto' if value is None else value}" for key, value in config.items()]
-    console.print("[bold]config[/bold] " + "  ".join(pairs), style="dim")
+    console.print(config_line(config, verbose=is_verbose()), style="dim")
     for warning in warnings:
         console.print(warning)
     console.print(runtime.describe())

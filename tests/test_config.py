@@ -148,3 +148,18 @@ def test_help_epilog_lists_only_the_keys_asked_for():
     assert "--learning_rate" in everything and "--learning_rate" not in some and "--n_layer" not in some
     assert all(f"--{key} (" in some for key in EVAL_KEYS) and "other config keys are accepted" in some
     assert "other config keys" not in everything
+
+
+def test_the_cpu_quickstart_preset_is_nanogpts_cpu_recipe():
+    """presets/shakespeare-char-cpu.toml is nanoGPT's README command for a CPU: train_shakespeare_char.py with
+    --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4
+    --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0 (logging every 10 steps)."""
+    import dataclasses
+
+    recipe = build(TrainConfig, "shakespeare-char", ["--device=cpu", "--compile=False", "--eval_iters=20",
+                                                     "--log_interval=10", "--block_size=64", "--batch_size=12",
+                                                     "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                                                     "--lr_decay_iters=2000", "--dropout=0.0"])
+    preset = build(TrainConfig, "shakespeare-char-cpu")
+    ignored = ("preset", "out_dir", "wandb_project", "wandb_run_name")
+    assert dataclasses.replace(preset, **{k: getattr(recipe, k) for k in ignored}) == recipe

@@ -69,3 +69,19 @@ def test_sizes_and_an_empty_data_dir(capsys):
     assert [size_text(n) for n in (512, 1500, 3_200_000_000, 2e12)] == ["512 B", "1.5 KB", "3.2 GB", "2000.0 GB"]
     print_datasets([], "/data")
     assert "no datasets in /data" in capsys.readouterr().out
+
+
+def test_the_config_line_shows_what_differs_from_the_preset():
+    import dataclasses
+
+    from nanogpt_cli.config import TrainConfig, build
+    from nanogpt_cli.report import config_line
+
+    cfg = dataclasses.asdict(build(TrainConfig, "shakespeare-char-cpu", ["--max_iters=500"]))
+    line = config_line(cfg)
+    assert line.startswith("[bold]config[/bold] preset shakespeare-char-cpu with max_iters=500")
+    assert "n_layer" not in line and len(line) < 120 and "--verbose" in line
+    full = config_line(cfg, verbose=True)
+    assert "n_layer=4" in full and "max_iters=500" in full
+    plain = config_line(dataclasses.asdict(TrainConfig()))
+    assert plain.startswith("[bold]config[/bold] defaults  (every key")
