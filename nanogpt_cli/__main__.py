@@ -1,6 +1,32 @@
-"""`python -m nanogpt_cli ...` and `torchrun -m nanogpt_cli train ...`."""
+"""`ngpt` (the console script), `python -m nanogpt_cli ...` and `torchrun -m nanogpt_cli train ...`."""
 
-from nanogpt_cli.cli import main
+import signal
+import sys
+
+# SIGINT and SIGTERM during start-up end the process with these exit codes (128 + the signal's number).
+START_UP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# The commands that import torch (a second or more): its import is part of their start-up.
+TORCH_COMMANDS = ("train", "finetune", "sample", "eval", "bench", "export", "serve", "info", "prepare")
+
+
+def main() -> None:
+    """Start-up (the imports, torch's above all) runs with SIGINT and SIGTERM held back: a Ctrl-C there ends the
+    process with 130 (SIGTERM: 143) once the imports are done, with no traceback and no abort inside torch's C++
+    initialisation. Past start-up, each command's own handling takes over (a training run saves, then exits)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, START_UP_SIGNALS)
+    try:
+        from nanogpt_cli import cli
+
+        args = sys.argv[1:]
+        if args and args[0] in TORCH_COMMANDS and not {"--help", "-h"} & set(args):
+            import torch  # noqa: F401
+    finally:
+        pending = signal.sigpending() & set(START_UP_SIGNALS)
+        if pending:
+            raise SystemExit(min(START_UP_SIGNALS[sig] for sig in pending))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, START_UP_SIGNALS)
+    cli.main()
+
 
 if __name__ == "__main__":
     main()

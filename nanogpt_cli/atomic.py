@@ -23,13 +23,43 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def new_temp_sibling(path: Path) -> tuple[int, Path]:
+    """(fd, path) of a new temporary sibling of `path`, `.<name>.tmp-<pid>-<random>`, created exclusively
+    (O_EXCL: never an existing file, never through a link planted at the name, which is not predictable)."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
+    return fd, Path(name)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` as a whole: a new temporary sibling, fsynced, renamed over `path` (a rename
+    replaces a symlink at `path` itself, never the file it points to)."""
+    fd, tmp = new_temp_sibling(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_append_nofollow(path: Path):
+    """`path` opened to append text, created if missing; a symlink at `path` is refused (ELOOP), not followed."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 def remove_stale_temps(path: Path) -> list[Path]:
     """Delete the temporary siblings of `path` (files or folders) that killed writers (SIGKILL, power
     loss) left behind; those of this process and of any process still running are left alone."""
     removed = []
     prefix = f".{path.name}.tmp-"
     for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):  # escaped: a name may hold "[" or "*"
-        pid = tmp.name[len(prefix):]
+        pid = tmp.name[len(prefix):].split("-")[0]  # .<name>.tmp-<pid> or .<name>.tmp-<pid>-<random>
         if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanogpt_cli.atomic import remove_stale_temps, temp_sibling
+from nanogpt_cli.atomic import new_temp_sibling, remove_stale_temps
 from nanogpt_cli.errors import NgptError, UnknownInitFrom, UsageError, one_line
+from nanogpt_cli.limits import check_model_fits
 from nanogpt_cli.model import GPT, GPTConfig
 from nanogpt_cli.tokenizer import GPT2_META
 
@@ -36,9 +37,9 @@ def atomic_save(obj, path: Path) -> None:
     a crash at any moment leaves either the old checkpoint or the new one, never half of one.
     A failed write (full disk, I/O error) removes the temporary file and leaves the old checkpoint as it was."""
     path = Path(path)
-    tmp = temp_sibling(path)
+    fd, tmp = new_temp_sibling(path)  # exclusive, under a name no one can plant a link at in advance
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -46,9 +47,10 @@ def atomic_save(obj, path: Path) -> None:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save's writer reports a full disk as a RuntimeError
             kept = "the previous checkpoint is intact" if path.is_file() else "no checkpoint was written"
-            raise NgptError(f"could not save the checkpoint {path}: {e.strerror or e}; {kept}") from None
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e, 200)
+            raise NgptError(f"could not save the checkpoint {path}: {reason}; {kept}") from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -67,6 +69,15 @@ def checkpoint_file(location: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     return path / CKPT_NAME if path.is_dir() or not path.suffix else path
+
+
+def peek_iteration(location: str | os.PathLike) -> int | str:
+    """The iteration a checkpoint was saved at, read without loading its tensors ("?" when unreadable)."""
+    path = checkpoint_file(location)
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iter_num"])
+    except Exception:
+        return "?"
 
 
 def load_checkpoint(location: str | os.PathLike) -> dict:
@@ -133,7 +144,10 @@ def model_from_checkpoint(ckpt: dict, source: str, dropout: float | None = None)
     if dropout is not None:
         args["dropout"] = dropout
     try:
-        model = GPT(GPTConfig(**args))
+        config = GPTConfig(**args)
+        check_model_fits(int(config.n_layer), int(config.n_embd), int(config.vocab_size), int(config.block_size),
+                         source)
+        model = GPT(config)
     except (AssertionError, TypeError, ValueError) as e:
         raise NgptError(f"{source} has invalid model_args {ckpt['model_args']}: {e}") from None
     load_state_checked(model, ckpt["model"], source)

@@ -145,7 +145,8 @@ MasterPortOption = Annotated[int | None, typer.Option("--master-port", rich_help
 
 
 def _launch_if_asked(ctx: typer.Context, command: str, preset: str | None, nproc: int | None, nnodes: int,
-                     node_rank: int, master_addr: str | None, master_port: int | None) -> None:
+                     node_rank: int, master_addr: str | None, master_port: int | None,
+                     flags: list[str] | None = None) -> None:
     """With launcher options, run this command again under torchrun (in this process) and exit with its code."""
     if nproc is None and nnodes == 1 and node_rank == 0 and master_addr is None and master_port is None:
         return
@@ -162,8 +163,8 @@ def _launch_if_asked(ctx: typer.Context, command: str, preset: str | None, nproc
     for flag in ("debug", "quiet", "verbose"):
         if root.get(flag):
             os.environ[f"NGPT_{flag.upper()}"] = "1"
-    raise typer.Exit(launch(torchrun_args, [command, *(["--preset", preset] if preset else []), *ctx.args],
-                            nproc or 1))
+    raise typer.Exit(launch(torchrun_args, [command, *(["--preset", preset] if preset else []), *(flags or []),
+                                            *ctx.args], nproc or 1))
 
 
 def _add_training_command(name: str, finetune: bool, help_text: str) -> None:
@@ -177,15 +178,18 @@ def _add_training_command(name: str, finetune: bool, help_text: str) -> None:
         node_rank: NodeRankOption = 0,
         master_addr: MasterAddrOption = None,
         master_port: MasterPortOption = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in out_dir (its "
+                                                "checkpoint, metrics and config) instead of refusing")] = False,
     ) -> None:
         from nanogpt_cli.train import run_config, train
 
-        _launch_if_asked(ctx, name, preset, nproc_per_node, nnodes, node_rank, master_addr, master_port)
+        _launch_if_asked(ctx, name, preset, nproc_per_node, nnodes, node_rank, master_addr, master_port,
+                         ["--overwrite"] if overwrite else [])
         cfg = run_config(preset, config_args(ctx), finetune)
         if finetune and cfg.init_from == "scratch":
             raise UsageError("finetune starts from weights: set --init_from to gpt2*, a Hugging Face folder or an "
                              "ngpt checkpoint (or use `ngpt train` to start from scratch)")
-        _finish_training(train(cfg), name)
+        _finish_training(train(cfg, overwrite=overwrite), name)
 
     command.__name__, command.__doc__ = name, help_text  # set before report_errors copies them for typer
     app.command(name, context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))(report_errors(command))

@@ -326,6 +326,8 @@ def coerce(value, typ, key: str):
         raise UsageError(f"--{key} expects {typ.__name__}, got {value!r}")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf
+        raise UsageError(f"{key} must be a finite number, got {value!r}")
     if typ is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):

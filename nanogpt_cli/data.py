@@ -147,6 +147,34 @@ class Stream:
         self.generator.set_state(state["generator"])
 
 
+def split_files(folder: Path, meta: dict) -> dict[str, Path]:
+    """The token file of each split, checked to exist and to hold whole tokens."""
+    itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
+    files = {}
+    for split in SPLITS:
+        path = folder / meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin")
+        if not path.is_file():
+            raise NgptError(f"{path} is missing; prepare the dataset again with --force")
+        if path.stat().st_size % itemsize:
+            raise NgptError(f"{path} is truncated ({path.stat().st_size} bytes is not a whole number of "
+                            f"{itemsize}-byte tokens); prepare the dataset again with --force")
+        files[split] = path
+    return files
+
+
+def check_block_fits(folder: Path, meta: dict, block_size: int) -> dict[str, int]:
+    """The token count of each split, from the files' sizes; a usage error when a split is not longer than
+    a window of block_size + 1 tokens (checked before a model of that context is built)."""
+    itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
+    lengths = {}
+    for split, path in split_files(folder, meta).items():
+        lengths[split] = path.stat().st_size // itemsize
+        if lengths[split] <= block_size + 1:
+            raise UsageError(f"the {split} split of {folder.name!r} has {lengths[split]} tokens, fewer than "
+                             f"block_size + 2 = {block_size + 2}; use a smaller --block_size")
+    return lengths
+
+
 class BatchLoader(Stream):
     """Random (x, y) windows from a split's token file, read through np.memmap.
 
@@ -164,17 +192,9 @@ class BatchLoader(Stream):
         self.block_size = block_size
         self.device = device
         super().__init__(seed, rank, world_size, generator_state)
-        self.files, self.lengths = {}, {}
-        for split in SPLITS:
-            name = meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin")
-            path = folder / name
-            if not path.is_file():
-                raise NgptError(f"{path} is missing; prepare the dataset again with --force")
-            length = path.stat().st_size // self.dtype.itemsize
-            if length <= block_size + 1:
-                raise NgptError(f"the {split} split of {folder.name!r} has {length} tokens, fewer than "
-                                f"block_size + 2 = {block_size + 2}; use a smaller --block_size")
-            self.files[split], self.lengths[split] = path, length
+        self.files = split_files(folder, meta)
+        self.lengths = check_block_fits(folder, meta, block_size)
+        self.vocab_size = int(meta["vocab_size"])
 
     def tokens(self, split: str) -> np.memmap:
         # A new memmap per batch: holding one open grows memory without bound (a numpy quirk).
@@ -188,7 +208,11 @@ class BatchLoader(Stream):
         """The (x, y) windows that start at `starts`, on the device."""
         # One gather of block_size + 1 tokens per row; x and y are its two overlapping windows.
         rows = starts.numpy()[:, None] + np.arange(self.block_size + 1)
-        windows = torch.from_numpy(self.tokens(split)[rows].astype(np.int64))
+        windows = self.tokens(split)[rows]
+        if windows.max() >= self.vocab_size:  # a damaged file: the model's embedding would fail on it
+            raise NgptError(f"{self.files[split]} holds token id {int(windows.max())}, outside the dataset's "
+                            f"vocabulary of {self.vocab_size}; prepare the dataset again with --force")
+        windows = torch.from_numpy(windows.astype(np.int64))
         return to_device(windows[:, :-1], self.device), to_device(windows[:, 1:], self.device)
 
 

@@ -201,6 +201,13 @@ def max_across_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value
 
 
+def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank (a collective: every rank must ask)."""
+    if not env.is_distributed:
+        return flag
+    return bool(max_across_ranks(torch.tensor([float(flag)], device=device), env).item())
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def _full_options(**kwargs):

@@ -13,18 +13,19 @@ import math
 import torch
 
 from nanogpt_cli.config import TrainConfig
-from nanogpt_cli.distributed import DistEnv
+from nanogpt_cli.distributed import DistEnv, any_rank
 from nanogpt_cli.runtime import autocast, plan
 
 
 @torch.no_grad()
 def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: str, seed: int | None,
-                  env: DistEnv | None = None, splits=("train", "val")) -> dict[str, float]:
+                  env: DistEnv | None = None, splits=("train", "val"), should_stop=None) -> dict[str, float] | None:
     """Mean loss over eval_iters batches per split: the next ones of the loader's stream (training evaluates
     on its own stream, as nanoGPT does) or, with a seed, of a generator seeded by it (the loader's state is
     restored afterwards). Every process draws all eval_iters; process r evaluates those r, r + W, ... and the
     sums are added up. Every process runs the same number of forwards (FSDP's are collectives): one without
-    a batch of its own in the last group runs the group's first and does not count it."""
+    a batch of its own in the last group runs the group's first and does not count it. `should_stop()` is asked
+    before each batch (all ranks agree on its answer): True ends the evaluation at once, returning None."""
     env = env or DistEnv()
     was_training = model.training
     model.eval()
@@ -36,6 +37,9 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
             loader.generator.manual_seed(seed + 104729 * i)
         total = torch.zeros(2, device=device, dtype=sum_dtype)  # (sum of losses, count)
         for first in range(0, eval_iters, env.world_size):
+            if should_stop is not None and any_rank(should_stop(), env, device):
+                model.train(was_training)
+                return None
             group = [loader.pick(split) for _ in range(min(env.world_size, eval_iters - first))]
             mine = env.rank < len(group)
             X, Y = loader.batch(split, group[env.rank if mine else 0])

@@ -86,12 +86,16 @@ class Decoder:
         self._pending = torch.cat((self._pending, tokens), dim=1)
 
 
+MIN_TEMPERATURE = 1e-6
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick the next token (B, 1) from logits (B, vocab): greedy at temperature 0,
     otherwise sampled after temperature, top-k and nucleus (top-p) filtering."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # below MIN_TEMPERATURE float32 division overflows (1e-300 is 0 in float32); sampling there is greedy anyway
+    logits = logits.float() / max(temperature, MIN_TEMPERATURE)
     if top_k is not None and 0 < top_k < logits.size(-1):
         v, _ = torch.topk(logits, top_k)
         logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))

@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from nanogpt_cli.atomic import open_append_nofollow, write_atomic
 from nanogpt_cli.config import TrainConfig, to_dict
 from nanogpt_cli.errors import NgptError, one_line
 from nanogpt_cli.progress import console, debug, is_verbose
@@ -34,14 +35,16 @@ class MetricsLog:
             # A resumed run repeats the steps after its checkpoint: drop the ones logged past it.
             kept = [record for record in read_jsonl(self.path) if record.get("iter", 0) < resume_from
                     or (record.get("iter") == resume_from and "val_loss" in record)]
-            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+            write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept).encode())
             self.records = kept
-        elif not cfg.eval_only:
+        else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("", encoding="utf-8")
-        if not cfg.eval_only:
-            self.file = open(self.path, "a", encoding="utf-8")
-            debug(f"metrics: {self.path}")
+            write_atomic(self.path, b"")
+        try:
+            self.file = open_append_nofollow(self.path)
+        except OSError as e:
+            raise NgptError(f"cannot write {self.path}: {e.strerror or e}") from None
+        debug(f"metrics: {self.path}")
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nanogpt_cli.info import CPU_FLAGS
+from nanogpt_cli.limits import size_text
 from nanogpt_cli.progress import console, is_verbose, out
 
 # ---------------------------------------------------------------- training
@@ -159,15 +160,6 @@ def print_bench_compare(key: str, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------- prepare and data
-
-
-def size_text(n_bytes: float) -> str:
-    """A size on disk in decimal units: 512 B, 1.5 KB, 3.2 GB."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n_bytes < 1000 or unit == "GB":
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1000
-    return str(n_bytes)
 
 
 def print_prepared(summary: dict) -> None:

@@ -25,6 +25,7 @@ from nanogpt_cli.checkpoint import load_model
 from nanogpt_cli.config import SampleConfig
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.generate import Generation
+from nanogpt_cli.limits import check_sampling_fits
 from nanogpt_cli.runtime import autocast, plan, synchronize
 from nanogpt_cli.tokenizer import from_meta
 
@@ -47,6 +48,9 @@ class SampleResult:
                 "tokens_per_second": round(self.tokens_per_second, 2)}
 
 
+MAX_PROMPT_BYTES = 10_000_000  # far past any context; bounds what a prompt file or stdin can make us read
+
+
 def read_prompt(cfg: SampleConfig) -> str:
     """--prompt TEXT | --prompt - (stdin) | --prompt-file PATH | --start TEXT | --start FILE:path;
     `-` for a file is stdin too."""
@@ -62,6 +66,9 @@ def read_prompt(cfg: SampleConfig) -> str:
         file = Path(path).expanduser()
         if not file.is_file():
             raise UsageError(f"prompt file {path!r} does not exist" + (" (it is a folder)" if file.is_dir() else ""))
+        if file.stat().st_size > MAX_PROMPT_BYTES:
+            raise UsageError(f"prompt file {path!r} is {file.stat().st_size:,} bytes, more than the "
+                             f"{MAX_PROMPT_BYTES:,} a prompt may have (the model sees only its last block_size tokens)")
         try:
             text = file.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -69,7 +76,12 @@ def read_prompt(cfg: SampleConfig) -> str:
         if not text:
             raise UsageError(f"prompt file {path!r} is empty")
     elif text == "-":
-        text = sys.stdin.read()
+        if sys.stdin is None or sys.stdin.closed:
+            raise UsageError("--prompt - reads the prompt from stdin, but stdin is closed")
+        text = sys.stdin.read(MAX_PROMPT_BYTES + 1)
+        if len(text) > MAX_PROMPT_BYTES:
+            raise UsageError(f"the prompt read from stdin is longer than the {MAX_PROMPT_BYTES:,} characters a "
+                             "prompt may have")
         if not text:
             raise UsageError("the prompt read from stdin is empty")
     elif text is None:
@@ -172,6 +184,7 @@ def generate_samples(model, tokenizer, prompt: str, cfg: SampleConfig, device: t
     """
     ids = encode_prompt(tokenizer, prompt)
     n = cfg.num_samples
+    check_sampling_fits(model.config, n, len(ids) + cfg.max_new_tokens, device)
     x = torch.tensor([ids] * n, dtype=torch.long, device=device)
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)

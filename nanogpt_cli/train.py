@@ -25,24 +25,34 @@ from pathlib import Path
 import torch
 
 from nanogpt_cli import checkpoint as ckpt_io
+from nanogpt_cli.atomic import new_temp_sibling, write_atomic
 from nanogpt_cli.config import FINETUNE_DEFAULTS, TrainConfig, build, parse_overrides, to_dict, to_toml
 from nanogpt_cli.cpu_tuning import thread_tuner
-from nanogpt_cli.data import BatchLoader, SyntheticLoader, check_vocabulary, dataset_path, load_meta, stream_seed
+from nanogpt_cli.data import (
+    BatchLoader,
+    SyntheticLoader,
+    check_block_fits,
+    check_vocabulary,
+    dataset_path,
+    load_meta,
+    stream_seed,
+)
 from nanogpt_cli.distributed import (
     DistEnv,
+    any_rank,
     cleanup_distributed,
     dist_env_from_environ,
     full_model_state_dict,
     full_optimizer_state_dict,
     grad_sync,
     load_optimizer_state,
-    max_across_ranks,
     mean_across_ranks,
     same_on_all_ranks,
     wrap_model,
 )
 from nanogpt_cli.errors import NgptError, UsageError, one_line
 from nanogpt_cli.evaluate import evaluate_loss
+from nanogpt_cli.limits import check_model_fits, check_training_fits
 from nanogpt_cli.model import GPT
 from nanogpt_cli.nonfinite import NonfiniteGuard
 from nanogpt_cli.progress import TrainProgress, console
@@ -130,6 +140,8 @@ class Trainer:
         self.resumed_eval_iters = cfg.eval_iters  # the batches each evaluation drew in the run resumed from
         self.loader_state: dict = {}  # the stream's state before the step's first micro-batch: what a save keeps
         self.prefetched: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0's first micro-batch of the step
+        self.stop = StopRequest("the steps to the next log interval" if self.stops_at_log_intervals()
+                                else "this step (or the evaluation)")
         if built.resume is not None:
             self.restore(built.resume)
         print_training_start(to_dict(cfg), runtime, model.get_num_params(), self.tokens_per_iter, built.warnings)
@@ -181,10 +193,11 @@ class Trainer:
         return [torch.load(buffer, weights_only=True) for buffer in map(io.BytesIO, states)]
 
     # -------------------------------------------------------------- the steps
-    def evaluate(self) -> dict:
-        """Train and val loss on the next batches of the training stream (nanoGPT's order)."""
+    def evaluate(self) -> dict | None:
+        """Train and val loss on the next batches of the training stream (nanoGPT's order); None when a signal
+        stopped it."""
         return evaluate_loss(self.train_model, self.loader, self.cfg.eval_iters, self.device, self.runtime.dtype,
-                             None, self.env)
+                             None, self.env, should_stop=lambda: self.stop.signal_name is not None)
 
     def skip_evaluation(self) -> None:
         """Move the stream past the batches of an evaluation done before the checkpoint this run resumed
@@ -266,16 +279,19 @@ class Trainer:
         progress.step(self.iter_num, mean_loss, lr, tokens_per_s, mfu, 1000 * seconds / iters)
         return tokens_per_s
 
-    def evaluate_and_checkpoint(self, lr: float, metrics, progress) -> dict:
-        """An evaluation, then a checkpoint when val improved (or always_save_checkpoint), never at iteration 0."""
+    def evaluate_and_checkpoint(self, lr: float, metrics, progress) -> dict | None:
+        """An evaluation, then a checkpoint when val improved (or always_save_checkpoint), never at iteration 0.
+        None when a signal stopped the evaluation."""
         self.guard.check(self.iter_num)  # before a checkpoint can be written
         losses = self.evaluate()
+        if losses is None:
+            return None
         self.last_evaluated_iter = self.iter_num
         metrics.eval(self.iter_num, losses, lr)
         progress.eval(self.iter_num, losses)
         if losses["val"] < self.best_val_loss or self.cfg.always_save_checkpoint:
             self.best_val_loss = min(self.best_val_loss, losses["val"])
-            if self.iter_num > 0:
+            if self.iter_num > 0 and not self.cfg.eval_only:  # an evaluation only writes nothing
                 self.save()
         return losses
 
@@ -284,21 +300,27 @@ class Trainer:
         from nanogpt_cli.metrics import MetricsLog
 
         cfg = self.cfg
-        metrics = MetricsLog(self.out_dir, cfg, enabled=self.env.is_main, resume_from=self.iter_num,
-                             run_id=self.wandb_run_id)
+        metrics = MetricsLog(self.out_dir, cfg, enabled=self.env.is_main and not cfg.eval_only,
+                             resume_from=self.iter_num, run_id=self.wandb_run_id)
         self.wandb_run_id = metrics.run_id
         result = TrainResult(self.iter_num, self.best_val_loss)
         start_iter, t_start = self.iter_num, time.perf_counter()
         self.prefetch()
         progress = TrainProgress(cfg.max_iters, start_iter)
-        with StopRequest("the steps to the next log interval" if self.stops_at_log_intervals() else "this step") \
-                as stop, progress:
+        with self.stop, progress:
+            stop = self.stop
             t_log, iters_since_log = time.perf_counter(), 0
             while True:
                 lr = lr_at(self.iter_num, cfg)
                 already_evaluated = self.iter_num == self.last_evaluated_iter  # saved after this evaluation
                 if (self.iter_num % cfg.eval_interval == 0 and not already_evaluated) or cfg.eval_only:
-                    result.last_eval = self.evaluate_and_checkpoint(lr, metrics, progress)
+                    losses = self.evaluate_and_checkpoint(lr, metrics, progress)
+                    if losses is None:  # a signal during the evaluation: the training state so far is saved
+                        if not cfg.eval_only:
+                            self.save()
+                        result.stopped_by = stop.signal_name
+                        break
+                    result.last_eval = losses
                     t_log = time.perf_counter()  # evaluation time is not training speed
                 elif already_evaluated:
                     self.skip_evaluation()
@@ -330,13 +352,11 @@ class Trainer:
 
     def stop_requested(self, stop: StopRequest) -> bool:
         """Every rank stops at the same step when any rank got a signal."""
-        flag = stop.signal_name is not None
         if self.stops_at_log_intervals() and self.iter_num % self.cfg.log_interval:
             return False
-        if self.env.is_distributed:
-            flag = bool(max_across_ranks(torch.tensor([float(flag)], device=self.device), self.env).item())
-            if flag and stop.signal_name is None:
-                stop.signal_name = "SIGTERM"
+        flag = any_rank(stop.signal_name is not None, self.env, self.device)
+        if flag and stop.signal_name is None:
+            stop.signal_name = "SIGTERM"  # another rank's signal
         return flag
 
 
@@ -410,7 +430,11 @@ def build_model(cfg: TrainConfig, dataset: Dataset | None) -> BuiltModel:
     if cfg.init_from == "scratch":
         meta = dataset.meta if dataset else {"tokenizer": "gpt2", "vocab_size": 50257}
         vocab_size = cfg.vocab_size or (padded_vocab(dataset.meta) if dataset else 50304)
-        return BuiltModel(GPT(cfg.model_config(vocab_size)), meta)
+        model_config = cfg.model_config(vocab_size)
+        if dataset is not None:  # from the files' sizes, before a position table of that length exists
+            check_block_fits(dataset.folder, dataset.meta, model_config.block_size)
+        check_model_fits(model_config.n_layer, model_config.n_embd, vocab_size, model_config.block_size, "the model")
+        return BuiltModel(GPT(model_config), meta)
     if cfg.init_from == "resume":
         out_dir = Path(cfg.out_dir).expanduser()
         resume = ckpt_io.load_checkpoint(out_dir)
@@ -496,6 +520,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     runtime = plan(cfg.device, cfg.dtype, cfg.compile, training=True, backend=cfg.backend,
                    run_flops=run_flops(cfg, model, tokens_per_iter))
+    check_training_fits(cfg, model.config.vocab_size, runtime.device)
     loader = make_loader(cfg, dataset, model.config.vocab_size, runtime)
     model.to(runtime.device)
     model.set_attention(runtime.attention)
@@ -518,38 +543,92 @@ def check_out_dir(out_dir: Path) -> None:
                 raise NgptError(f"cannot use out_dir {out_dir}: {parent} is a file, not a folder")
             break
         created.append(parent)
-    probe = out_dir / f".write-test-{os.getpid()}"
+    probe = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:  # written through to the disk: a full disk fails here, not hours later
+        fd, probe = new_temp_sibling(out_dir / ".write-test")  # exclusive: never a file planted in the folder
+        with os.fdopen(fd, "wb") as f:  # written through to the disk: a full disk fails here, not hours later
             f.write(b"0" * 65536)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
         raise NgptError(f"cannot write to out_dir {out_dir}: {e.strerror or e}") from None
     finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                probe.unlink()
         for folder in created:
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run training (or finetuning) as `cfg` says; under torchrun each process calls this."""
+RUN_FILES = (ckpt_io.CKPT_NAME, "metrics.jsonl", "config.toml")  # what a run leaves in its out_dir
+
+
+def check_no_run_to_replace(out_dir: Path, cfg: TrainConfig, overwrite: bool) -> None:
+    """A new run (not a resume) into a folder that holds a run is refused unless told to replace it."""
+    if cfg.init_from == "resume" or overwrite or not any((out_dir / name).exists() for name in RUN_FILES):
+        return
+    held = (f"a checkpoint at iteration {ckpt_io.peek_iteration(out_dir)}" if (out_dir / ckpt_io.CKPT_NAME).exists()
+            else "a run's files")
+    raise UsageError(f"out_dir {out_dir} holds {held}: continue it with --init_from=resume, replace it with "
+                     "--overwrite, or choose another --out_dir")
+
+
+class RunLock:
+    """The run folder's lock, held while a run writes there (fcntl.flock on `.ngpt-lock`, which names the
+    holder's pid): a second run into the same folder is refused instead of interleaving its files."""
+
+    NAME = ".ngpt-lock"
+
+    def __init__(self, out_dir: Path):
+        self.path, self.fd = out_dir / self.NAME, None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(f"out_dir {self.path.parent} is in use by a running training (pid {holder}); wait for "
+                             "it to end, or choose another --out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
+    """Run training (or finetuning) as `cfg` says; under torchrun each process calls this. A folder that holds
+    a run is replaced only with `overwrite`; an evaluation only (eval_only) writes nothing."""
     env = dist_env_from_environ()
     out_dir = Path(cfg.out_dir).expanduser()
-    if env.is_main and not cfg.eval_only:
+    writes = env.is_main and not cfg.eval_only
+    if writes:
+        check_no_run_to_replace(out_dir, cfg, overwrite)
         check_out_dir(out_dir)
+    lock = RunLock(out_dir)
     done = False
     try:
         trainer = build_trainer(cfg)
-        if env.is_main and not cfg.eval_only:  # the first write: nothing on disk changes until the setup worked
+        if writes:  # the first write: nothing on disk changes until the setup worked
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.toml").write_text(to_toml(trainer.cfg), encoding="utf-8")
+            lock.acquire()
+            if overwrite and cfg.init_from != "resume":
+                for name in RUN_FILES:
+                    (out_dir / name).unlink(missing_ok=True)
+            write_atomic(out_dir / "config.toml", to_toml(trainer.cfg).encode())
         result = trainer.run()
         del trainer  # the DDP/FSDP wrappers go before the process group (see cleanup_distributed)
         done = True
         return result
     finally:
+        lock.release()
         cleanup_distributed(barrier=done)

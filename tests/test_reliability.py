@@ -228,3 +228,31 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes(tmp_path, data_d
     print(f"\nSIGKILL test: survived {kills} kills ({during_save} while a checkpoint was being written); "
           f"reached iteration {last_iter + 3}")
     assert kills >= 6 and during_save >= 3, (kills, during_save)
+
+
+def signals_blocked(pid: int) -> bool:
+    """Whether the process holds SIGINT back (its start-up, in nanogpt_cli.__main__)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigBlk:"))
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from /proc")
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_start_up_exits_cleanly(tmp_path, data_dir, sig, code):
+    """Ctrl-C while the imports run (torch's take a second or more): exit 130 (SIGTERM 143) once they are done,
+    no traceback, no abort inside torch, and the run does not go on."""
+    args = [*SIGNAL_ARGS, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}"]
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_cli", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 30
+    while not signals_blocked(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, "start-up never held the signals back"
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and "terminate called" not in err and not (tmp_path / "out").exists()

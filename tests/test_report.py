@@ -66,7 +66,7 @@ def test_bench_compare_table_shows_ratios_and_the_choices_that_differ(capsys, mo
 
 
 def test_sizes_and_an_empty_data_dir(capsys):
-    assert [size_text(n) for n in (512, 1500, 3_200_000_000, 2e12)] == ["512 B", "1.5 KB", "3.2 GB", "2000.0 GB"]
+    assert [size_text(n) for n in (512, 1500, 3_200_000_000, 2e12)] == ["512 B", "1.5 KB", "3.2 GB", "2,000.0 GB"]
     print_datasets([], "/data")
     assert "no datasets in /data" in capsys.readouterr().out
 
