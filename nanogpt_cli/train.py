@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from nanogpt_cli import checkpoint as ckpt_io
+from nanogpt_cli import lora
 from nanogpt_cli.config import FINETUNE_DEFAULTS, TrainConfig, build, parse_overrides, to_dict, to_toml
 from nanogpt_cli.cpu_tuning import thread_tuner
 from nanogpt_cli.data import BatchLoader, SyntheticLoader, check_vocabulary, dataset_path, load_meta, stream_seed
@@ -116,6 +117,7 @@ class Trainer:
         self.model = model  # the module itself: what is saved
         self.train_model = train_model  # what the steps call: compiled and/or wrapped for DDP
         self.optimizer, self.loader, self.meta, self.accum_steps = optimizer, loader, built.meta, accum_steps
+        self.lora = built.lora
         self.out_dir = Path(cfg.out_dir).expanduser()
         self.tokens_per_iter = accum_steps * self.env.world_size * cfg.batch_size * cfg.block_size
         self.scaler = torch.amp.GradScaler(self.device.type,
@@ -253,8 +255,12 @@ class Trainer:
             "wandb_run_id": self.wandb_run_id,
             "evaluated_iter": self.last_evaluated_iter,
         }
+        if self.lora is not None:  # the adapters alone, and what rebuilds the frozen base under them
+            state["model"], state["lora"] = lora.adapter_state_dict(state["model"]), self.lora
         if self.env.is_main:
             ckpt_io.atomic_save(state, self.out_dir / ckpt_io.CKPT_NAME)
+            if self.lora is not None:
+                lora.write_adapter_folder(self.out_dir / lora.ADAPTER_DIR, state["model"], self.lora)
 
     def log_step(self, loss: torch.Tensor, lr: float, iters: int, seconds: float, metrics, progress) -> float:
         """The step's line and metrics record, every log_interval steps: the only host sync of a step."""
@@ -356,7 +362,7 @@ def run_config(preset: str | None, args: list[str], finetune: bool = False) -> T
     typed = parse_overrides(args, TrainConfig)
     resumed = build(TrainConfig, None, args, {key: value for key, value in saved.items()
                                               if key in TrainConfig.__dataclass_fields__})
-    for key in SHAPE_KEYS:
+    for key in (*SHAPE_KEYS, *lora.LORA_KEYS):
         if key in typed and key in saved and getattr(resumed, key) != saved[key]:
             raise UsageError(f"--{key}={getattr(resumed, key)}: a resumed run keeps its model's {key} "
                              f"({saved[key]}); drop --{key}, or start from its weights with "
@@ -394,6 +400,7 @@ class BuiltModel:
     meta: dict
     resume: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    lora: dict | None = None  # a LoRA run's adapter settings and base reference (its checkpoint's "lora")
 
 
 def open_dataset(cfg: TrainConfig) -> Dataset | None:
@@ -406,27 +413,39 @@ def open_dataset(cfg: TrainConfig) -> Dataset | None:
 
 def build_model(cfg: TrainConfig, dataset: Dataset | None) -> BuiltModel:
     """The model to train, from scratch, from the run being resumed, or from pretrained weights (finetuning:
-    GPT-2, a Hugging Face model or another ngpt run), cropped to cfg.block_size (auto: the model's own)."""
+    GPT-2, a Hugging Face model or another ngpt run), cropped to cfg.block_size (auto: the model's own); with
+    cfg.lora_rank, frozen under LoRA adapters."""
     if cfg.init_from == "scratch":
         meta = dataset.meta if dataset else {"tokenizer": "gpt2", "vocab_size": 50257}
         vocab_size = cfg.vocab_size or (padded_vocab(dataset.meta) if dataset else 50304)
-        return BuiltModel(GPT(cfg.model_config(vocab_size)), meta)
-    if cfg.init_from == "resume":
+        built = BuiltModel(GPT(cfg.model_config(vocab_size)), meta)
+        if cfg.lora_rank:  # random weights under adapters: what `ngpt bench` measures (train refuses it)
+            built.lora = {**lora.settings(cfg), "base": None}
+    elif cfg.init_from == "resume":
         out_dir = Path(cfg.out_dir).expanduser()
         resume = ckpt_io.load_checkpoint(out_dir)
-        built = BuiltModel(ckpt_io.model_from_checkpoint(resume, str(ckpt_io.checkpoint_file(out_dir)), cfg.dropout),
-                           ckpt_io.checkpoint_meta(resume, out_dir), resume)
+        if cfg.lora_rank and "lora" not in resume:
+            raise UsageError(f"--lora_rank: {out_dir} is a run of all the weights, which resumes as one; to train "
+                             f"adapters on its weights: `ngpt finetune --init_from={out_dir} --lora_rank="
+                             f"{cfg.lora_rank} --out_dir=NEW_FOLDER`")
+        built = BuiltModel(ckpt_io.model_from_checkpoint(resume, str(ckpt_io.checkpoint_file(out_dir)), cfg.dropout,
+                                                         merged=False),
+                           ckpt_io.checkpoint_meta(resume, out_dir), resume, lora=resume.get("lora"))
         trained_on = resume.get("config", {}).get("dataset", TrainConfig.dataset)
         if trained_on != cfg.dataset:
             built.warnings.append(f"[yellow]resuming a run trained on {trained_on!r} with {cfg.dataset!r}[/yellow]")
     else:
         model, meta, _ = ckpt_io.load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout)
         built = BuiltModel(model, meta)
+        if cfg.lora_rank:  # the base's fingerprint is of its weights as loaded, before any crop
+            built.lora = {**lora.settings(cfg), "base": lora.base_reference(cfg.init_from, cfg.out_dir, model)}
     model_block = built.model.config.block_size
     if cfg.block_size is not None and cfg.block_size > model_block:
         raise UsageError(f"--block_size={cfg.block_size} is larger than the model's {model_block}")
     if cfg.block_size is not None and cfg.block_size < model_block:
         built.model.crop_block_size(cfg.block_size)
+    if built.lora is not None and built.resume is None:
+        lora.attach(built.model, built.lora)
     return built
 
 
@@ -499,6 +518,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     loader = make_loader(cfg, dataset, model.config.vocab_size, runtime)
     model.to(runtime.device)
     model.set_attention(runtime.attention)
+    if built.lora is not None:
+        fsdp = env.is_distributed and cfg.strategy == "fsdp"  # FSDP shards a block's parameters in one dtype
+        held = lora.hold_frozen_in_bfloat16(model) if runtime.dtype == "bfloat16" and not fsdp else 0
+        built.warnings.append(lora.describe(model, built.lora, held))
     # Parallelise before the optimizer exists: FSDP turns the parameters into shards (DTensors).
     train_model = parallelize(model, cfg.strategy, runtime)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
@@ -538,6 +561,9 @@ def check_out_dir(out_dir: Path) -> None:
 def train(cfg: TrainConfig) -> TrainResult:
     """Run training (or finetuning) as `cfg` says; under torchrun each process calls this."""
     env = dist_env_from_environ()
+    if cfg.lora_rank and cfg.init_from == "scratch":
+        raise UsageError("--lora_rank adapts pretrained weights and --init_from=scratch has none: finetune from "
+                         "gpt2*, a Hugging Face model or an ngpt run (`ngpt finetune --init_from=gpt2 ...`)")
     out_dir = Path(cfg.out_dir).expanduser()
     if env.is_main and not cfg.eval_only:
         check_out_dir(out_dir)
