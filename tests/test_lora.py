@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from nanogpt_cli import lora
 from nanogpt_cli.checkpoint import load_checkpoint, model_from_checkpoint
 from nanogpt_cli.cli import app
-from nanogpt_cli.config import TrainConfig, build
+from nanogpt_cli.config import TrainConfig, build, to_dict
 from nanogpt_cli.metrics import read_jsonl
 from nanogpt_cli.model import GPT, GPTConfig
+from nanogpt_cli.runtime import autocast
 from nanogpt_cli.train import build_trainer, run_config, train
 from tests.conftest import TEXT, TINY, needs_bpe, require_module, write_char_dataset
 
@@ -79,6 +80,37 @@ def test_a_fresh_adapter_changes_no_logit_and_only_it_trains():
     assert not lora.is_attached(model) and torch.equal(logits(model, idx), before)
 
 
+def test_frozen_weights_held_in_bfloat16_compute_what_bfloat16_autocast_does():
+    """autocast casts a float32 weight to bfloat16 at each use: storing it so gives the same bits, with half the
+    memory; the embeddings (the residual stream) and the adapters stay float32."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40))
+    lora.attach(model, {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["attn", "mlp"]})
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p)
+    idx, targets = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
+
+    def step():
+        model.zero_grad()
+        with autocast(torch.device("cpu"), "bfloat16"):
+            out, loss = model(idx, targets)
+        loss.backward()
+        return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    out, grads = step()
+    held = lora.hold_frozen_in_bfloat16(model)
+    assert held == 2 * 16 * (3 * 16 + 16 + 4 * 16 + 4 * 16)  # the weights of every linear layer in the blocks
+    held_out, held_grads = step()
+    assert torch.equal(held_out, out) and grads.keys() == held_grads.keys()
+    assert all(torch.equal(held_grads[name], grad) for name, grad in grads.items())
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["transformer.h.0.mlp.c_fc.base_layer.weight"] == dtypes["transformer.h.1.attn.c_proj.weight"] \
+        == torch.bfloat16
+    assert {dtypes["transformer.wte.weight"], dtypes["transformer.h.0.mlp.c_fc.lora_A.default.weight"],
+            dtypes["transformer.h.0.ln_1.weight"]} == {torch.float32}
+
+
 def test_a_lora_run_trains_only_its_adapters_and_saves_only_them(char_base, tmp_path):
     data_dir, base = char_base
     trainer = build_trainer(lora_cfg(char_base, tmp_path / "run"))
@@ -115,6 +147,27 @@ def test_a_resumed_lora_run_is_bit_identical(char_base, tmp_path):
     full, half = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "half")
     assert half["lora"] == full["lora"]
     assert all(torch.equal(half["model"][name], tensor) for name, tensor in full["model"].items())
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_two_processes_matches_one(char_base, tmp_path):
+    """DDP with frozen weights: 2 processes x accumulation 2 give 1 process x accumulation 4's losses and
+    adapters (--strategy=fsdp does too, but costs another start of two processes here)."""
+    import subprocess
+    import sys
+
+    args = [*TINY, f"--data_dir={char_base[0]}", f"--init_from={char_base[1]}", *LORA,
+            "--gradient_accumulation_steps=4"]
+    train(run_config(None, [*args, f"--out_dir={tmp_path / 'one'}"], finetune=True))
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "nanogpt_cli", "--quiet", "finetune", "--nproc-per-node", "2", *args,
+                           f"--out_dir={out}"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    one, two = load_checkpoint(tmp_path / "one"), load_checkpoint(out)
+    assert two["world_size"] == 2 and two["lora"] == one["lora"] and two["model"].keys() == one["model"].keys()
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_a_changed_or_missing_base_is_refused_in_one_line(char_base, tmp_path):
@@ -187,10 +240,11 @@ def test_a_lora_run_of_a_hf_model_through_every_command_and_peft(hf_base, tmp_pa
 
     folder, data_dir = hf_base
     run = tmp_path / "run"
-    ngpt("finetune", f"--init_from={folder}", "--dataset=tiny_bpe", f"--data_dir={data_dir}", f"--out_dir={run}",
-         "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=1", "--max_iters=4",
-         "--eval_interval=2", "--eval_iters=1", "--device=cpu", "--dtype=float32", "--compile=False",
-         "--lora_rank=4", "--lora_targets=attn,mlp", "--learning_rate=3e-2")
+    ngpt("finetune", "--preset", "finetune-shakespeare-lora", f"--init_from={folder}", "--dataset=tiny_bpe",
+         f"--data_dir={data_dir}", f"--out_dir={run}", "--block_size=32", "--batch_size=4",
+         "--gradient_accumulation_steps=1", "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--device=cpu",
+         "--dtype=float32", "--compile=False", "--lora_rank=4", "--lora_targets=attn,mlp", "--learning_rate=3e-2")
+    assert load_checkpoint(run)["lora"]["dropout"] == 0.05  # the preset's
     assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(folder.resolve()) and adapter_config["fan_in_fan_out"]
@@ -224,3 +278,10 @@ def test_a_lora_run_of_a_hf_model_through_every_command_and_peft(hf_base, tmp_pa
     exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(idx).logits, theirs, rtol=0, atol=1e-5)
+
+
+def test_the_lora_preset_is_nanogpts_finetune_recipe_with_adapters():
+    full, adapted = (to_dict(build(TrainConfig, f"finetune-shakespeare{lora}")) for lora in ("", "-lora"))
+    assert {key for key in full if full[key] != adapted[key]} == {
+        "preset", "out_dir", "wandb_run_name", "learning_rate", "lora_rank", "lora_dropout"}
+    assert (adapted["lora_rank"], adapted["init_from"], adapted["learning_rate"]) == (8, "gpt2-xl", 3e-4)
