@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from nanogpt_cli.atomic import temp_sibling
+from nanogpt_cli.atomic import remove_stale_temps, temp_sibling
 from nanogpt_cli.config import lora_modules, lora_target_names
 from nanogpt_cli.errors import NgptError, UsageError, one_line
 from nanogpt_cli.model import GPT
@@ -239,6 +239,7 @@ def write_adapter_folder(folder: Path, adapters: dict, spec: dict) -> Path:
                 os.replace(tmp, folder / name)
             finally:
                 tmp.unlink(missing_ok=True)
+            remove_stale_temps(folder / name)
     except OSError as e:
         raise NgptError(f"could not write the adapter folder {folder}: {e.strerror or e}") from None
     return folder

@@ -75,6 +75,9 @@ def test_a_fresh_adapter_changes_no_logit_and_only_it_trains():
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
     assert len(trainable) == 2 * 4 * 2  # A and B of 4 layers in each of 2 blocks
+    adapters, frozen = (sum(p.numel() for p in model.parameters() if p.requires_grad is grad) for grad in (True, False))
+    attention = 12 * 2 * 2 * 8 * 8  # 12 L H Q T
+    assert model.flops_per_token() == 6 * adapters + 4 * (frozen - 8 * 16) + attention  # no gradients of frozen weights
     lora.merge(model)
     assert all(p.requires_grad for p in model.parameters())
     assert not lora.is_attached(model) and torch.equal(logits(model, idx), before)
