@@ -136,7 +136,13 @@ def load_state_checked(model: torch.nn.Module, state_dict: dict, source: str) ->
     model.load_state_dict(state_dict)
 
 
-def model_from_checkpoint(ckpt: dict, source: str, dropout: float | None = None) -> GPT:
+def model_from_checkpoint(ckpt: dict, source: str, dropout: float | None = None, merged: bool = True) -> GPT:
+    """The checkpoint's model. A LoRA run's holds adapters: its base is rebuilt under them (lora.py), which are
+    merged into it unless `merged` is False (to train on)."""
+    if "lora" in ckpt:
+        from nanogpt_cli import lora
+
+        return lora.model_from_checkpoint(ckpt, source, dropout, merged)
     known = GPTConfig.__dataclass_fields__
     args = {k: v for k, v in ckpt["model_args"].items() if k in known}
     # Saved without it: nanoGPT's own checkpoints (no "format") used the exact GELU; ngpt's earliest, GPT-2's.

@@ -87,6 +87,13 @@ class TrainConfig:
     bias: bool = opt(False, "bias in Linear and LayerNorm layers (GPT-2 has them)", "Model")
     vocab_size: int | None = opt(None, "vocabulary size (auto: the dataset's, padded to a multiple of 64 for BPE)",
                                  "Model")
+    # LoRA
+    lora_rank: int = opt(0, "train rank-R low-rank adapters (LoRA) on frozen pretrained weights instead of the "
+                         "weights themselves; 0: off (needs the lora extra: pip install 'nanogpt-cli[lora]')", "LoRA")
+    lora_alpha: float = opt(16.0, "LoRA scale: the adapters' update is multiplied by lora_alpha / lora_rank", "LoRA")
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input", "LoRA")
+    lora_targets: str = opt("attn,proj,mlp", "the layers that get adapters, a comma list of attn (attention's "
+                            "q,k,v projection), proj (attention's output projection), mlp (both MLP layers)", "LoRA")
     # optimizer
     learning_rate: float = opt(6e-4, "peak learning rate", "Optimizer")
     max_iters: int = opt(600000, "total optimizer steps", "Optimizer")
@@ -132,6 +139,7 @@ class TrainConfig:
         if self.backend == "nccl" and self.device == "cpu":
             raise UsageError("--backend=nccl needs CUDA GPUs; on --device=cpu use gloo (or auto)")
         validate_text(self, ("out_dir", "init_from", "dataset"))
+        validate_lora(self)
         validate_seed(self.seed)
         validate_device_name(self.device)
         return self
@@ -164,6 +172,39 @@ def validate_text(cfg, names: tuple[str, ...]) -> None:
     for name in names:
         if not str(getattr(cfg, name)).strip():
             raise UsageError(f"--{name} is empty; give a value or leave --{name} out for its default")
+
+
+# --lora_targets names -> the linear layers (module names in ngpt's GPT and in transformers' GPT-2) they adapt
+LORA_TARGETS = {"attn": ("attn.c_attn",), "proj": ("attn.c_proj",), "mlp": ("mlp.c_fc", "mlp.c_proj")}
+
+
+def lora_target_names(text: str) -> list[str]:
+    """--lora_targets (a comma list of LORA_TARGETS names) -> the names, each once, in the order given."""
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise UsageError(f"--lora_targets is empty; name some of {', '.join(LORA_TARGETS)}")
+    for name in names:
+        if name not in LORA_TARGETS:
+            close = difflib.get_close_matches(name, list(LORA_TARGETS), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UsageError(f"unknown --lora_targets name {name!r}; {hint}use a comma list of attn (attention's "
+                             "q,k,v projection), proj (attention's output projection), mlp (both MLP layers)")
+    return names
+
+
+def lora_modules(names: list[str]) -> list[str]:
+    """The module names that LORA_TARGETS names stand for."""
+    return [module for name in names for module in LORA_TARGETS[name]]
+
+
+def validate_lora(cfg: TrainConfig) -> None:
+    if cfg.lora_rank < 0:
+        raise UsageError(f"--lora_rank must be positive (or 0: no adapters), got {cfg.lora_rank}")
+    if cfg.lora_alpha <= 0:
+        raise UsageError(f"--lora_alpha must be positive, got {cfg.lora_alpha}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise UsageError(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    lora_target_names(cfg.lora_targets)
 
 
 SEED_LIMIT = 2**62  # torch takes 64-bit seeds; each rank and evaluation adds a little to this one

@@ -220,11 +220,14 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward and backward), PaLM appendix B: 6N + 12 L H Q T."""
+        """Training FLOPs per token (forward and backward), PaLM appendix B: 6N + 12 L H Q T; a frozen weight (LoRA's
+        base) has no gradient of its own to compute: 4 FLOPs per token, not 6."""
         cfg = self.config
         N = self.get_num_params()
+        wpe = self.transformer.wpe.weight  # not counted in N either
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and p is not wpe)
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        return 6 * N + 12 * L * H * Q * T
+        return 6 * N - 2 * frozen + 12 * L * H * Q * T
 
     def estimate_mfu(self, tokens_per_second: float, peak_flops: float | None) -> float | None:
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""

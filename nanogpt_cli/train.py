@@ -16,6 +16,7 @@ import dataclasses
 import io
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from nanogpt_cli import checkpoint as ckpt_io
+from nanogpt_cli import lora
 from nanogpt_cli.atomic import new_temp_sibling, write_atomic
 from nanogpt_cli.config import FINETUNE_DEFAULTS, TrainConfig, build, parse_overrides, to_dict, to_toml
 from nanogpt_cli.cpu_tuning import thread_tuner
@@ -126,6 +128,7 @@ class Trainer:
         self.model = model  # the module itself: what is saved
         self.train_model = train_model  # what the steps call: compiled and/or wrapped for DDP
         self.optimizer, self.loader, self.meta, self.accum_steps = optimizer, loader, built.meta, accum_steps
+        self.lora = built.lora
         self.out_dir = Path(cfg.out_dir).expanduser()
         self.tokens_per_iter = accum_steps * self.env.world_size * cfg.batch_size * cfg.block_size
         self.scaler = torch.amp.GradScaler(self.device.type,
@@ -266,8 +269,12 @@ class Trainer:
             "wandb_run_id": self.wandb_run_id,
             "evaluated_iter": self.last_evaluated_iter,
         }
+        if self.lora is not None:  # the adapters alone, and what rebuilds the frozen base under them
+            state["model"], state["lora"] = lora.adapter_state_dict(state["model"]), self.lora
         if self.env.is_main:
             ckpt_io.atomic_save(state, self.out_dir / ckpt_io.CKPT_NAME)
+            if self.lora is not None:
+                lora.write_adapter_folder(self.out_dir / lora.ADAPTER_DIR, state["model"], self.lora)
 
     def log_step(self, loss: torch.Tensor, lr: float, iters: int, seconds: float, metrics, progress) -> float:
         """The step's line and metrics record, every log_interval steps: the only host sync of a step."""
@@ -376,7 +383,7 @@ def run_config(preset: str | None, args: list[str], finetune: bool = False) -> T
     typed = parse_overrides(args, TrainConfig)
     resumed = build(TrainConfig, None, args, {key: value for key, value in saved.items()
                                               if key in TrainConfig.__dataclass_fields__})
-    for key in SHAPE_KEYS:
+    for key in (*SHAPE_KEYS, *lora.LORA_KEYS):
         if key in typed and key in saved and getattr(resumed, key) != saved[key]:
             raise UsageError(f"--{key}={getattr(resumed, key)}: a resumed run keeps its model's {key} "
                              f"({saved[key]}); drop --{key}, or start from its weights with "
@@ -414,6 +421,7 @@ class BuiltModel:
     meta: dict
     resume: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    lora: dict | None = None  # a LoRA run's adapter settings and base reference (its checkpoint's "lora")
 
 
 def open_dataset(cfg: TrainConfig) -> Dataset | None:
@@ -426,7 +434,8 @@ def open_dataset(cfg: TrainConfig) -> Dataset | None:
 
 def build_model(cfg: TrainConfig, dataset: Dataset | None) -> BuiltModel:
     """The model to train, from scratch, from the run being resumed, or from pretrained weights (finetuning:
-    GPT-2, a Hugging Face model or another ngpt run), cropped to cfg.block_size (auto: the model's own)."""
+    GPT-2, a Hugging Face model or another ngpt run), cropped to cfg.block_size (auto: the model's own); with
+    cfg.lora_rank, frozen under LoRA adapters."""
     if cfg.init_from == "scratch":
         meta = dataset.meta if dataset else {"tokenizer": "gpt2", "vocab_size": 50257}
         vocab_size = cfg.vocab_size or (padded_vocab(dataset.meta) if dataset else 50304)
@@ -434,23 +443,34 @@ def build_model(cfg: TrainConfig, dataset: Dataset | None) -> BuiltModel:
         if dataset is not None:  # from the files' sizes, before a position table of that length exists
             check_block_fits(dataset.folder, dataset.meta, model_config.block_size)
         check_model_fits(model_config.n_layer, model_config.n_embd, vocab_size, model_config.block_size, "the model")
-        return BuiltModel(GPT(model_config), meta)
-    if cfg.init_from == "resume":
+        built = BuiltModel(GPT(model_config), meta)
+        if cfg.lora_rank:  # random weights under adapters: what `ngpt bench` measures (train refuses it)
+            built.lora = {**lora.settings(cfg), "base": None}
+    elif cfg.init_from == "resume":
         out_dir = Path(cfg.out_dir).expanduser()
         resume = ckpt_io.load_checkpoint(out_dir)
-        built = BuiltModel(ckpt_io.model_from_checkpoint(resume, str(ckpt_io.checkpoint_file(out_dir)), cfg.dropout),
-                           ckpt_io.checkpoint_meta(resume, out_dir), resume)
+        if cfg.lora_rank and "lora" not in resume:
+            raise UsageError(f"--lora_rank: {out_dir} is a run of all the weights, which resumes as one; to train "
+                             f"adapters on its weights: `ngpt finetune --init_from={out_dir} --lora_rank="
+                             f"{cfg.lora_rank} --out_dir=NEW_FOLDER`")
+        built = BuiltModel(ckpt_io.model_from_checkpoint(resume, str(ckpt_io.checkpoint_file(out_dir)), cfg.dropout,
+                                                         merged=False),
+                           ckpt_io.checkpoint_meta(resume, out_dir), resume, lora=resume.get("lora"))
         trained_on = resume.get("config", {}).get("dataset", TrainConfig.dataset)
         if trained_on != cfg.dataset:
             built.warnings.append(f"[yellow]resuming a run trained on {trained_on!r} with {cfg.dataset!r}[/yellow]")
     else:
         model, meta, _ = ckpt_io.load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout)
         built = BuiltModel(model, meta)
+        if cfg.lora_rank:  # the base's fingerprint is of its weights as loaded, before any crop
+            built.lora = {**lora.settings(cfg), "base": lora.base_reference(cfg.init_from, cfg.out_dir, model)}
     model_block = built.model.config.block_size
     if cfg.block_size is not None and cfg.block_size > model_block:
         raise UsageError(f"--block_size={cfg.block_size} is larger than the model's {model_block}")
     if cfg.block_size is not None and cfg.block_size < model_block:
         built.model.crop_block_size(cfg.block_size)
+    if built.lora is not None and built.resume is None:
+        lora.attach(built.model, built.lora)
     return built
 
 
@@ -524,6 +544,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     loader = make_loader(cfg, dataset, model.config.vocab_size, runtime)
     model.to(runtime.device)
     model.set_attention(runtime.attention)
+    if built.lora is not None:
+        fsdp = env.is_distributed and cfg.strategy == "fsdp"  # FSDP shards a block's parameters in one dtype
+        held = lora.hold_frozen_in_bfloat16(model) if runtime.dtype == "bfloat16" and not fsdp else 0
+        built.warnings.append(lora.describe(model, built.lora, held))
     # Parallelise before the optimizer exists: FSDP turns the parameters into shards (DTensors).
     train_model = parallelize(model, cfg.strategy, runtime)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
@@ -562,7 +586,7 @@ def check_out_dir(out_dir: Path) -> None:
                 folder.rmdir()
 
 
-RUN_FILES = (ckpt_io.CKPT_NAME, "metrics.jsonl", "config.toml")  # what a run leaves in its out_dir
+RUN_FILES = (ckpt_io.CKPT_NAME, "metrics.jsonl", "config.toml", lora.ADAPTER_DIR)  # what a run leaves in out_dir
 
 
 def check_no_run_to_replace(out_dir: Path, cfg: TrainConfig, overwrite: bool) -> None:
@@ -577,7 +601,8 @@ def check_no_run_to_replace(out_dir: Path, cfg: TrainConfig, overwrite: bool) ->
 
 class RunLock:
     """The run folder's lock, held while a run writes there (fcntl.flock on `.ngpt-lock`, which names the
-    holder's pid): a second run into the same folder is refused instead of interleaving its files."""
+    holder's pid, and is removed when the run ends): a second run into the same folder is refused instead of
+    interleaving its files."""
 
     NAME = ".ngpt-lock"
 
@@ -587,21 +612,29 @@ class RunLock:
     def acquire(self) -> None:
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise UsageError(f"out_dir {self.path.parent} is in use by a running training (pid {holder}); wait for "
-                             "it to end, or choose another --out_dir") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise UsageError(f"out_dir {self.path.parent} is in use by a running training (pid {holder}); "
+                                 "wait for it to end, or choose another --out_dir") from None
+            try:
+                if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder removed the file as we opened it: take the lock on the current one
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock
+            self.path.unlink(missing_ok=True)  # removed while held, so no one can lock the removed file
+            os.close(self.fd)
             self.fd = None
 
 
@@ -609,6 +642,9 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     """Run training (or finetuning) as `cfg` says; under torchrun each process calls this. A folder that holds
     a run is replaced only with `overwrite`; an evaluation only (eval_only) writes nothing."""
     env = dist_env_from_environ()
+    if cfg.lora_rank and cfg.init_from == "scratch":
+        raise UsageError("--lora_rank adapts pretrained weights and --init_from=scratch has none: finetune from "
+                         "gpt2*, a Hugging Face model or an ngpt run (`ngpt finetune --init_from=gpt2 ...`)")
     out_dir = Path(cfg.out_dir).expanduser()
     writes = env.is_main and not cfg.eval_only
     if writes:
@@ -623,7 +659,11 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
             lock.acquire()
             if overwrite and cfg.init_from != "resume":
                 for name in RUN_FILES:
-                    (out_dir / name).unlink(missing_ok=True)
+                    path = out_dir / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
             write_atomic(out_dir / "config.toml", to_toml(trainer.cfg).encode())
         result = trainer.run()
         del trainer  # the DDP/FSDP wrappers go before the process group (see cleanup_distributed)
