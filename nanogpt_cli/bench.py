@@ -164,7 +164,7 @@ def _bench(cfg: TrainConfig, iters: int, warmup: int, profile: bool, trace_path:
     result = BenchResult(
         device=str(device), dtype=runtime.dtype, compile=runtime.compile, iters=iters,
         ms_per_iter=1000 * seconds / iters, tokens_per_second=tokens_per_s,
-        mfu=trainer.model.estimate_mfu(tokens_per_s / env.world_size, runtime.peak[0]), peak_flops=runtime.peak[0],
+        mfu=runtime.mfu(trainer.model.flops_per_token() * tokens_per_s / env.world_size), peak_flops=runtime.peak[0],
         peak_memory_mb=memory.megabytes, params_millions=trainer.model.get_num_params() / 1e6,
         final_loss=final_loss, world_size=env.world_size,
         per_rank_tokens_per_second=per_rank if env.is_distributed else None,
