@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from nanogpt_cli.progress import configure, out
-from nanogpt_cli.report import print_bench_compare, print_datasets, print_eval, size_text, sparkline
+from nanogpt_cli.report import (
+    count_text,
+    print_bench_compare,
+    print_datasets,
+    print_eval,
+    print_training_start,
+    size_text,
+    sparkline,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +77,17 @@ def test_sizes_and_an_empty_data_dir(capsys):
     assert [size_text(n) for n in (512, 1500, 3_200_000_000, 2e12)] == ["512 B", "1.5 KB", "3.2 GB", "2000.0 GB"]
     print_datasets([], "/data")
     assert "no datasets in /data" in capsys.readouterr().out
+
+
+def test_small_models_count_their_parameters_in_a_unit_that_shows_them(capsys):
+    assert [count_text(n) for n in (850, 23_400, 99_949, 800_000, 123_653_376, 1_557_611_200)] == [
+        "850", "23.4K", "99.9K", "0.80M", "123.65M", "1.56B"]
+
+    class Tiny:
+        peak = (1e11, "measured")
+
+        def describe(self):
+            return "device cpu"
+
+    print_training_start({}, Tiny(), 23_400, 256, [])
+    assert "model 23.4K parameters" in capsys.readouterr().err
