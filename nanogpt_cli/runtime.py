@@ -180,8 +180,8 @@ def peak_flops(device: torch.device, dtype: str, threads: int | None = None) -> 
         return flops, (f"{name} data sheet" if flops else f"{name}: unknown GPU")
     if device.type == "cpu":
         kind, cores = cpu_peak_kind(dtype), cpu_tuning.cores_in_use(threads)
-        return cpu_tuning.measured_cpu_peak_flops(kind, threads), (f"measured {kind} matmul: {cores} core"
-                                                                    f"{'s' if cores > 1 else ''} x one core's best")
+        return cpu_tuning.measured_cpu_peak_flops(kind, threads), (f"measured {kind} matmul of one core x {cores} "
+                                                                    f"core{'s' if cores > 1 else ''}")
     return None, "unknown for mps"
 
 

@@ -33,6 +33,20 @@ def test_sparkline():
     assert set(sparkline([3.0, 3.0, 3.0])) == {"▁"}  # flat: no division by zero
 
 
+def test_small_models_count_their_parameters_in_a_unit_that_shows_them(capsys):
+    assert [count_text(n) for n in (850, 23_400, 99_949, 800_000, 123_653_376, 1_557_611_200)] == [
+        "850", "23.4K", "99.9K", "0.80M", "123.65M", "1.56B"]
+
+    class Tiny:
+        peak = (1e11, "measured")
+
+        def describe(self):
+            return "device cpu"
+
+    print_training_start({}, Tiny(), 23_400, 256, [])
+    assert "model 23.4K parameters" in capsys.readouterr().err
+
+
 LOSSES = {"model": "out/run", "dataset": "tiny", "block_size": 32, "train_loss": 1.23456, "val_loss": 2.5,
           "train_perplexity": 3.437, "val_perplexity": 12.18}
 ZERO_SHOT = {"model": "gpt2", "block_size": 1024,
@@ -77,17 +91,3 @@ def test_sizes_and_an_empty_data_dir(capsys):
     assert [size_text(n) for n in (512, 1500, 3_200_000_000, 2e12)] == ["512 B", "1.5 KB", "3.2 GB", "2000.0 GB"]
     print_datasets([], "/data")
     assert "no datasets in /data" in capsys.readouterr().out
-
-
-def test_small_models_count_their_parameters_in_a_unit_that_shows_them(capsys):
-    assert [count_text(n) for n in (850, 23_400, 99_949, 800_000, 123_653_376, 1_557_611_200)] == [
-        "850", "23.4K", "99.9K", "0.80M", "123.65M", "1.56B"]
-
-    class Tiny:
-        peak = (1e11, "measured")
-
-        def describe(self):
-            return "device cpu"
-
-    print_training_start({}, Tiny(), 23_400, 256, [])
-    assert "model 23.4K parameters" in capsys.readouterr().err
