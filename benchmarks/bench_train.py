@@ -64,7 +64,8 @@ SIDES = ("baseline", "ngpt", "ngpt+threads")
 
 
 def env_for(side: str, threads: int, work: Path) -> dict:
-    env = dict(os.environ, NGPT_DATA_DIR=str(work / "data"), NO_COLOR="1")
+    env = dict(os.environ, NGPT_DATA_DIR=str(work / "data"), NO_COLOR="1",
+               NGPT_VERBOSE="1")  # the device line with the reasons for ngpt's choices
     env.pop("OMP_NUM_THREADS", None)
     env.pop("NGPT_THREADS", None)
     if side == "baseline":

@@ -10,12 +10,16 @@ gradient clipping, the finiteness check), so what it reports is what `ngpt train
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import re
 import resource
 import sys
+import tempfile
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -164,7 +168,7 @@ def _bench(cfg: TrainConfig, iters: int, warmup: int, profile: bool, trace_path:
     result = BenchResult(
         device=str(device), dtype=runtime.dtype, compile=runtime.compile, iters=iters,
         ms_per_iter=1000 * seconds / iters, tokens_per_second=tokens_per_s,
-        mfu=trainer.model.estimate_mfu(tokens_per_s / env.world_size, runtime.peak[0]), peak_flops=runtime.peak[0],
+        mfu=runtime.mfu(trainer.model.flops_per_token() * tokens_per_s / env.world_size), peak_flops=runtime.peak[0],
         peak_memory_mb=memory.megabytes, params_millions=trainer.model.get_num_params() / 1e6,
         final_loss=final_loss, world_size=env.world_size,
         per_rank_tokens_per_second=per_rank if env.is_distributed else None,
@@ -189,13 +193,14 @@ def profile_steps(train_step, device: torch.device, path: Path, iters: int, top:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     iters = max(1, iters)
-    with profile(activities=activities, record_shapes=False) as prof:
-        for _ in range(iters):
-            train_step()
-        synchronize(device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(path))
-    events = prof.key_averages()
+    with profiler_output_dropped():
+        with profile(activities=activities, record_shapes=False) as prof:
+            for _ in range(iters):
+                train_step()
+            synchronize(device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(path))
+        events = prof.key_averages()
     on_gpu = device.type == "cuda"
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     total = sum(getattr(event, key) for event in events) or 1.0
@@ -206,6 +211,33 @@ def profile_steps(train_step, device: torch.device, path: Path, iters: int, top:
                      "self_ms_per_iter": self_us / 1000 / iters,
                      "percent": 100 * self_us / total, "time": "cuda" if on_gpu else "cpu"})
     return rows
+
+
+# The profiler's own lines: kineto's logs (USDT:/STAGE: ... profiler_start, Completed Stage ...) and warnings.
+PROFILER_LINE = re.compile(r"^(USDT|STAGE):|^\[W\S* \S*(kineto|[Pp]rofiler)|ActivityProfiler")
+
+
+@contextlib.contextmanager
+def profiler_output_dropped():
+    """Run the block with stderr (the file descriptor: kineto writes from C++) sent to a temporary file and
+    torch.profiler's Python warnings off; afterwards what the block wrote to stderr goes there, but for the
+    profiler's own lines, so that an error or a note still shows."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", module=r"torch\.(autograd\.)?profiler")
+                yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not PROFILER_LINE.search(line)))
+            sys.stderr.flush()
 
 
 # ---------------------------------------------------------------- --compare

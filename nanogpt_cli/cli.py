@@ -63,8 +63,13 @@ app.add_typer(data_app, name="data")
 
 # Config keys are parsed by config.parse_overrides, not by click: they arrive as extra args.
 CONFIG_KEYS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
+def complete_preset(incomplete: str) -> list[str]:
+    """`--preset <TAB>`: the shipped presets' names that start with what was typed."""
+    return [name for name in list_presets() if name.startswith(incomplete)]
+
+
 PresetOption = Annotated[str | None, typer.Option(
-    "--preset", help="a preset name (see `ngpt presets`) or a path to a .toml file")]
+    "--preset", help="a preset name (see `ngpt presets`) or a path to a .toml file", autocompletion=complete_preset)]
 JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 
 

@@ -5,15 +5,21 @@ Why each choice is what it is, with the measurements, is in docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import json
+import math
 import os
 import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from nanogpt_cli.config import cache_dir
 from nanogpt_cli.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,15 +40,19 @@ CPU_BF16_MIN_SPEEDUP = 1.5
 
 
 def cpu_bf16_speedup() -> float:
-    """bf16 over fp32 matmul throughput on this CPU with the current thread count (measured once per count):
-    the best of several interleaved bursts each, so that a passing load spike favours neither."""
-    return _cpu_bf16_speedup(torch.get_num_threads())
+    """bf16 over fp32 matmul throughput of one core, measured once per machine and remembered (see
+    `machine_measurements`): the dtype it decides is the same in every run, whatever the load."""
+    speedup = _positive(machine_measurements().get("bf16_speedup"))
+    if speedup is None:
+        flops = one_core_matmul_flops(["float32", "bfloat16"])
+        speedup = flops["bfloat16"] / flops["float32"]
 
+        def keep(entry: dict) -> None:
+            entry["bf16_speedup"] = speedup
+            _raise_core_flops(entry, flops)
 
-@functools.cache
-def _cpu_bf16_speedup(threads: int) -> float:
-    fp32, bf16 = _matmul_race([("float32", threads), ("bfloat16", threads)], 512)
-    return max(bf16) / max(fp32)
+        _remember(keep)
+    return speedup
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -88,9 +98,7 @@ def choose_threads(device: torch.device) -> tuple[int, str]:
         if not wanted.isdigit() or int(wanted) < 1:
             raise UsageError(f"NGPT_THREADS must be auto or a positive number, got {wanted!r}")
         return int(wanted), "NGPT_THREADS"
-    default = default_threads()
-    return default, (f"{default}, one per core (fixed, for exact reruns; NGPT_THREADS=auto adapts to a busy "
-                     "machine)")
+    return default_threads(), "one per core (fixed, for exact reruns; NGPT_THREADS=auto adapts to a busy machine)"
 
 
 def adaptive_threads() -> bool:
@@ -106,23 +114,26 @@ def default_threads() -> int:
 
 def thread_tuner(device: torch.device, threads: int, distributed: bool, log=None) -> ThreadTuner:
     """The tuner of a training run: active on cpu with NGPT_THREADS=auto, except under torchrun (whose
-    processes share the cores by design)."""
-    enabled = device.type == "cpu" and adaptive_threads() and not distributed
-    return ThreadTuner(default_threads(), threads, enabled, log)
+    processes share the cores by design). With a fixed thread count on cpu it watches for busy cores instead,
+    and says once (through log) what NGPT_THREADS can do about them."""
+    on_own_cpu = device.type == "cpu" and not distributed
+    enabled = on_own_cpu and adaptive_threads()
+    busy = BusyCores(log) if on_own_cpu and not enabled and log is not None else None
+    return ThreadTuner(default_threads(), threads, enabled, log, busy)
 
 
 @functools.cache
 def _measured_threads(default: int) -> tuple[int, str]:
     candidates = thread_candidates(default)
     if len(candidates) == 1:
-        return default, "1 (one core)"
+        return default, "one core"
     samples = _matmul_race([("float32", n) for n in candidates], 384, rounds=5)
     speed = {n: statistics.median(s) for n, s in zip(candidates, samples, strict=True)}  # typical, not lucky
     best = max(speed, key=speed.get)
     if best != default and speed[best] >= CPU_FEWER_THREADS_MIN_SPEEDUP * speed[default]:
-        return best, (f"{best} of {default}: a matmul measured {speed[best] / speed[default]:.1f}x faster on {best} "
-                      f"than on {default} (other processes keep cores busy; NGPT_THREADS=auto)")
-    return default, f"{default}, one per core (measured fastest; NGPT_THREADS=auto)"
+        return best, (f"fewer than the {default} cores: a matmul measured {speed[best] / speed[default]:.1f}x faster "
+                      f"on {best} than on {default} (other processes keep cores busy; NGPT_THREADS=auto)")
+    return default, "one per core (measured fastest; NGPT_THREADS=auto)"
 
 
 _applied_threads = (0, 0)  # (torch's count before apply_threads changed it, the count it set)
@@ -160,17 +171,19 @@ class ThreadTuner:
 
     WINDOW, TRIAL, FIRST, LONGEST, GAIN = 7, 5, 30, 1000, 0.85
 
-    def __init__(self, default: int, current: int, enabled: bool = True, log=None):
+    def __init__(self, default: int, current: int, enabled: bool = True, log=None, busy: BusyCores | None = None):
         self.candidates = thread_candidates(default)
         self.current = current if current in self.candidates else default
         self.enabled = enabled and len(self.candidates) > 1
-        self.log = log
+        self.log, self.busy = log, busy
         self.recent: list[float] = []  # step times at the current count
         self.trial: int | None = None
         self.trial_times: list[float] = []
         self.interval, self.next_trial, self.steps, self.last, self.upward = self.FIRST, self.FIRST, 0, None, False
 
     def tick(self) -> None:
+        if self.busy is not None:
+            self.busy.tick()
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -203,14 +216,109 @@ class ThreadTuner:
         self.trial, self.next_trial = None, self.steps + self.interval
 
 
-def measured_cpu_peak_flops(dtype: str = "float32", size: int = 1024, seconds: float = 0.3) -> float:
-    """CPU peak, measured: FLOP/s of a square matmul in `dtype` with the current thread count (once per count)."""
-    return _measured_cpu_peak_flops(dtype, size, seconds, torch.get_num_threads())
+def scheduler_times() -> tuple[int, int] | None:
+    """(ns on a core, ns waiting for one while ready to run), summed over this process's threads, from the
+    kernel's scheduler statistics (Linux /proc/self/task/*/schedstat); None where there are none."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    on_core = waiting = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat", encoding="ascii") as f:
+                ran, waited, _ = f.read().split()
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile, or no schedstat in this kernel
+        on_core, waiting = on_core + int(ran), waiting + int(waited)
+    return (on_core, waiting) if on_core else None
 
 
-@functools.cache
-def _measured_cpu_peak_flops(dtype: str, size: int, seconds: float, threads: int) -> float:
-    return _time_matmul(dtype, size, seconds)
+class BusyCores:
+    """Says once per run when the cores are busy: this process's threads waited for a core for at least SHARE
+    of the time they were ready to run, over WINDOW seconds of steps (after the first FIRST steps).
+
+    The kernel's own count of the waits is what contention is; a step time can not tell a slow machine from
+    a busy one, nor see a load that was there from the start, and the load average counts this run's threads
+    too (and the whole host's, in a container). Why it matters, with numbers: docs/performance.md.
+    """
+
+    FIRST, WINDOW, SHARE = 5, 2.0, 0.25
+
+    def __init__(self, log):
+        self.log, self.done, self.steps, self.start = log, False, 0, None
+
+    def tick(self) -> None:
+        if self.done:
+            return
+        self.steps += 1
+        if self.steps < self.FIRST:
+            return
+        now, times = time.perf_counter(), scheduler_times()
+        if times is None:
+            self.done = True  # nothing to watch on this system
+            return
+        if self.start is None or now - self.start[0] < self.WINDOW:
+            self.start = self.start or (now, times)
+            return
+        (_, (ran, waited)), self.start = self.start, (now, times)
+        on_core, waiting = times[0] - ran, times[1] - waited
+        if waiting > 0 and waiting >= self.SHARE * (on_core + waiting):
+            self.done = True
+            threads = torch.get_num_threads()
+            advice = ("NGPT_THREADS=auto adapts the thread count to the load, NGPT_THREADS=1 runs one thread"
+                      if threads > 1 else "fewer processes on the machine would speed it up")
+            self.log(f"note: the cores are busy: this run's threads waited for a core "
+                     f"{waiting / (on_core + waiting):.0%} of the time they were ready to run (other processes "
+                     f"share the cores), which slows every step; {advice}")
+
+
+def measured_cpu_peak_flops(dtype: str = "float32", threads: int | None = None) -> float:
+    """The cpu's peak FLOP/s in dtype for `threads` (default: torch's count), for MFU: one core's best matmul
+    (measured once per machine, remembered, and raised by any faster rate seen later: it is a maximum) times
+    the cores those threads can use."""
+    per_core = _positive(_core_flops(machine_measurements()).get(dtype))
+    if per_core is None:
+        flops = one_core_matmul_flops([dtype])
+        per_core = _core_flops(_remember(lambda entry: _raise_core_flops(entry, flops)))[dtype]
+    return per_core * cores_in_use(threads)
+
+
+def raise_cpu_peak(dtype: str, flops_per_second: float, threads: int) -> float:
+    """Record a rate this cpu reached in dtype on `threads` (a training step's): its peak is at least that.
+    Returns the peak from now on, which a rate above the remembered one raises to that rate."""
+    per_core = flops_per_second / cores_in_use(threads)
+    entry = _remember(lambda entry: _raise_core_flops(entry, {dtype: per_core}))
+    return _core_flops(entry)[dtype] * cores_in_use(threads)
+
+
+def cores_in_use(threads: int | None = None) -> int:
+    """The cores `threads` (default: torch's thread count) can keep busy: no more than the physical cores."""
+    return max(1, min(threads or torch.get_num_threads(), physical_cores()))
+
+
+MATMUL_SIZE, MATMUL_REPEATS = 512, 24  # one core: 0.2-2 ms a matmul
+
+
+def one_core_matmul_flops(dtypes: list[str]) -> dict[str, float]:
+    """FLOP/s of one core for each dtype: the fastest of MATMUL_REPEATS single square matmuls, the dtypes in
+    turn. Each matmul is shorter than a scheduler time slice, so the fastest ran while no other process held
+    the core: a load that comes and goes slows the typical matmul, not the fastest (docs/performance.md)."""
+    before = torch.get_num_threads()
+    pairs = {dtype: _square(dtype, MATMUL_SIZE) for dtype in dtypes}
+    fastest = dict.fromkeys(dtypes, math.inf)
+    try:
+        torch.set_num_threads(1)
+        for a, b in pairs.values():
+            a @ b  # warm-up
+        for _ in range(MATMUL_REPEATS):
+            for dtype, (a, b) in pairs.items():
+                start = time.perf_counter()
+                a @ b
+                fastest[dtype] = min(fastest[dtype], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return {dtype: 2 * MATMUL_SIZE**3 / seconds for dtype, seconds in fastest.items()}
 
 
 def _square(dtype: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,3 +354,115 @@ def _matmul_race(entries: list[tuple[str, int]], size: int, rounds: int = 4,
     return samples
 
 
+
+
+# ---------------------------------------------------------------- measurements remembered per machine
+
+MEASUREMENTS_FILE = "cpu-measurements.json"  # in config.cache_dir(): {machine_key(): {...}}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int:
+    """Cores, not hardware threads: distinct (physical id, core id) pairs of /proc/cpuinfo, else os.cpu_count()."""
+    cores, physical = set(), ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == "physical id":
+                    physical = value.strip()
+                elif name.strip() == "core id":
+                    cores.add((physical, value.strip()))
+    except OSError:
+        pass
+    return len(cores) or os.cpu_count() or 1
+
+
+def machine_key() -> str:
+    """What the measurements depend on: the CPU, its cores and hardware threads, and torch's kernels."""
+    return f"{cpu_model()} | {physical_cores()} cores | {os.cpu_count()} threads | torch {torch.__version__}"
+
+
+def measurements_path() -> Path:
+    return cache_dir() / MEASUREMENTS_FILE
+
+
+_this_process: dict = {}  # what this process measured: all it has where the cache cannot be written
+
+
+def machine_measurements() -> dict:
+    """This machine's remembered measurements: "bf16_speedup" and "core_flops" ({dtype: one core's FLOP/s})."""
+    entry = _read_measurements(measurements_path()).get(machine_key())
+    return {**_this_process, **(entry if isinstance(entry, dict) else {})}
+
+
+def _read_measurements(path: Path) -> dict:
+    """The whole file; empty when it is missing, unreadable, not JSON, or a symbolic link (never followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return {}
+    with os.fdopen(fd, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except (ValueError, UnicodeDecodeError):
+            return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember(change) -> dict:
+    """Apply change(entry) to this machine's entry and write the file again (atomically); returns the entry."""
+    path = measurements_path()
+    everything = _read_measurements(path)
+    entry = machine_measurements()
+    change(entry)
+    _this_process.clear()
+    _this_process.update(entry)
+    everything[machine_key()] = entry
+    with contextlib.suppress(OSError):  # a read-only cache: this process still remembers
+        _write_atomically(path, json.dumps(everything, indent=1, sort_keys=True) + "\n")
+    return entry
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A new file in the same folder (created exclusively, so never through a planted link), renamed over
+    path: readers see the old file or the new one, and a link at path is replaced, not followed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _positive(value) -> float | None:
+    """A remembered number, or None where the file holds something else (a hand edit, another version)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else None
+
+
+def _core_flops(entry: dict) -> dict:
+    flops = entry.get("core_flops")
+    return flops if isinstance(flops, dict) else {}
+
+
+def _raise_core_flops(entry: dict, flops: dict[str, float]) -> None:
+    """The per-core peaks are maxima: a measurement only ever raises them."""
+    peaks = dict(_core_flops(entry))
+    for dtype, value in flops.items():
+        peaks[dtype] = max(value, _positive(peaks.get(dtype)) or 0.0)
+    entry["core_flops"] = peaks

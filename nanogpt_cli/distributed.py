@@ -60,6 +60,12 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: flo
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # Imported after the group exists (DDP and FSDP import it through torch._dynamo), this module's functions
+        # would bind the group as their `group=group.WORLD` default: destroy_process_group could not free it, and
+        # gloo's threads would live on into interpreter shutdown, whose teardown they race: now and then, on a busy
+        # machine, a rank aborted there ("terminate called without an active exception").
+        from torch.distributed.nn import functional  # noqa: F401
+
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         try:
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)

@@ -43,22 +43,11 @@ def cpu_features() -> dict:
         features["torch_capability"] = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # older torch
         features["torch_capability"] = None
-    from nanogpt_cli.cpu_tuning import cpu_has_fast_bf16
+    from nanogpt_cli.cpu_tuning import cpu_has_fast_bf16, cpu_model
 
     features["fast_bf16"] = cpu_has_fast_bf16()
-    features["model"] = _cpu_model()
+    features["model"] = cpu_model()
     return features
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def compile_support() -> dict:
@@ -97,7 +86,7 @@ def device_report(measure: bool = True) -> dict:
     """The device `auto` picks, its peak FLOP/s (measured on CPU), and ngpt's dtype/compile choice there."""
     import torch
 
-    from nanogpt_cli.cpu_tuning import cpu_has_fast_bf16
+    from nanogpt_cli.cpu_tuning import cpu_has_fast_bf16, cpu_model
     from nanogpt_cli.runtime import choose_compile, choose_dtype, peak_flops, resolve_device
 
     device = resolve_device("auto")
@@ -116,7 +105,7 @@ def device_report(measure: bool = True) -> dict:
         report["capability"] = f"{props.major}.{props.minor}"
         report["count"] = torch.cuda.device_count()
     elif device.type == "cpu":
-        report["name"] = _cpu_model()
+        report["name"] = cpu_model()
     if measure or device.type != "cpu":
         flops, why = peak_flops(device, dtype)
         report["peak_flops"], report["peak_flops_source"] = flops, why

@@ -48,8 +48,19 @@ def print_training_start(config: dict, runtime, params: int, tokens_per_iter: in
         console.print(warning)
     console.print(runtime.describe())
     peak, peak_why = runtime.peak
-    console.print(f"[bold]model[/bold] {params / 1e6:.2f}M parameters  [bold]tokens/iter[/bold] {tokens_per_iter:,}"
+    console.print(f"[bold]model[/bold] {count_text(params)} parameters  [bold]tokens/iter[/bold] {tokens_per_iter:,}"
                   f"  [bold]peak[/bold] {f'{peak / 1e12:.2f} TFLOP/s' if peak else 'unknown'} ({peak_why})")
+
+
+def count_text(n: int) -> str:
+    """A count in the unit that keeps its digits: 850, 23.4K, 0.80M-999.99M (nanoGPT's unit), 1.56B."""
+    if n < 1000:
+        return str(n)
+    if n < 100_000:
+        return f"{n / 1e3:.1f}K"
+    if n < 1e9:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e9:.2f}B"
 
 
 # ---------------------------------------------------------------- presets

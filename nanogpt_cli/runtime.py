@@ -19,6 +19,7 @@ from nanogpt_cli import cpu_tuning
 from nanogpt_cli.cpu_tuning import DTYPES
 from nanogpt_cli.distributed import DistEnv, dist_env_from_environ, init_distributed, same_on_all_ranks
 from nanogpt_cli.errors import UsageError
+from nanogpt_cli.progress import is_verbose
 
 
 def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
@@ -169,8 +170,8 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
-def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
-    """(peak FLOP/s, where it came from) for MFU."""
+def peak_flops(device: torch.device, dtype: str, threads: int | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s, where it came from) for MFU; on cpu for `threads` (default: torch's thread count)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         flops = gpu_peak_flops(name)
@@ -178,10 +179,18 @@ def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
             flops = flops / 2  # TF32 tensor cores run at half the bf16 rate
         return flops, (f"{name} data sheet" if flops else f"{name}: unknown GPU")
     if device.type == "cpu":
-        kind = "bfloat16" if dtype == "bfloat16" else "float32"
-        return cpu_tuning.measured_cpu_peak_flops(kind), (f"measured {kind} matmul on {torch.get_num_threads()} "
-                                                     f"thread{'s' if torch.get_num_threads() > 1 else ''}")
+        kind, cores = cpu_peak_kind(dtype), cpu_tuning.cores_in_use(threads)
+        return cpu_tuning.measured_cpu_peak_flops(kind, threads), (f"measured {kind} matmul of one core x {cores} "
+                                                                    f"core{'s' if cores > 1 else ''}")
     return None, "unknown for mps"
+
+
+def cpu_peak_kind(dtype: str) -> str:
+    """The matmul whose peak bounds a cpu run in dtype: bf16 autocast runs its matmuls in bf16."""
+    return "bfloat16" if dtype == "bfloat16" else "float32"
+
+
+RAISED = ", raised to a rate training reached"  # a peak that a step's FLOP/s proved too low
 
 
 @dataclass
@@ -201,8 +210,21 @@ class Runtime:
 
     @functools.cached_property
     def peak(self) -> tuple[float | None, str]:
-        """(peak FLOP/s, where it came from) for MFU: measured once, when first asked for."""
-        return peak_flops(self.device, self.dtype)
+        """(peak FLOP/s, where it came from) for MFU, for the planned thread count: measured once, when first
+        asked for."""
+        return peak_flops(self.device, self.dtype, self.threads)
+
+    def mfu(self, flops_per_second: float) -> float | None:
+        """Model FLOPs utilisation of a rate, at most 1: a rate above the peak proves the peak too low, and
+        raises it to that rate (on cpu, remembered for this machine's later runs); None when the peak is unknown."""
+        peak, why = self.peak
+        if not peak:
+            return None
+        if flops_per_second > peak:
+            if self.device.type == "cpu":
+                cpu_tuning.raise_cpu_peak(cpu_peak_kind(self.dtype), flops_per_second, self.threads)
+            self.peak = (flops_per_second, why if why.endswith(RAISED) else why + RAISED)
+        return flops_per_second / self.peak[0]
 
     def autocast(self):
         return autocast(self.device, self.dtype)
@@ -210,14 +232,23 @@ class Runtime:
     def synchronize(self) -> None:
         synchronize(self.device)
 
-    def describe(self) -> str:
-        """The device line a run prints at its start."""
+    def describe(self, reasons: bool | None = None) -> str:
+        """The device line a run prints at its start: the choices, and with reasons (default: with --verbose)
+        why each was made."""
+        if reasons is None:
+            reasons = is_verbose()
+
+        def choice(name: str, value, why: str) -> str:
+            return f"  [bold]{name}[/bold] {value}" + (f": {why}" if reasons else "")
+
         processes = f"{self.env.world_size} process{'es' if self.env.is_distributed else ''}"
-        line = (f"[bold]device[/bold] {self.device} ({processes})  [bold]dtype[/bold] {self.dtype}: {self.dtype_why}"
-                f"  [bold]compile[/bold] {self.compile}: {self.compile_why}")
+        line = (f"[bold]device[/bold] {self.device} ({processes})" + choice("dtype", self.dtype, self.dtype_why)
+                + choice("compile", self.compile, self.compile_why))
         if self.device.type == "cpu":
-            line += f"  [bold]threads[/bold] {self.threads_why}  [bold]host memory[/bold] {self.host_memory}"
-        return line
+            line += choice("threads", self.threads, self.threads_why)
+            if reasons:
+                line += f"  [bold]host memory[/bold] {self.host_memory}"
+        return line if reasons else line + "  [dim](--verbose: why)[/dim]"
 
 
 def plan(device: str = "auto", dtype: str = "auto", compile: bool | None = False, *, training: bool = False,
@@ -243,18 +274,6 @@ def plan(device: str = "auto", dtype: str = "auto", compile: bool | None = False
                       host_memory=host_memory, attention=training_attention(torch_device, chosen_dtype))
     seconds = None
     if on_cpu and training and run_flops is not None and compile is None:
-        seconds = run_flops / (runtime.peak[0] / 3)  # small GPTs reach about a third of the matmul peak eager
-    runtime.compile, runtime.compile_why = same_on_all_ranks(choose_compile(torch_device, compile, seconds), env)
-    return runtime
-    if torch_device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed on Ampere and newer
-        torch.backends.cudnn.allow_tf32 = True
-    runtime.threads, runtime.threads_why = cpu_tuning.choose_threads(torch_device)  # before measuring matmuls
-    cpu_tuning.apply_threads(runtime.threads)
-    runtime.dtype, runtime.dtype_why = same_on_all_ranks(choose_dtype(torch_device, dtype, training=True), env)
-    runtime.attention = training_attention(torch_device, runtime.dtype)
-    seconds = None
-    if on_cpu and run_flops is not None and compile is None:
         seconds = run_flops / (runtime.peak[0] / 3)  # small GPTs reach about a third of the matmul peak eager
     runtime.compile, runtime.compile_why = same_on_all_ranks(choose_compile(torch_device, compile, seconds), env)
     return runtime

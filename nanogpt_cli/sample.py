@@ -256,10 +256,32 @@ def _report_speed(result: SampleResult, cfg: SampleConfig) -> None:
 LIVE_REFRESH_S = 0.1  # how often a streaming batch redraws
 
 
+class _OnScreen:
+    """A streaming batch's view: each sample under its header, cut to fit the screen. A live view taller
+    than the screen scrolls at every redraw and leaves a cut copy of its top in the scrollback, so when the
+    samples do not fit, each keeps its header and its newest lines, all together a line less than the screen
+    (the line the cursor rests on)."""
+
+    def __init__(self, headers: list, texts: list):
+        self.headers, self.texts = headers, texts
+
+    def __rich_console__(self, console, options):
+        from rich.segment import Segment
+
+        room = max(1, options.size.height - 1)
+        blocks = [(console.render_lines(header, options, pad=False), console.render_lines(text, options, pad=False))
+                  for header, text in zip(self.headers, self.texts, strict=True)]
+        if sum(len(header) + len(text) for header, text in blocks) > room:
+            keep = room // len(blocks) - 1  # text lines under each header
+            blocks = [(header, text[-keep:] if keep > 0 else []) for header, text in blocks]
+        for line in [line for header, text in blocks for line in (*header, *text)][:room]:
+            yield from line
+            yield Segment.line()
+
+
 def _stream_batch(sampler: Sampler, prompt: str) -> SampleResult:
     """Generate a batch with every sample growing on the terminal under its header as its tokens arrive
-    (rich Live, cropped to the screen); the view is cleared at the end, for the full samples to be printed."""
-    from rich.console import Group
+    (rich Live, cut to the screen); the view is cleared at the end, for the full samples to be printed."""
     from rich.live import Live
     from rich.rule import Rule
     from rich.text import Text
@@ -268,7 +290,7 @@ def _stream_batch(sampler: Sampler, prompt: str) -> SampleResult:
 
     n = sampler.cfg.num_samples
     texts = [Text(prompt, no_wrap=False, overflow="fold") for _ in range(n)]  # wrapped, though `out` soft-wraps
-    view = Group(*(part for i, text in enumerate(texts, 1) for part in (Rule(Text(f"sample {i}/{n}")), text)))
+    view = _OnScreen([Rule(Text(f"sample {i}/{n}")) for i in range(1, n + 1)], texts)
     last = [0.0]
 
     def redraw(step: int) -> None:  # between decoding steps, at most every LIVE_REFRESH_S

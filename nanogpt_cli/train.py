@@ -281,7 +281,7 @@ class Trainer:
         self.guard.check(self.iter_num)
         mean_loss = mean_across_ranks(loss, self.env)
         tokens_per_s = self.tokens_per_iter * iters / seconds
-        mfu = self.model.estimate_mfu(tokens_per_s / self.env.world_size, self.runtime.peak[0])
+        mfu = self.runtime.mfu(self.model.flops_per_token() * tokens_per_s / self.env.world_size)  # at most 1
         metrics.step(self.iter_num - 1, mean_loss, lr, tokens_per_s, mfu, 1000 * seconds / iters)
         progress.step(self.iter_num, mean_loss, lr, tokens_per_s, mfu, 1000 * seconds / iters)
         return tokens_per_s

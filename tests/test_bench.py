@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nanogpt_cli.bench import bench, parse_compare
+from nanogpt_cli.bench import PROFILER_LINE, bench, parse_compare, profiler_output_dropped
 from nanogpt_cli.cli import app
 from nanogpt_cli.errors import UsageError
 
@@ -85,6 +86,26 @@ def test_profile_writes_a_chrome_trace_and_prints_the_top_operators(tmp_path):
     assert sorted((op["percent"] for op in ops), reverse=True) == [op["percent"] for op in ops]
 
 
+def test_profile_keeps_the_profilers_own_lines_off_stderr(tmp_path):
+    """kineto writes its log lines (USDT:/STAGE: ... profiler_start) from C++, past Python's sys.stderr."""
+    proc = subprocess.run([sys.executable, "-m", "nanogpt_cli", "bench", *TINY, f"--out_dir={tmp_path}", "--iters",
+                           "1", "--warmup", "0", "--profile", "--json"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NO_COLOR": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert last_json(proc.stdout)["top_ops"]
+    leaked = [line for line in proc.stderr.splitlines() if PROFILER_LINE.search(line) or "profiler" in line.lower()]
+    assert not leaked, proc.stderr
+
+
+def test_what_else_is_written_to_stderr_while_profiling_still_shows(capfd):
+    with profiler_output_dropped():
+        os.write(2, b"USDT:2026-01-01 10:00:00 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"STAGE:2026-01-01 10:00:00 1:1 ActivityProfilerController.cpp:312] Completed Stage: Warm Up\n")
+        os.write(2, b"error: a real problem\n")
+        sys.stderr.write("note: the cores are busy\n")
+    assert sorted(capfd.readouterr().err.splitlines()) == ["error: a real problem", "note: the cores are busy"]
+
+
 def test_compare_runs_each_value_and_prints_ratios(tmp_path):
     text = ngpt("bench", *TINY, f"--out_dir={tmp_path}", "--iters", "2", "--warmup", "1",
                 "--compare", "dtype=float32,bfloat16").stdout
@@ -130,7 +151,7 @@ def test_bench_train_script_quick_mode_runs(tmp_path):
     assert sides == ["baseline", "ngpt", "ngpt+threads"]
     baseline, ours, adaptive = results["gpt2"]["runs"]
     assert baseline["dtype"] == "float32" and baseline["compile"] is False
-    assert "threads OMP_NUM_THREADS=" in baseline["choices"] and "exact reruns" in ours["choices"]
+    assert re.search(r"threads (\d+): OMP_NUM_THREADS=\1", baseline["choices"]) and "exact reruns" in ours["choices"]
     assert "measured" in adaptive["choices"] or "one core" in adaptive["choices"]
 
 

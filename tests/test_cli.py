@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nanogpt_cli import __version__
-from nanogpt_cli.cli import app
+from nanogpt_cli.cli import app, complete_preset
 from nanogpt_cli.config import list_presets
 from tests.conftest import TEXT, require_module
 
@@ -105,6 +105,19 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], result.stderr
         assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_preset_names_complete_on_tab():
+    import typer
+
+    assert "shakespeare-char" in complete_preset("shakes") and complete_preset("") == list_presets()
+    assert all(name.startswith("gpt2") for name in complete_preset("gpt2")) and complete_preset("nothing") == []
+    command = typer.main.get_command(app)
+    for name in ("train", "finetune", "sample", "eval", "bench"):  # every --preset, through click's completion
+        sub = command.commands[name]
+        option = next(param for param in sub.params if "--preset" in param.opts)
+        with sub.make_context(name, [], resilient_parsing=True) as ctx:
+            assert [item.value for item in option.shell_complete(ctx, "shakes")] == complete_preset("shakes")
 
 
 def test_python_dash_m_entry_point():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 
 import pytest
@@ -113,14 +114,128 @@ def test_the_thread_tuner_runs_only_with_ngpt_threads_auto(monkeypatch, fresh_th
     assert tuning.thread_candidates(8) == [8, 4, 2, 1] and tuning.thread_candidates(1) == [1]
 
 
-# ---------------------------------------------------------------- measurements
+# ---------------------------------------------------------------- busy cores
 
-def test_the_measured_bf16_speedup_is_cached_and_sane():
+def watch(monkeypatch, waiting_share: float, steps: int, threads: int = 2) -> list[str]:
+    """Tick a run's tuner (fixed threads) through steps of 0.5 s in which its threads waited for a core
+    waiting_share of the time they were ready to run; returns what it logged."""
+    clock, times = [0.0], [0, 0]
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(tuning, "scheduler_times", lambda: tuple(times))
+    logged: list[str] = []
+    torch.set_num_threads(threads)
+    tuner = tuning.thread_tuner(CPU, threads, distributed=False, log=logged.append)
+    for _ in range(steps):
+        tuner.tick()
+        clock[0] += 0.5
+        times[0] += int(0.5e9 * (1 - waiting_share))
+        times[1] += int(0.5e9 * waiting_share)
+    return logged
+
+
+def test_busy_cores_are_noted_once_with_what_ngpt_threads_can_do(monkeypatch, fresh_threads):
+    logged = watch(monkeypatch, waiting_share=0.4, steps=100)
+    assert len(logged) == 1, logged  # once per run, however long the load lasts
+    assert "cores are busy" in logged[0] and "40%" in logged[0]
+    assert "NGPT_THREADS=auto" in logged[0] and "NGPT_THREADS=1" in logged[0]
+    assert "NGPT_THREADS" not in watch(monkeypatch, waiting_share=0.4, steps=100, threads=1)[0]  # nothing to cut
+
+
+def test_idle_cores_and_passing_waits_say_nothing(monkeypatch, fresh_threads):
+    assert watch(monkeypatch, waiting_share=0.02, steps=100) == []
+    assert watch(monkeypatch, waiting_share=0.4, steps=4) == []  # the first steps (start-up) are not judged
+
+
+def test_busy_cores_are_watched_only_where_the_advice_applies(monkeypatch, fresh_threads):
+    def watched(device, distributed=False, log=print):
+        return tuning.thread_tuner(device, 2, distributed, log).busy is not None
+
+    assert watched(CPU) and not watched(CUDA) and not watched(CPU, distributed=True) and not watched(CPU, log=None)
+    monkeypatch.setenv("NGPT_THREADS", "auto")  # the tuner itself follows the load
+    assert not watched(CPU)
+
+
+def test_scheduler_times_are_read_where_the_kernel_keeps_them():
+    times = tuning.scheduler_times()
+    if times is not None:  # Linux with schedstat
+        assert times[0] > 0 and times[1] >= 0
+
+
+# ---------------------------------------------------------------- measurements, remembered per machine
+
+@pytest.fixture
+def measurements(monkeypatch, tmp_path):
+    """An empty measurements cache, and a process that has measured nothing yet."""
+    monkeypatch.setenv("NGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuning, "_this_process", {})
+    return tmp_path / "cache" / tuning.MEASUREMENTS_FILE
+
+
+def counted(monkeypatch, flops: dict[str, float]) -> list[list[str]]:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(tuning, "one_core_matmul_flops",
+                        lambda dtypes: calls.append(dtypes) or {dtype: flops[dtype] for dtype in dtypes})
+    return calls
+
+
+def test_the_cache_file_is_used_on_the_second_call(monkeypatch, measurements):
+    calls = counted(monkeypatch, {"float32": 1e11, "bfloat16": 3e11})
+    monkeypatch.setattr(tuning, "physical_cores", lambda: 2)
+    assert tuning.measured_cpu_peak_flops("float32", threads=2) == 2e11
+    monkeypatch.setattr(tuning, "_this_process", {})  # a new process on the same machine
+    assert tuning.measured_cpu_peak_flops("float32", threads=4) == 2e11 and calls == [["float32"]]  # 2 cores
+    assert tuning.cpu_bf16_speedup() == 3.0 and tuning.cpu_bf16_speedup() == 3.0
+    assert calls == [["float32"], ["float32", "bfloat16"]]
+    saved = json.loads(measurements.read_text())
+    assert list(saved) == [tuning.machine_key()]
+    assert saved[tuning.machine_key()] == {"bf16_speedup": 3.0, "core_flops": {"float32": 1e11, "bfloat16": 3e11}}
+    key = tuning.machine_key()
+    assert tuning.cpu_model() in key and f"{tuning.physical_cores()} cores" in key and torch.__version__ in key
+
+
+def test_the_peak_is_a_maximum(monkeypatch, measurements, fresh_threads):
+    counted(monkeypatch, {"float32": 1e11})
+    monkeypatch.setattr(tuning, "physical_cores", lambda: 2)
+    assert tuning.measured_cpu_peak_flops(threads=2) == 2e11
+    assert tuning.raise_cpu_peak("float32", 3e11, threads=2) == 3e11  # a faster rate raises it
+    assert tuning.raise_cpu_peak("float32", 1e11, threads=2) == 3e11  # a slower one leaves it
+    assert tuning.raise_cpu_peak("float32", 1e11, threads=1) == 1.5e11  # below the 1.5e11 a core it has
+    monkeypatch.setattr(tuning, "_this_process", {})
+    assert tuning.measured_cpu_peak_flops(threads=2) == 3e11  # remembered for the next run
+    torch.set_num_threads(1)  # a thread tuner's trial, say, while a step of a 2-thread run is logged
+    assert tuning.raise_cpu_peak("float32", 3.2e11, threads=2) == 3.2e11  # counted against the run's 2 cores
+
+
+def test_the_cache_is_written_atomically_and_never_through_a_link(monkeypatch, measurements):
+    counted(monkeypatch, {"float32": 1e11})
+    measurements.parent.mkdir(parents=True)
+    elsewhere = measurements.parent.parent / "elsewhere.json"
+    elsewhere.write_text(json.dumps({tuning.machine_key(): {"core_flops": {"float32": 9e15}}}))
+    measurements.symlink_to(elsewhere)
+    assert tuning.measured_cpu_peak_flops() < 9e15  # a link is not read
+    assert not measurements.is_symlink() and json.loads(elsewhere.read_text())[tuning.machine_key()] == {
+        "core_flops": {"float32": 9e15}}  # nor written through: the link itself was replaced
+    assert [path.name for path in measurements.parent.iterdir()] == [measurements.name]  # no temporary left
+    measurements.write_text("{not json")
+    monkeypatch.setattr(tuning, "_this_process", {})
+    assert tuning.measured_cpu_peak_flops() > 0 and json.loads(measurements.read_text())  # rewritten whole
+
+
+def test_a_cache_that_cannot_be_written_still_measures_once_per_process(monkeypatch, measurements):
+    calls = counted(monkeypatch, {"float32": 1e11})
+    measurements.parent.parent.mkdir(parents=True, exist_ok=True)
+    measurements.parent.write_text("a file where the folder should be")
+    assert tuning.measured_cpu_peak_flops() == tuning.measured_cpu_peak_flops() and len(calls) == 1
+
+
+def test_the_one_core_measurement_is_sane(measurements):
+    flops = tuning.one_core_matmul_flops(["float32"])
+    assert 1e8 < flops["float32"] < 1e14
     first = tuning.cpu_bf16_speedup()
-    assert first > 0 and tuning.cpu_bf16_speedup() == first  # one measurement per thread count: stable reasons
+    assert first > 0 and tuning.cpu_bf16_speedup() == first
 
 
-def test_cpu_peak_is_measured():
+def test_cpu_peak_is_measured(measurements):
     from nanogpt_cli.runtime import peak_flops
 
     flops, why = peak_flops(CPU, "float32")

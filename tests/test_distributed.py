@@ -64,6 +64,23 @@ WORKER = textwrap.dedent("""
 """)
 
 
+# A worker for plain torchrun that records the threads still alive as the interpreter shuts down.
+THREADS_AT_EXIT_WORKER = textwrap.dedent("""
+    import atexit, json, os, sys
+
+    def record_threads():
+        names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+        with open(os.path.join(os.environ["TEST_DUMP"], f"threads-rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump(names, f)
+
+    atexit.register(record_threads)
+    from nanogpt_cli.cli import main
+
+    sys.argv = ["ngpt", *sys.argv[1:]]
+    main()
+""")
+
+
 def losses(out_dir: Path) -> dict[int, float]:
     return {r["iter"]: r["loss"] for r in read_jsonl(Path(out_dir) / "metrics.jsonl") if "loss" in r}
 
@@ -323,12 +340,22 @@ def test_two_nodes_on_one_machine(setup):
 
 @pytest.mark.slow
 def test_bench_reports_each_rank(setup):
+    """Per-rank tokens/s on rank 0's stdout; and every rank leaves its process group whole: no gloo thread
+    outlives the run into interpreter shutdown, where one aborted a rank on a loaded machine."""
     root, args, _ = setup
-    proc = run([*TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "nanogpt_cli", "bench", "--json",
-                "--iters", "2", "--warmup", "1", *args])
+    dump = root / "bench-threads"
+    dump.mkdir()
+    worker = root / "threads_worker.py"
+    worker.write_text(THREADS_AT_EXIT_WORKER)
+    proc = run([*TORCHRUN, "--standalone", "--nproc-per-node=2", str(worker), "bench", "--json",
+                "--iters", "2", "--warmup", "1", *args], TEST_DUMP=str(dump))
     assert proc.returncode == 0, show(proc)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, proc.stdout  # rank 0 only
     result = json.loads(lines[0])
     assert result["world_size"] == 2 and len(result["per_rank_tokens_per_second"]) == 2
     assert result["tokens_per_second"] == pytest.approx(sum(result["per_rank_tokens_per_second"]))
+    if Path("/proc/self/task").is_dir():
+        for rank in range(2):
+            threads = json.loads((dump / f"threads-rank{rank}.json").read_text())
+            assert not [name for name in threads if "gloo" in name], (rank, threads)

@@ -115,6 +115,24 @@ def test_verbose_prints_details_and_step_lines(tmp_path, data_dir):
     assert result.stdout == ""
 
 
+def test_a_run_on_busy_cores_says_so_once_on_stderr(tmp_path, data_dir, monkeypatch):
+    from nanogpt_cli import cpu_tuning
+
+    times = [0, 0]
+
+    def busy() -> tuple[int, int]:  # each look: another second on a core and another second waiting for one
+        times[0], times[1] = times[0] + 10**9, times[1] + 10**9
+        return tuple(times)
+
+    monkeypatch.setattr(cpu_tuning, "scheduler_times", busy)
+    monkeypatch.setattr(cpu_tuning.BusyCores, "FIRST", 1)
+    monkeypatch.setattr(cpu_tuning.BusyCores, "WINDOW", 0.0)
+    result = runner.invoke(app, ["train", *TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("cores are busy") == 1 and "50% of the time" in result.stderr
+    assert result.stdout == ""
+
+
 def test_shell_completion_is_enabled():
     result = runner.invoke(app, ["--help"])
     assert "--install-completion" in result.stdout and "--show-completion" in result.stdout

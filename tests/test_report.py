@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from nanogpt_cli.progress import configure, out
-from nanogpt_cli.report import print_bench_compare, print_datasets, print_eval, size_text, sparkline
+from nanogpt_cli.report import (
+    count_text,
+    print_bench_compare,
+    print_datasets,
+    print_eval,
+    print_training_start,
+    size_text,
+    sparkline,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +31,20 @@ def test_sparkline():
     assert len(sparkline([float(i) for i in range(1000)], width=40)) == 40
     assert sparkline([2.0, float("inf"), 1.0]) == "█▁"
     assert set(sparkline([3.0, 3.0, 3.0])) == {"▁"}  # flat: no division by zero
+
+
+def test_small_models_count_their_parameters_in_a_unit_that_shows_them(capsys):
+    assert [count_text(n) for n in (850, 23_400, 99_949, 800_000, 123_653_376, 1_557_611_200)] == [
+        "850", "23.4K", "99.9K", "0.80M", "123.65M", "1.56B"]
+
+    class Tiny:
+        peak = (1e11, "measured")
+
+        def describe(self):
+            return "device cpu"
+
+    print_training_start({}, Tiny(), 23_400, 256, [])
+    assert "model 23.4K parameters" in capsys.readouterr().err
 
 
 LOSSES = {"model": "out/run", "dataset": "tiny", "block_size": 32, "train_loss": 1.23456, "val_loss": 2.5,

@@ -6,10 +6,12 @@ import contextlib
 
 import pytest
 import torch
+from rich.text import Text
 
 from nanogpt_cli import cpu_tuning
 from nanogpt_cli.errors import UsageError
 from nanogpt_cli.runtime import (
+    Runtime,
     choose_compile,
     choose_dtype,
     gpu_peak_flops,
@@ -89,7 +91,7 @@ def test_a_long_cpu_run_compiles_by_default_and_a_short_one_does_not(tiny_cfg, m
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)
     short = build_trainer(tiny_cfg("--compile=auto")).runtime
     assert short.compile is False and "a minute or two" in short.compile_why
-    monkeypatch.setattr(cpu_tuning, "measured_cpu_peak_flops", lambda dtype: 1e6)  # a very slow CPU
+    monkeypatch.setattr(cpu_tuning, "measured_cpu_peak_flops", lambda dtype, threads: 1e6)  # a very slow CPU
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # the choice, not the compilation
     long = build_trainer(tiny_cfg("--compile=auto", "--max_iters=100000")).runtime
     assert long.compile is True and "pays back" in long.compile_why
@@ -144,10 +146,71 @@ def test_training_plans_decide_dtype_attention_and_threads_once(monkeypatch):
         assert "2.5x" in runtime.dtype_why and runtime.threads_why == "one, for the test"
         assert torch.get_num_threads() == 1
         measured = []
-        monkeypatch.setattr(cpu_tuning, "measured_cpu_peak_flops", lambda dtype: measured.append(dtype) or 1e9)
+        monkeypatch.setattr(cpu_tuning, "measured_cpu_peak_flops",
+                            lambda dtype, threads: measured.append(dtype) or 1e9)
         assert runtime.peak == runtime.peak and measured == ["bfloat16"]  # measured once, when asked for
     finally:
         torch.set_num_threads(threads)
+
+
+def test_two_plans_choose_the_same_dtype_however_noisy_the_measurement(monkeypatch, tmp_path):
+    """The bf16 speedup is measured once per machine and remembered: a later run on a busier (or idler)
+    machine, whose measurement would say otherwise, decides the same."""
+    monkeypatch.setenv("NGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_tuning, "_this_process", {})
+    monkeypatch.setattr(cpu_tuning, "cpu_has_fast_bf16", lambda: True)
+    noisy = iter([{"float32": 1e11, "bfloat16": 2.2e11}, {"float32": 1e11, "bfloat16": 1.1e11}])
+    monkeypatch.setattr(cpu_tuning, "one_core_matmul_flops", lambda dtypes: next(noisy))
+    threads = torch.get_num_threads()
+    try:
+        first = plan("cpu", "auto", False, training=True)
+        monkeypatch.setattr(cpu_tuning, "_this_process", {})  # the next run: a new process
+        second = plan("cpu", "auto", False, training=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert first.dtype == second.dtype == "bfloat16" and first.dtype_why == second.dtype_why
+    assert next(noisy, None) is not None  # the second plan did not measure
+
+
+def test_mfu_never_passes_one(monkeypatch, tmp_path):
+    """A rate above the peak proves the peak too low: it is raised to that rate (and remembered on cpu)."""
+    monkeypatch.setenv("NGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_tuning, "_this_process", {})
+    monkeypatch.setattr(cpu_tuning, "one_core_matmul_flops", lambda dtypes: dict.fromkeys(dtypes, 1e10))
+    runtime = plan("cpu", "float32")
+    peak = runtime.peak[0]
+    assert runtime.mfu(peak / 2) == pytest.approx(0.5)
+    for rate in (peak * 1.65, peak * 1.2, peak * 3, peak):
+        assert runtime.mfu(rate) <= 1
+    assert runtime.peak[0] == peak * 3 and runtime.peak[1].endswith("raised to a rate training reached")
+    assert runtime.peak[1].count("raised") == 1
+    monkeypatch.setattr(cpu_tuning, "_this_process", {})
+    assert cpu_tuning.measured_cpu_peak_flops("float32") == pytest.approx(peak * 3)  # the next run starts there
+    gpu = Runtime(CUDA, "bfloat16", "asked for")
+    gpu.peak = (312e12, "NVIDIA A100 data sheet")
+    assert gpu.mfu(400e12) == 1 and gpu.mfu(200e12) == pytest.approx(0.5)
+    unknown = Runtime(MPS, "float32", "asked for")
+    unknown.peak = (None, "unknown for mps")
+    assert unknown.mfu(1e12) is None
+
+
+def test_the_device_line_is_short_and_verbose_gives_the_reasons(monkeypatch):
+    from nanogpt_cli import progress
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("NGPT_THREADS", "3")
+    threads = torch.get_num_threads()
+    try:
+        runtime = plan("cpu", "float32", False, training=True)
+    finally:
+        torch.set_num_threads(threads)
+    short = runtime.describe()
+    assert "threads[/bold] 3" in short and "asked for" not in short and "host memory" not in short
+    assert len(Text.from_markup(short).plain) < 100 and "--verbose" in short
+    monkeypatch.setattr(progress, "_verbose", True)
+    full = runtime.describe()
+    assert "threads[/bold] 3: NGPT_THREADS" in full and "dtype[/bold] float32: asked for" in full
+    assert "host memory" in full
 
 
 def test_unknown_devices_are_usage_errors():

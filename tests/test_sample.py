@@ -5,6 +5,7 @@ The decoding loop it runs (KV cache, sampling filters) is tested in test_generat
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -241,3 +242,74 @@ def test_several_samples_grow_live_on_a_terminal(run, monkeypatch):
     for sample in result.samples:
         assert sample[:len("ROMEO:") + 10] in middle
     assert len(frames[29]) > len(frames[5])  # the view grew as tokens arrived
+
+
+def terminal(output: str, height: int) -> tuple[list[str], int]:
+    """What a terminal of `height` rows, its cursor at the top, shows after this output, and how many lines
+    it pushed into its scrollback (a newline on the bottom row scrolls). Knows the codes rich's Live writes:
+    carriage return, cursor up, erase line; other control codes (styles, cursor visibility) change nothing."""
+    rows, row, col, lost = [""], 0, 0, 0
+    for text, count, code, control in re.findall(r"([^\x1b\r\n]+)|\x1b\[\??(\d*)([A-Za-z])|([\r\n])", output):
+        if text:
+            rows[row] = rows[row][:col].ljust(col) + text + rows[row][col + len(text):]
+            col += len(text)
+        elif control == "\r":
+            col = 0
+        elif control == "\n":
+            row, col = row + 1, 0
+            if row == height:
+                rows, row, lost = rows[1:], height - 1, lost + 1
+            rows += [""] * (row + 1 - len(rows))
+        elif code == "A":
+            row = max(0, row - int(count or 1))
+        elif code == "K":
+            rows[row] = ""
+    return rows, lost
+
+
+def test_a_batch_taller_than_the_screen_streams_what_fits_and_then_prints_every_sample_whole(run, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from nanogpt_cli import progress
+    from nanogpt_cli import sample as sample_module
+    from nanogpt_cli.config import SampleConfig
+    from nanogpt_cli.sample import Sampler, _show_one
+
+    screen = io.StringIO()
+    tty = Console(file=screen, force_terminal=True, width=40, height=8)
+    monkeypatch.setattr(progress, "out", tty)
+    monkeypatch.setattr(progress, "is_interactive", lambda: True)
+    monkeypatch.setattr(progress, "echo", screen.write)
+    monkeypatch.setattr(sample_module, "LIVE_REFRESH_S", 0.0)
+    sampler = Sampler(build(SampleConfig, None, [f"--out_dir={run}", "--device=cpu", "--max_new_tokens=150",
+                                                 "--num_samples=3"]))
+    frames, live = [], []  # the screen as each token step redrew it; all the live view wrote, its end included
+    generate, stream_batch = sampler.generate, sample_module._stream_batch
+
+    def watched(prompt, on_token=None, on_step=None):
+        def step_and_look(n):
+            on_step(n)
+            frames.append(screen.getvalue())
+
+        return generate(prompt, on_token=on_token, on_step=step_and_look)
+
+    def streamed(*args):
+        result = stream_batch(*args)
+        live.append(screen.getvalue())
+        return result
+
+    monkeypatch.setattr(sampler, "generate", watched)
+    monkeypatch.setattr(sample_module, "_stream_batch", streamed)
+    result = _show_one(sampler, "ROMEO:", as_json=False)
+    rows = sum(len(line) // 40 + 1 for sample in result.samples for line in sample.split("\n"))
+    assert rows + 3 > 2 * 8  # the samples and their headers: twice the screen
+    shown, _ = terminal(frames[-1], height=8)
+    assert all(any(f"sample {i}/3" in row for row in shown) for i in (1, 2, 3))  # every sample on screen
+    assert any(row.endswith(result.samples[2].split()[-1][-40:]) for row in shown)  # with its newest text
+    cleared, lost = terminal(live[0], height=8)
+    assert lost == 0 and not any(cleared)  # nothing scrolled away, and what was shown is gone
+    printed = re.sub(r"\x1b\[[\d;?]*[A-Za-z]", "", screen.getvalue()[len(live[0]):])  # after the live view:
+    for i, sample in enumerate(result.samples, 1):  # every sample, whole
+        assert f"sample {i}/3" in printed and sample in printed
