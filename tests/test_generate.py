@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from nanogpt_cli.checkpoint import FORMAT
 from nanogpt_cli.cli import app
-from nanogpt_cli.generate import Decoder, Generation, KVCache, sample_next
+from nanogpt_cli.generate import BatchDecoder, Generation, KVCache, Request, sample_next
 from nanogpt_cli.model import GPT, GPTConfig
 from tests.test_model import tiny
 
@@ -40,23 +40,27 @@ def test_kv_cache_matches_full_forward_at_every_step():
 def test_cached_logits_equal_a_full_forward_at_every_step_across_rebuilds(prompt_len):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=True)).eval()
-    decoder = Decoder(model, torch.randint(50, (2, prompt_len)))
+    decoder = BatchDecoder(model, 2)
+    request = Request(torch.randint(50, (2, prompt_len)), 30)
+    decoder.add(request)
     windows = []
     with torch.inference_mode():
         for _ in range(30):  # far past block_size: the cache is rebuilt several times
-            logits = decoder.logits()
-            window = decoder.idx[:, decoder.start:]
-            assert 1 <= window.size(1) <= 8 and decoder.cache.pos == window.size(1)
+            logits = decoder.logits()[request]
+            window = request.idx[:, request.start:]
+            assert 1 <= window.size(1) <= 8 and decoder.cache.lengths.tolist() == [window.size(1)] * 2
             full, _ = model(window)  # a full forward over the same context window, no cache
             torch.testing.assert_close(logits, full[:, -1], atol=1e-5, rtol=1e-5)
             windows.append(window.size(1))
-            decoder.append(logits.argmax(-1, keepdim=True))
-    assert decoder.rebuilds >= 5 and decoder.idx.size(1) == prompt_len + 30
+            request.append(logits.argmax(-1, keepdim=True))
+    assert decoder.rebuilds >= 5 and request.idx.size(1) == prompt_len + 30
     assert 4 in windows and 8 in windows  # rebuilt from half a block, then grown to a full block
     with torch.inference_mode():  # without the cache: always the last block_size tokens
-        recompute = Decoder(model, decoder.idx, use_cache=False)
-        torch.testing.assert_close(recompute.logits(), model(decoder.idx[:, -8:])[0][:, -1])
-        assert recompute.start == decoder.idx.size(1) - 8
+        recompute = BatchDecoder(model, 2, use_cache=False)
+        again = Request(request.idx, 1)
+        recompute.add(again)
+        torch.testing.assert_close(recompute.logits()[again], model(request.idx[:, -8:])[0][:, -1])
+        assert again.start == request.idx.size(1) - 8
 
 
 def test_generation_with_and_without_cache_agree_greedily_past_block_size():
