@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nanogpt_cli.checkpoint import load_model
-from nanogpt_cli.config import SampleConfig
+from nanogpt_cli.config import SampleConfig, ServeConfig
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.generate import Generation
 from nanogpt_cli.runtime import autocast, plan, synchronize
@@ -173,7 +173,9 @@ class RequestText:
         return [(row, text) for row, stream in enumerate(self.streams) if (text := stream.finish())]
 
 
-def load_for_sampling(cfg: SampleConfig):
+def load_for_sampling(cfg: SampleConfig | ServeConfig):
+    """(model, tokenizer, device, dtype) for inference: the model of cfg.init_from / cfg.out_dir in eval mode on the
+    runtime's device, compiled if cfg.compile."""
     runtime = plan(cfg.device, cfg.dtype)
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
     model.eval().to(runtime.device)
