@@ -386,17 +386,19 @@ def create_app(service: Service):
     return app
 
 
-def build_service(model, tokenizer, device: torch.device, dtype: str, cfg: ServeConfig, model_name: str,
-                  api_key: str | None) -> Service:
+def build_service(cfg: ServeConfig, model, tokenizer, device: torch.device, dtype: str) -> Service:
+    """The scheduler and what the endpoints need, for a loaded model; the API key is cfg's or $NGPT_API_KEY."""
     scheduler = Scheduler(model, tokenizer, device, dtype, cfg.max_batch, cfg.max_queue)
     vocab = getattr(tokenizer, "vocab_size", None) or model.config.vocab_size
-    return Service(scheduler, tokenizer, Limits(cfg.max_tokens, cfg.max_n, vocab), model_name, api_key,
+    api_key = cfg.api_key or os.environ.get("NGPT_API_KEY") or None
+    return Service(scheduler, tokenizer, Limits(cfg.max_tokens, cfg.max_n, vocab), model_name_for(cfg), api_key,
                    cfg.max_request_bytes)
 
 
 def uvicorn_server(app, host: str, port: int, on_started=None):
     """A uvicorn server whose Ctrl-C / SIGTERM ends the requests in flight and then the server, without raising the
-    signal again afterwards (uvicorn's habit, which would make the exit code 130/143): `stopped_by` names it."""
+    signal again afterwards (uvicorn's habit, which would make the exit code 130/143): `stopped_by` names it.
+    on_started(port) is called once it listens."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -411,15 +413,11 @@ def uvicorn_server(app, host: str, port: int, on_started=None):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started and on_started is not None:
-                on_started(self.port)
+                on_started(self.servers[0].sockets[0].getsockname()[1])
 
         async def shutdown(self, sockets=None) -> None:
             app.state.service.scheduler.stop()  # the requests in flight end, so their connections close
             await super().shutdown(sockets)
-
-        @property
-        def port(self) -> int:
-            return self.servers[0].sockets[0].getsockname()[1]
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
@@ -443,25 +441,22 @@ def serve(cfg: ServeConfig) -> None:
         raise NgptError("ngpt serve needs FastAPI and uvicorn: pip install 'nanogpt-cli[serve]'") from None
     from nanogpt_cli.progress import console
 
-    api_key = cfg.api_key or os.environ.get("NGPT_API_KEY") or None
     model, tokenizer, device, dtype = load_for_sampling(cfg)
-    name = model_name_for(cfg)
-    service = build_service(model, tokenizer, device, dtype, cfg, name, api_key)
-    app = create_app(service)
-    if not is_loopback(cfg.host) and api_key is None:
+    service = build_service(cfg, model, tokenizer, device, dtype)
+    if not is_loopback(cfg.host) and service.api_key is None:
         console.print(f"warning: listening on {cfg.host} without an API key: anyone who can reach this machine can "
                       "use the model (--api_key or $NGPT_API_KEY to require one)", markup=False, highlight=False)
-    params = model.get_num_params() / 1e6
 
     def started(port: int) -> None:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        console.print(f"serving {name} ({params:.1f}M parameters, block_size {model.config.block_size}) on {device} "
-                      f"{dtype}: {cfg.max_batch} rows, {cfg.max_queue} waiting at most"
-                      f"{', API key required' if api_key else ''}", markup=False, highlight=False)
+        console.print(f"serving {service.model_name} ({model.get_num_params() / 1e6:.2f}M parameters, block_size "
+                      f"{model.config.block_size}) on {device} {dtype}: {cfg.max_batch} rows, at most "
+                      f"{cfg.max_queue} waiting{', API key required' if service.api_key else ''}", markup=False,
+                      highlight=False)
         console.print(f"http://{host}:{port}  (playground /, API /v1, /health); Ctrl-C stops", markup=False,
                       highlight=False)
 
-    server = uvicorn_server(app, cfg.host, cfg.port, started)
+    server = uvicorn_server(create_app(service), cfg.host, cfg.port, started)
     try:
         server.run()
     except SystemExit as e:  # uvicorn exits when it cannot start (the port is taken, say)
