@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import signal
 import string
@@ -18,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +316,41 @@ def test_sigterm_ends_requests_in_flight_and_exits_0(run):
     finally:
         process.kill()
         process.wait()
+
+
+# ---------------------------------------------------------------- the playground page, in a real browser
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's, installed by .ci/run
+
+
+def test_the_playground_page_streams_a_completion_in_chromium(run, url):
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing (apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expected = ngpt_sample_greedy(run, "JULIET:", 60)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            outside = []  # the page fetches nothing but its own server
+            page.on("request", lambda request: None if request.url.startswith(url) else outside.append(request.url))
+            page.goto(f"{url}/")
+            sync_api.expect(page.locator("#model")).to_contain_text("tiny")
+            page.fill("#prompt", "JULIET:")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "60")
+            page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
+                .observe(document.querySelector('#output .completion'), {childList: true, characterData: true,
+                                                                          subtree: true}); }""")
+            page.click("#generate")
+            sync_api.expect(page.locator("#output .completion")).to_have_text(expected, timeout=20_000)
+            sync_api.expect(page.locator("#status")).to_contain_text("60 tokens")
+            assert "tokens/s" in page.text_content("#status")
+            assert page.evaluate("window.updates") > 1  # the text arrived piece by piece
+            assert page.text_content("#output .prompt") == "JULIET:" and not outside
+        finally:
+            browser.close()
