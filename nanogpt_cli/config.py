@@ -159,12 +159,22 @@ def validate_device_name(device: str) -> None:
 
 
 @dataclass
-class SampleConfig:
-    """Generation from a trained checkpoint or a pretrained GPT-2; keys are nanoGPT's sample.py keys."""
+class ModelSource:
+    """Where a command that runs a model for inference (sample, serve) loads it from, and on what."""
 
     out_dir: str = opt("out", "an ngpt out_dir (or a nanoGPT one) to load ckpt.pt from", "Model")
     init_from: str = opt("resume", "resume (the checkpoint in out_dir) | gpt2* | a Hugging Face folder or hub id",
                          "Model")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps", "System")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16", "System",
+                     ("auto", "float32", "bfloat16", "float16"))
+    compile: bool = opt(False, "torch.compile the model", "System")
+
+
+@dataclass
+class SampleConfig(ModelSource):
+    """Generation from a trained checkpoint or a pretrained GPT-2; keys are nanoGPT's sample.py keys."""
+
     # Text keys are typed `str` (default None = not given), not `str | None`: "", "none" and "auto"
     # are text here, not "unset", so `--prompt ""` is refused as empty instead of meaning the default.
     prompt: str = opt(None, "text to continue (default: a newline); '-' reads stdin", "Prompt")
@@ -182,10 +192,6 @@ class SampleConfig:
                             "Sampling")
     use_cache: bool = opt(True, "use the KV cache (false recomputes the context each step, as nanoGPT)", "Sampling")
     seed: int = opt(1337, "random seed; the same seed gives the same samples", "Sampling")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps", "System")
-    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16", "System",
-                     ("auto", "float32", "bfloat16", "float16"))
-    compile: bool = opt(False, "torch.compile the model", "System")
 
     def validate(self) -> SampleConfig:
         if self.num_samples <= 0:
@@ -207,12 +213,9 @@ class SampleConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(ModelSource):
     """An OpenAI-compatible HTTP server over a checkpoint or a pretrained GPT-2 (`ngpt serve`)."""
 
-    out_dir: str = opt("out", "an ngpt out_dir (or a nanoGPT one) to load ckpt.pt from", "Model")
-    init_from: str = opt("resume", "resume (the checkpoint in out_dir) | gpt2* | a Hugging Face folder or hub id",
-                         "Model")
     model_name: str = opt(None, "the model's id in the API (default: the out_dir's name, or init_from)", "Model")
     host: str = opt("127.0.0.1", "address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network)",
                     "Server")
@@ -224,10 +227,6 @@ class ServeConfig:
     max_tokens: int = opt(512, "the largest max_tokens a request may ask for (and chat's default)", "Limits")
     max_n: int = opt(4, "the largest n (choices per prompt) a request may ask for", "Limits")
     max_request_bytes: int = opt(1_000_000, "the largest request body; larger ones are answered 413", "Limits")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps", "System")
-    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16", "System",
-                     ("auto", "float32", "bfloat16", "float16"))
-    compile: bool = opt(False, "torch.compile the model", "System")
 
     def validate(self) -> ServeConfig:
         if not 0 <= self.port <= 65535:

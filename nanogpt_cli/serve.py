@@ -19,6 +19,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -424,6 +425,18 @@ def uvicorn_server(app, host: str, port: int, on_started=None):
     return Server(config)
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Fail in one line, before the model loads, when the address cannot be bound (taken, or an unknown host)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as e:
+        raise NgptError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def model_name_for(cfg: ServeConfig) -> str:
     if cfg.model_name:
         return cfg.model_name
@@ -441,6 +454,7 @@ def serve(cfg: ServeConfig) -> None:
         raise NgptError("ngpt serve needs FastAPI and uvicorn: pip install 'nanogpt-cli[serve]'") from None
     from nanogpt_cli.progress import console
 
+    check_can_listen(cfg.host, cfg.port)
     model, tokenizer, device, dtype = load_for_sampling(cfg)
     service = build_service(cfg, model, tokenizer, device, dtype)
     if not is_loopback(cfg.host) and service.api_key is None:

@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import string
 import subprocess
 import sys
@@ -291,6 +292,16 @@ def test_bad_options_are_one_error_line_before_anything_loads(run):
                           ("--bogus=1", "unknown option --bogus")):
         result = CliRunner().invoke(app, ["serve", f"--out_dir={run}", option])
         assert result.exit_code == 2 and words in result.stderr and result.stderr.startswith("error:"), option
+
+
+def test_a_port_in_use_is_one_error_line(run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", f"--out_dir={run}", "--device=cpu", f"--port={port}"])
+    assert result.exit_code == 1 and result.stderr.strip() == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use")
 
 
 def test_sigterm_ends_requests_in_flight_and_exits_0(run):
