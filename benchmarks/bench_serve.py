@@ -5,7 +5,7 @@
 
 A real uvicorn server on a free loopback port, in this process, over a model of random weights with
 GPT-2's tokenizer (n_layer 12, n_head 12, n_embd 768, vocab 50304, block 1024 by default), float32.
-The official openai client sends completions (temperature 0.8, top-k 200, a seed each, a 16-token
+The official openai client sends completions (temperature 0.8, top-k 200, a seed each, an 18-token
 prompt): first one client, request after request, then `--clients` clients at once, each sending the
 same number of requests. Aggregate tokens/s is the completion tokens of a phase (the `usage` the server
 reports) over its wall time; the ratio is the concurrent figure over the single client's. Concurrent
@@ -33,7 +33,7 @@ from nanogpt_cli.model import GPT, GPTConfig
 from nanogpt_cli.serve import build_service, create_app, uvicorn_server
 from nanogpt_cli.tokenizer import TiktokenTokenizer
 
-PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs into the forest to"  # 16 GPT-2 tokens
+PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs into the forest to"  # 18 GPT-2 tokens
 
 
 def run_phase(api: openai.OpenAI, clients: int, requests_per_client: int, new_tokens: int) -> dict:
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     model = GPT(config).eval().to(args.device)
     cfg = build(ServeConfig, None, ["--port=0", "--model_name=bench", f"--max_batch={args.clients}",
                                     f"--max_queue={args.clients}", f"--max_tokens={args.new_tokens}"])
-    service = build_service(cfg, model, TiktokenTokenizer("gpt2"), torch.device(args.device), "float32")
+    tokenizer = TiktokenTokenizer("gpt2")
+    service = build_service(cfg, model, tokenizer, torch.device(args.device), "float32")
     ports: queue.Queue = queue.Queue()
     server = uvicorn_server(create_app(service), "127.0.0.1", 0, ports.put)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = many["tokens_per_second"] / one["tokens_per_second"]
     report = {"model": f"GPT-2 shape (n_layer {args.n_layer}, n_head {args.n_head}, n_embd {args.n_embd}), random "
                        "weights, float32", "params_millions": round(model.get_num_params() / 1e6, 1),
-              "device": args.device, "prompt_tokens": 16, "new_tokens": args.new_tokens, "one_client": one,
-              "concurrent": many, "ratio": round(ratio, 2),
+              "device": args.device, "prompt_tokens": len(tokenizer.encode(PROMPT)), "new_tokens": args.new_tokens,
+              "one_client": one, "concurrent": many, "ratio": round(ratio, 2),
               "environment": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                               "load_average": {"before": load_before, "after": os.getloadavg()}}}
     if args.json:
