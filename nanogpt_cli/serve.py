@@ -132,17 +132,10 @@ class Scheduler:
         with torch.inference_mode(), autocast(self.device, self.dtype):
             while self._admit():
                 try:
-                    columns = self.decoder.step()
+                    self._step()
                 except Exception as e:  # one failed step (out of memory, say) ends the jobs in it, not the server
                     self._fail(list(self.running.values()), ApiError(
                         500, f"decoding failed: {type(e).__name__}: {' '.join(str(e).split())}", kind="server_error"))
-                    continue
-                for request, column in columns.items():
-                    job = self.running[request]
-                    pieces = job.text.take(column)
-                    if pieces:
-                        job.deliver([("text", job.first_choice + row, text) for row, text in pieces])
-                self._retire()
         with self.wake:
             jobs = [*self.running.values(), *self.waiting]
             self.waiting.clear()
@@ -164,6 +157,14 @@ class Scheduler:
                 job = self.waiting.popleft()
                 self.running[job.request] = job
             return True
+
+    def _step(self) -> None:
+        for request, column in self.decoder.step().items():
+            job = self.running[request]
+            pieces = job.text.take(column)
+            if pieces:
+                job.deliver([("text", job.first_choice + row, text) for row, text in pieces])
+        self._retire()
 
     def _retire(self) -> None:
         for request in self.decoder.retire():

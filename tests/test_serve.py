@@ -34,7 +34,7 @@ pytest.importorskip("uvicorn")
 from nanogpt_cli.checkpoint import FORMAT  # noqa: E402
 from nanogpt_cli.cli import app  # noqa: E402
 from nanogpt_cli.config import ServeConfig, build  # noqa: E402
-from nanogpt_cli.generate import Generation  # noqa: E402
+from nanogpt_cli.generate import BatchDecoder, Generation  # noqa: E402
 from nanogpt_cli.model import GPT, GPTConfig  # noqa: E402
 from nanogpt_cli.openai_api import render_chat  # noqa: E402
 from nanogpt_cli.sample import load_for_sampling  # noqa: E402
@@ -239,6 +239,21 @@ def test_bad_chat_and_unknown_paths(url):
     assert httpx.get(f"{url}/v1/completions").json()["error"]["message"] == "Method Not Allowed"
     with pytest.raises(openai.NotFoundError):
         client(url).models.retrieve("gpt-4")
+
+
+def test_a_failed_step_answers_500_and_the_server_goes_on(url, monkeypatch):
+    step = BatchDecoder.step
+
+    def fail_once(decoder):
+        monkeypatch.setattr(BatchDecoder, "step", step)
+        raise RuntimeError("out of\nmemory")
+
+    monkeypatch.setattr(BatchDecoder, "step", fail_once)
+    failed = httpx.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 3})
+    assert failed.status_code == 500
+    assert failed.json()["error"] == {"message": "decoding failed: RuntimeError: out of memory", "type": "server_error",
+                                      "param": None, "code": None}
+    assert client(url).completions.create(model="tiny", prompt="ab", max_tokens=3).usage.completion_tokens == 3
 
 
 # ---------------------------------------------------------------- the API key, the queue, disconnects
