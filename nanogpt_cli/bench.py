@@ -109,16 +109,6 @@ class MemoryWatch:
         return self.peak / 2**20
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """The process's peak so far (CUDA allocator, MPS driver, CPU max RSS)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
 def default_trace_path(cfg: TrainConfig) -> Path:
     return Path(cfg.out_dir or ".").expanduser() / "bench-trace.json"
 
@@ -208,11 +198,12 @@ def profile_steps(train_step, device: torch.device, path: Path, iters: int, top:
     events = prof.key_averages()
     on_gpu = device.type == "cuda"
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    total = sum(getattr(e, key) for e in events) or 1.0
+    total = sum(getattr(event, key) for event in events) or 1.0
     rows = []
-    for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
-        self_us = getattr(e, key)
-        rows.append({"name": e.key, "calls_per_iter": e.count / iters, "self_ms_per_iter": self_us / 1000 / iters,
+    for event in sorted(events, key=lambda event: getattr(event, key), reverse=True)[:top]:
+        self_us = getattr(event, key)
+        rows.append({"name": event.key, "calls_per_iter": event.count / iters,
+                     "self_ms_per_iter": self_us / 1000 / iters,
                      "percent": 100 * self_us / total, "time": "cuda" if on_gpu else "cpu"})
     return rows
 
@@ -223,7 +214,7 @@ def parse_compare(spec: str, field_names) -> tuple[str, list[str]]:
     """`key=v1,v2,...` -> (key, [v1, v2, ...]); the key must be a config key."""
     key, sep, values = spec.partition("=")
     key = key.strip().lstrip("-").replace("-", "_")
-    items = [v.strip() for v in values.split(",") if v.strip()]
+    items = [value.strip() for value in values.split(",") if value.strip()]
     if not sep or not key or len(items) < 2:
         raise UsageError(f"--compare takes KEY=VALUE1,VALUE2[,...], e.g. dtype=float32,bfloat16; got {spec!r}")
     if key not in field_names:
@@ -242,7 +233,7 @@ def compare(configs: list[tuple[str, TrainConfig]], iters: int, warmup: int, pro
         path = None
         if profile:
             base = Path(trace_path).expanduser() if trace_path else default_trace_path(cfg)
-            path = base.with_name(f"{base.stem}-{_safe(label)}{base.suffix or '.json'}")
+            path = base.with_name(f"{base.stem}-{_file_name_safe(label)}{base.suffix or '.json'}")
         result = bench(cfg, iters=iters, warmup=warmup, profile=profile, trace_path=path)
         torch._dynamo.reset()  # compiled graphs of this configuration neither linger nor count against the next
         gc.collect()  # the previous configuration's model and optimizer go before the next one is built
@@ -255,5 +246,5 @@ def compare(configs: list[tuple[str, TrainConfig]], iters: int, warmup: int, pro
     return rows
 
 
-def _safe(label: str) -> str:
+def _file_name_safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)

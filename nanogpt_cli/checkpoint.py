@@ -4,12 +4,17 @@ A checkpoint is one `ckpt.pt` holding plain data only (tensors, numbers, strings
 dicts), so it loads with `torch.load(weights_only=True)`: model and optimizer state, the
 model's shape (`model_args`), the resolved config, the tokenizer metadata, iteration, best
 val loss, every RNG state and the data loader's state.
+
+karpathy/nanoGPT's `ckpt.pt` loads the same way (its compiled model's `_orig_mod.` prefixes and
+old causal-mask buffers are dropped); its tokenizer comes from the dataset's `meta.pkl`, read
+without unpickling objects (`read_nanogpt_meta_pkl`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -17,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.atomic import remove_stale_temps, temp_sibling
+from nanogpt_cli.errors import NgptError, UnknownInitFrom, UsageError, one_line
 from nanogpt_cli.model import GPT, GPTConfig
+from nanogpt_cli.tokenizer import GPT2_META
 
 CKPT_NAME = "ckpt.pt"
 FORMAT = "ngpt/1"
-TMP_PREFIX = ".{name}.tmp-"  # + the writer's pid: atomic_save's temporary file
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -30,7 +36,7 @@ def atomic_save(obj, path: Path) -> None:
     a crash at any moment leaves either the old checkpoint or the new one, never half of one.
     A failed write (full disk, I/O error) removes the temporary file and leaves the old checkpoint as it was."""
     path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX.format(name=path.name)}{os.getpid()}")
+    tmp = temp_sibling(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -55,31 +61,6 @@ def atomic_save(obj, path: Path) -> None:
     remove_stale_temps(path)
 
 
-def remove_stale_temps(path: Path) -> list[Path]:
-    """Delete the temporary files that killed writers (SIGKILL, power loss) left beside `path`;
-    a temporary file of a process that is still running is left alone."""
-    removed = []
-    prefix = TMP_PREFIX.format(name=path.name)
-    for tmp in path.parent.glob(f"{prefix}*"):
-        pid = tmp.name[len(prefix):]
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-            removed.append(tmp)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: someone else's live process
-        return True
-    return True
-
-
 def checkpoint_file(location: str | os.PathLike) -> Path:
     """An out_dir (holding ckpt.pt) or a checkpoint file -> the file."""
     path = Path(location).expanduser()
@@ -92,6 +73,9 @@ def load_checkpoint(location: str | os.PathLike) -> dict:
     """Load a checkpoint safely (no arbitrary unpickling); clear errors for missing or corrupt files."""
     path = checkpoint_file(location)
     if not path.is_file():
+        if (path.parent / "config.json").is_file():
+            raise UsageError(f"{path.parent} is a Hugging Face model folder, not an ngpt run: load it with "
+                             f"--init_from={path.parent}")
         raise NgptError(f"no checkpoint at {path}; train one first (`ngpt train ... --out_dir={path.parent}`)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -119,7 +103,7 @@ def _load_failure(e: Exception) -> str:
         return (f"it holds something other than tensors and plain data: {reason.strip()}; ngpt loads "
                 "checkpoints with weights_only=True and never runs code from them")
     text = re.sub(r"\x1b\[[0-9;]*m", "", text) if "\x1b" in text else text
-    return f"{type(e).__name__}: {' '.join(text.split())[:200]}"
+    return f"{type(e).__name__}: {one_line(text, 200)}"
 
 
 def load_state_checked(model: torch.nn.Module, state_dict: dict, source: str) -> None:
@@ -160,9 +144,7 @@ def checkpoint_meta(ckpt: dict, location: str | os.PathLike) -> dict:
     """The tokenizer metadata of a checkpoint: stored in ngpt's; found beside nanoGPT's."""
     if "meta" in ckpt:
         return ckpt["meta"]
-    from nanogpt_cli import hf
-
-    return hf.find_nanogpt_meta(checkpoint_file(location).parent, ckpt.get("config", {}))
+    return find_nanogpt_meta(checkpoint_file(location).parent, ckpt.get("config"))
 
 
 def load_model(init_from: str, out_dir: str, dropout: float | None = None) -> tuple[GPT, dict, dict | None]:
@@ -183,10 +165,65 @@ def load_model(init_from: str, out_dir: str, dropout: float | None = None) -> tu
     from nanogpt_cli import hf
 
     if not hf.is_hf_source(init_from):
-        raise UsageError(f"unknown init_from {init_from!r}: use scratch, resume, gpt2, gpt2-medium, gpt2-large, "
-                         "gpt2-xl, a checkpoint path, or a Hugging Face folder or hub id")
+        raise UnknownInitFrom(f"unknown init_from {init_from!r}: use scratch, resume, gpt2, gpt2-medium, "
+                              "gpt2-large, gpt2-xl, a checkpoint path, or a Hugging Face folder or hub id")
     model, meta = hf.load_hf_gpt2(init_from, dropout=dropout)
     return model, meta, None
+
+
+# ---------------------------------------------------------------- nanoGPT's meta.pkl
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Plain dicts, lists, ints and strs need no globals; anything else is refused unexecuted."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent id")
+
+
+def read_nanogpt_meta_pkl(path: str | Path) -> dict:
+    """nanoGPT's char-level `meta.pkl` ({'vocab_size', 'itos', 'stoi'}) as ngpt metadata:
+    {"tokenizer": "char", "vocab_size": V, "itos": [characters in id order]}.
+    Read without unpickling objects: a pickle that names any class or function is refused."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = _NoGlobalsUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise NgptError(
+            f"refusing to read {path}: it holds Python objects ({e}), not the plain dict of a nanoGPT meta.pkl"
+        ) from None
+    except (OSError, EOFError, ValueError) as e:
+        raise NgptError(f"could not read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("itos"), dict):
+        raise NgptError(f"{path} is not a nanoGPT char-level meta.pkl (it needs an 'itos' dict)")
+    itos = data["itos"]
+    vocab_size = data.get("vocab_size", len(itos))
+    if sorted(itos) != list(range(len(itos))) or vocab_size != len(itos):
+        raise NgptError(f"{path}: 'itos' does not map ids 0..{vocab_size - 1}")
+    chars = [itos[i] for i in range(len(itos))]
+    if not all(isinstance(c, str) for c in chars):
+        raise NgptError(f"{path}: 'itos' values must be strings")
+    return {"tokenizer": "char", "vocab_size": len(chars), "itos": chars}
+
+
+def find_nanogpt_meta(folder: Path, ckpt_config: dict | None) -> dict:
+    """The tokenizer of the nanoGPT checkpoint in `folder`: its dataset's meta.pkl (char-level) if
+    found, else GPT-2 BPE, as nanoGPT's sample.py assumes.
+
+    Looks for meta.pkl next to the checkpoint, then `<folder>/../data/<dataset>/meta.pkl` and
+    `./data/<dataset>/meta.pkl`, with <dataset> from the checkpoint's config.
+    """
+    candidates = [folder / "meta.pkl"]
+    dataset = ckpt_config.get("dataset") if isinstance(ckpt_config, dict) else None
+    if isinstance(dataset, str) and dataset:
+        candidates += [folder.parent / "data" / dataset / "meta.pkl", Path("data") / dataset / "meta.pkl"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return read_nanogpt_meta_pkl(candidate)
+    return dict(GPT2_META)
 
 
 # ---------------------------------------------------------------- RNG state for exact resume

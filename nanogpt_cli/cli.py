@@ -1,11 +1,13 @@
 """The `ngpt` command: one thin function per subcommand, no torch math here.
 
 Each command builds one validated config (defaults < preset < command line), calls a plain
-function (train, sample, evaluate, bench), and turns errors into one line and an exit code.
+function (train, sample, run_eval, bench), prints its result (report.py's tables, or JSON) and turns
+errors into one line and an exit code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -16,19 +18,37 @@ import typer
 from nanogpt_cli import __version__
 from nanogpt_cli.cli_data import data_app, prepare_app
 from nanogpt_cli.config import (
+    EVAL_KEYS,
     SampleConfig,
     ServeConfig,
     TrainConfig,
     build,
     help_epilog,
     list_presets,
-    load_preset,
+    parse_overrides,
     preset_description,
+    resolve_preset,
     to_dict,
     to_toml,
 )
-from nanogpt_cli.errors import UsageError, report_errors
-from nanogpt_cli.progress import console, echo, out
+from nanogpt_cli.errors import (
+    UnknownInitFrom,
+    UsageError,
+    emit_error,
+    one_line,
+    report_errors,
+    silence_stdout,
+    write_stderr,
+)
+from nanogpt_cli.progress import console, echo
+from nanogpt_cli.report import (
+    print_bench,
+    print_bench_compare,
+    print_environment,
+    print_eval,
+    print_presets,
+    print_top_operators,
+)
 
 app = typer.Typer(
     name="ngpt",
@@ -105,8 +125,8 @@ def _finish_training(result, command: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prog = f"torchrun --nproc_per_node={world} -m nanogpt_cli" if world > 1 else "ngpt"
     if int(os.environ.get("RANK", "0")) == 0:  # printed even with --quiet: it says what the exit code means
-        print(f"stopped by {result.stopped_by} at iteration {result.iter_num}; checkpoint saved. Resume with:\n"
-              f"  {prog} {shlex.join(kept)} --init_from=resume", file=sys.stderr, flush=True)
+        write_stderr(f"stopped by {result.stopped_by} at iteration {result.iter_num}; checkpoint saved. Resume "
+                     f"with:\n  {prog} {shlex.join(kept)} --init_from=resume\n")
     raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
 
 
@@ -147,53 +167,43 @@ def _launch_if_asked(ctx: typer.Context, command: str, preset: str | None, nproc
                             nproc or 1))
 
 
-@app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))
-@report_errors
-def train(
-    ctx: typer.Context,
-    preset: PresetOption = None,
-    nproc_per_node: NprocOption = None,
-    nnodes: NnodesOption = 1,
-    node_rank: NodeRankOption = 0,
-    master_addr: MasterAddrOption = None,
-    master_port: MasterPortOption = None,
-) -> None:
-    """Train a GPT from scratch, or resume a run with --init_from=resume.
+def _add_training_command(name: str, finetune: bool, help_text: str) -> None:
+    """Register `ngpt train` or `ngpt finetune`: the same options and the same loop; finetune starts from weights."""
+
+    def command(
+        ctx: typer.Context,
+        preset: PresetOption = None,
+        nproc_per_node: NprocOption = None,
+        nnodes: NnodesOption = 1,
+        node_rank: NodeRankOption = 0,
+        master_addr: MasterAddrOption = None,
+        master_port: MasterPortOption = None,
+    ) -> None:
+        from nanogpt_cli.train import run_config, train
+
+        _launch_if_asked(ctx, name, preset, nproc_per_node, nnodes, node_rank, master_addr, master_port)
+        cfg = run_config(preset, config_args(ctx), finetune)
+        if finetune and cfg.init_from == "scratch":
+            raise UsageError("finetune starts from weights: set --init_from to gpt2*, a Hugging Face folder or an "
+                             "ngpt checkpoint (or use `ngpt train` to start from scratch)")
+        _finish_training(train(cfg), name)
+
+    command.__name__, command.__doc__ = name, help_text  # set before report_errors copies them for typer
+    app.command(name, context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))(report_errors(command))
+
+
+_add_training_command("train", finetune=False, help_text="""
+    Train a GPT from scratch, or resume a run with --init_from=resume.
 
     Example: ngpt train --preset shakespeare-char --max_iters=2000 --device=cpu
 
     On 8 GPUs: ngpt train --nproc-per-node 8 --preset gpt2-124m (--strategy=fsdp shards the model)
-    """
-    from nanogpt_cli.train import train as run_training
-
-    _launch_if_asked(ctx, "train", preset, nproc_per_node, nnodes, node_rank, master_addr, master_port)
-    cfg = build(TrainConfig, preset, config_args(ctx))
-    _finish_training(run_training(cfg), "train")
-
-
-@app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))
-@report_errors
-def finetune(
-    ctx: typer.Context,
-    preset: PresetOption = None,
-    nproc_per_node: NprocOption = None,
-    nnodes: NnodesOption = 1,
-    node_rank: NodeRankOption = 0,
-    master_addr: MasterAddrOption = None,
-    master_port: MasterPortOption = None,
-) -> None:
-    """Finetune pretrained weights (gpt2*, a Hugging Face folder, or an ngpt checkpoint) on a dataset.
+    """)
+_add_training_command("finetune", finetune=True, help_text="""
+    Finetune pretrained weights (gpt2*, a Hugging Face folder, or an ngpt checkpoint) on a dataset.
 
     Example: ngpt finetune --preset finetune-shakespeare --init_from=gpt2 (--nproc-per-node N: N processes)
-    """
-    from nanogpt_cli.train import train as run_training
-
-    _launch_if_asked(ctx, "finetune", preset, nproc_per_node, nnodes, node_rank, master_addr, master_port)
-    cfg = build(TrainConfig, preset, config_args(ctx))
-    if cfg.init_from == "scratch":
-        raise UsageError("finetune starts from weights: set --init_from to gpt2*, a Hugging Face folder or an "
-                         "ngpt checkpoint (or use `ngpt train` to start from scratch)")
-    _finish_training(run_training(cfg), "finetune")
+    """)
 
 
 @app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(SampleConfig))
@@ -233,7 +243,7 @@ def serve(ctx: typer.Context, preset: PresetOption = None) -> None:
     run_server(build(ServeConfig, preset, config_args(ctx)))
 
 
-@app.command("eval", context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))
+@app.command("eval", context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig, EVAL_KEYS))
 @report_errors
 def eval_command(
     ctx: typer.Context,
@@ -260,52 +270,18 @@ def eval_command(
     Example: ngpt eval --out-dir out/shakespeare-char --dataset shakespeare_char --init_from=resume
     Zero-shot: ngpt eval --init_from=gpt2 --task hellaswag --task lambada (--limit 500 for a quick look)
     """
-    from nanogpt_cli.config import parse_overrides
-    from nanogpt_cli.evaluate import evaluate
-    from nanogpt_cli.zeroshot import parse_tasks, zeroshot
+    from nanogpt_cli.evaluate import run_eval
+    from nanogpt_cli.zeroshot import parse_tasks
 
-    cfg = build(TrainConfig, preset, config_args(ctx))
-    if cfg.init_from == "scratch":
-        cfg.init_from = "resume"
+    args = config_args(ctx)
+    cfg = build(TrainConfig, preset, args)
     files = {"hellaswag": hellaswag_file, "lambada": lambada_file}
     tasks = parse_tasks([*(task or []), *(name for name, path in files.items() if path is not None)])
-    if limit is not None and not tasks:
-        raise UsageError("--limit applies to the zero-shot benchmarks: add --task hellaswag or --task lambada")
-    # with benchmarks, a dataset's loss only when asked for by name (a preset's default dataset may not be prepared)
-    with_dataset = not tasks or "dataset" in parse_overrides(config_args(ctx), TrainConfig)
-    loaded = None
-    if tasks and with_dataset:  # both: the model is loaded once, after the benchmark files are found
-        from nanogpt_cli.checkpoint import load_model
-        from nanogpt_cli.zeroshot import benchmark_file
-
-        for name in tasks:
-            benchmark_file(name, files.get(name))
-        loaded = load_model(cfg.init_from, cfg.out_dir)[:2]
-    report = evaluate(cfg, loaded) if with_dataset else {}
-    if tasks:
-        report = {**report, **zeroshot(cfg, tasks, files, limit, loaded)}
+    result = run_eval(cfg, tasks, files, limit, dataset_named="dataset" in parse_overrides(args, TrainConfig))
     if as_json:
-        echo(json.dumps(report) + "\n")
-        return
-    from rich.table import Table
-
-    if "dataset" in report:
-        table = Table(title=f"{report['model']} on {report['dataset']}")
-        for column in ("split", "loss", "perplexity"):
-            table.add_column(column)
-        for split in ("train", "val"):
-            table.add_row(split, f"{report[f'{split}_loss']:.4f}", f"{report[f'{split}_perplexity']:.2f}")
-        out.print(table)
-    if tasks:
-        table = Table(title=f"{report['model']}, zero-shot (block_size {report['block_size']})")
-        for column in ("task", "examples", "accuracy", "acc_norm", "perplexity"):
-            table.add_column(column)
-        for name in tasks:
-            r = report[name]
-            norm = f"{r['accuracy_norm']:.4f}" if "accuracy_norm" in r else "-"
-            ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
-            table.add_row(name, str(r["examples"]), f"{r['accuracy']:.4f}", norm, ppl)
-        out.print(table)
+        echo(json.dumps(result) + "\n")
+    else:
+        print_eval(result)
 
 
 @app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig))
@@ -331,8 +307,6 @@ def bench(
 
     Example: ngpt bench --preset gpt2-124m --batch_size=4 --block_size=256 --compare dtype=float32,bfloat16
     """
-    from dataclasses import fields
-
     from nanogpt_cli.bench import bench as run_bench
     from nanogpt_cli.bench import compare as run_compare
     from nanogpt_cli.bench import parse_compare
@@ -341,106 +315,25 @@ def bench(
         raise UsageError(f"--data must be synthetic or real, got {data!r}")
     args = config_args(ctx)
 
-    def make_cfg(*extra: str) -> TrainConfig:
+    def bench_config(*extra: str) -> TrainConfig:
         cfg = build(TrainConfig, preset, [*args, *extra])
-        if data == "synthetic":
-            cfg.dataset = "synthetic"
-        return cfg
+        return dataclasses.replace(cfg, dataset="synthetic") if data == "synthetic" else cfg
 
     if compare:
-        key, values = parse_compare(compare, {f.name for f in fields(TrainConfig)})
-        configs = [(f"{key}={value}", make_cfg(f"--{key}={value}")) for value in values]  # all validated first
-        rows = run_compare(configs, iters, warmup, profile, trace,
-                           on_result=None if as_json else _print_bench_top_ops)
+        key, values = parse_compare(compare, {field.name for field in dataclasses.fields(TrainConfig)})
+        configs = [(f"{key}={value}", bench_config(f"--{key}={value}")) for value in values]  # all validated first
+        rows = run_compare(configs, iters, warmup, profile, trace, on_result=None if as_json else print_top_operators)
         if as_json:
             echo(json.dumps({"compare": key, "results": rows}) + "\n")
         else:
-            _print_bench_compare(key, rows)
+            print_bench_compare(key, rows)
         return
-    result = run_bench(make_cfg(), iters=iters, warmup=warmup, profile=profile, trace_path=trace)
+    result = run_bench(bench_config(), iters=iters, warmup=warmup, profile=profile, trace_path=trace)
     if as_json:
         echo(json.dumps(result.as_dict()) + "\n")
         return
-    _print_bench_top_ops(None, result)
-    _print_bench_result(result)
-
-
-def _fmt_mfu(mfu: float | None) -> str:
-    return f"{mfu * 100:.2f}%" if mfu is not None else "unknown"
-
-
-def _print_bench_choices(result) -> None:
-    from nanogpt_cli.progress import out
-
-    out.print(f"[bold]{result.params_millions:.2f}M[/bold] parameters, {result.tokens_per_iter:,} tokens/iter on "
-              f"[bold]{result.device}[/bold]; {result.iters} timed iterations after "
-              f"{result.warmup_seconds:.1f} s of warm-up")
-    out.print(f"  dtype {result.dtype}: {result.dtype_why}", style="dim")
-    out.print(f"  compile {result.compile}: {result.compile_why}", style="dim")
-    if result.threads is not None:
-        out.print(f"  threads {result.threads}: {result.threads_why}", style="dim")
-    peak = f"{result.peak_flops / 1e12:.2f} TFLOP/s" if result.peak_flops else "unknown"
-    out.print(f"  peak {peak} ({result.peak_flops_source}); memory: {result.memory_kind}", style="dim")
-
-
-def _print_bench_result(result) -> None:
-    from nanogpt_cli.progress import out
-
-    _print_bench_choices(result)
-    out.print(f"[bold]{result.ms_per_iter:.1f} ms/iter[/bold], [bold]{result.tokens_per_second:,.0f} tokens/s"
-              f"[/bold], MFU {_fmt_mfu(result.mfu)}, peak memory {result.peak_memory_mb:,.0f} MB")
-    if result.per_rank_tokens_per_second:
-        out.print(f"{result.world_size} processes: " + ", ".join(
-            f"rank {r} {t:,.0f}" for r, t in enumerate(result.per_rank_tokens_per_second))
-            + f" tokens/s; total {result.tokens_per_second:,.0f} tokens/s (MFU is per process)")
-
-
-def _print_bench_top_ops(label: str | None, result) -> None:
-    if not result.trace:
-        return
-    from rich.table import Table
-
-    from nanogpt_cli.progress import out
-
-    table = Table(title=f"top operators{f' ({label})' if label else ''}, by self "
-                        f"{result.top_ops[0]['time'] if result.top_ops else 'cpu'} time", title_justify="left")
-    for column in ("operator", "ms/iter", "%", "calls/iter"):
-        table.add_column(column, justify="left" if column == "operator" else "right")
-    for op in result.top_ops:
-        table.add_row(op["name"][:70], f"{op['self_ms_per_iter']:.2f}", f"{op['percent']:.1f}",
-                      f"{op['calls_per_iter']:g}")
-    out.print(table)
-    out.print(f"trace: {result.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
-
-
-def _print_bench_compare(key: str, rows: list[dict]) -> None:
-    from rich.table import Table
-
-    from nanogpt_cli.progress import out
-
-    first = rows[0]
-    out.print(f"[bold]{first['params_millions']:.2f}M[/bold] parameters on [bold]{first['device']}[/bold], "
-              f"{first['iters']} timed iterations each; ratio: tokens/s over {first['label']}")
-    table = Table()
-    columns = [(key, lambda r: r["label"].partition("=")[2]), ("ms/iter", lambda r: f"{r['ms_per_iter']:.1f}"),
-               ("tokens/s", lambda r: f"{r['tokens_per_second']:,.0f}"), ("MFU", lambda r: _fmt_mfu(r["mfu"])),
-               ("peak MB", lambda r: f"{r['peak_memory_mb']:,.0f}")]
-    for name in ("dtype", "compile", "threads"):  # the choices, where they differ between the runs
-        if name != key and len({str(r[name]) for r in rows}) > 1:
-            columns.append((name, lambda r, name=name: str(r[name])))
-    columns += [("warm-up s", lambda r: f"{r['warmup_seconds']:.1f}"), ("ratio", lambda r: f"{r['ratio']:.2f}x")]
-    for name, _ in columns:
-        table.add_column(name, justify="left" if name == key else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*(cell(row) for _, cell in columns))
-    out.print(table)
-    for name, why in (("dtype", "dtype_why"), ("compile", "compile_why")):
-        chosen = [r for r in rows if r[why] != "asked for"]
-        if chosen and len({(r[name], r[why]) for r in chosen}) == 1:
-            out.print(f"  {name} {chosen[0][name]}: {chosen[0][why]}", style="dim")
-        else:
-            for row in chosen:
-                out.print(f"  {row['label']}: {name} {row[name]}: {row[why]}", style="dim")
+    print_top_operators(None, result)
+    print_bench(result)
 
 
 @app.command()
@@ -468,9 +361,7 @@ def export(
         raise UsageError(f"{dest} exists and is not an empty folder; choose another DEST or add --force")
     try:
         model, meta, _ = load_model(out_dir, out_dir)
-    except UsageError as e:  # its message names --init_from, the training key; here the source is an argument
-        if not str(e).startswith("unknown init_from"):
-            raise
+    except UnknownInitFrom:  # its message names --init_from, the training key; here the source is an argument
         raise UsageError(f"cannot export {out_dir!r}: not an ngpt out_dir or checkpoint file, gpt2*, or a Hugging "
                          "Face folder or hub id") from None
     path = export_hf(model, target, meta)
@@ -491,12 +382,11 @@ def presets_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """
     if ctx.invoked_subcommand:
         return
-    names = list_presets()
+    descriptions = {name: preset_description(name) for name in list_presets()}
     if as_json:
-        echo(json.dumps({name: preset_description(name) for name in names}) + "\n")
-        return
-    for name in names:
-        out.print(f"[bold]{name:<22}[/bold] {preset_description(name)}")
+        echo(json.dumps(descriptions) + "\n")
+    else:
+        print_presets(descriptions)
 
 
 @presets_app.command("show")
@@ -507,11 +397,7 @@ def presets_show(name: Annotated[str, typer.Argument(help="preset name or .toml 
 
     Example: ngpt presets show shakespeare-char
     """
-    from nanogpt_cli.config import _field_types
-
-    keys = load_preset(name)
-    cls = TrainConfig if set(keys) <= set(_field_types(TrainConfig)) else SampleConfig
-    cfg = build(cls, name, [])
+    cfg = resolve_preset(name)
     echo(json.dumps(to_dict(cfg)) + "\n" if as_json else to_toml(cfg))
 
 
@@ -522,17 +408,13 @@ def info(as_json: JsonOption = False) -> None:
 
     Include this output in bug reports. Example: ngpt info --json
     """
-    from nanogpt_cli.info import environment_report, report_rows
-    from nanogpt_cli.progress import out
+    from nanogpt_cli.info import environment_report
 
     report = environment_report()
     if as_json:
         echo(json.dumps(report) + "\n")
-        return
-    from rich.text import Text
-
-    for label, value in report_rows(report):  # plain lines: easy to paste into an issue
-        out.print(Text.assemble((f"{label + ':':<22}", "bold"), value))
+    else:
+        print_environment(report)
 
 
 @app.command()
@@ -565,12 +447,16 @@ def main() -> None:
     except click_errors.NoArgsIsHelpError:  # `ngpt` or a group alone: the help was printed already
         code = 0
     except click_errors.ClickException as e:
-        message = " ".join(e.format_message().split()).rstrip(".")
+        message = one_line(e.format_message()).rstrip(".")
         if isinstance(e, click_errors.UsageError) and e.ctx is not None:
             message += f"; see `{e.ctx.command_path} --help`"
-        print(f"error: {message}", file=sys.stderr)
+        emit_error(f"error: {message}")
         code = e.exit_code
     except typer.Abort:
-        print("error: interrupted", file=sys.stderr)
+        emit_error("error: interrupted")
         code = 130
+    try:  # flushed here, not at interpreter exit, where a closed stdout turns the exit code into 120
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        silence_stdout()
     raise SystemExit(code if isinstance(code, int) else 0)

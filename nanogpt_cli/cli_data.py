@@ -12,10 +12,9 @@ from typing import Annotated
 import typer
 
 from nanogpt_cli.errors import report_errors
-
-# the defaults shown in --help; the module itself is imported only when a command runs
-OPENWEBTEXT_ID = "Skylion007/openwebtext"
-OPENWEBTEXT_REVISION = "refs/convert/parquet"
+from nanogpt_cli.hub import OPENWEBTEXT_ID, OPENWEBTEXT_REVISION  # defaults shown in --help (prepare loads later)
+from nanogpt_cli.progress import echo
+from nanogpt_cli.report import print_dataset_info, print_datasets, print_prepared
 
 prepare_app = typer.Typer(help="Turn text into training tokens: <data-dir>/<name>/train.bin, val.bin, meta.json.",
                           no_args_is_help=True)
@@ -42,33 +41,10 @@ ValFraction = Annotated[float, typer.Option(
     "--val-fraction", help="Share of documents held out for val (of a single document: its last characters).")]
 
 
-def _options(**kwargs):
+def _prepare_options(**kwargs):
     from nanogpt_cli.prepare import PrepareOptions
 
     return PrepareOptions(**kwargs)
-
-
-def _show_summary(summary: dict) -> None:
-    """The result as a table, or one line when nothing needed doing."""
-    from rich.table import Table
-
-    from nanogpt_cli.progress import out
-
-    if summary["status"] == "up to date":
-        out.print(f"{summary['name']}: up to date ({summary['path']}); use --force to rebuild", markup=False)
-        return
-    table = Table(title=f"prepared {summary['name']}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    rows = [("documents", f"{summary['documents']:,}"),
-            ("tokens", f"{summary['train_tokens'] + summary['val_tokens']:,}"),
-            ("train", f"{summary['train_tokens']:,}"), ("val", f"{summary['val_tokens']:,}"),
-            ("tokenizer", f"{summary['tokenizer']} (vocab {summary['vocab_size']:,})"),
-            ("dtype", summary["dtype"]), ("files", "\n".join(summary["files"])),
-            ("time", f"{summary['seconds']:.1f} s")]
-    for key, value in rows:
-        table.add_row(key, value)
-    out.print(table)
 
 
 @prepare_app.command("shakespeare-char")
@@ -84,8 +60,8 @@ def shakespeare_char(source: Source = None, data_dir: DataDir = None, name: Name
     """
     from nanogpt_cli.prepare import prepare_shakespeare_char
 
-    opts = _options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, quiet=quiet)
-    _show_summary(prepare_shakespeare_char(opts, source))
+    options = _prepare_options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, quiet=quiet)
+    print_prepared(prepare_shakespeare_char(options, source))
 
 
 @prepare_app.command("shakespeare")
@@ -101,9 +77,9 @@ def shakespeare(source: Source = None, data_dir: DataDir = None, name: Name = No
     """
     from nanogpt_cli.prepare import prepare_shakespeare
 
-    opts = _options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction,
-                    tokenizer=tokenizer, quiet=quiet)
-    _show_summary(prepare_shakespeare(opts, source))
+    options = _prepare_options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction,
+                               tokenizer=tokenizer, quiet=quiet)
+    print_prepared(prepare_shakespeare(options, source))
 
 
 @prepare_app.command("openwebtext")
@@ -130,9 +106,9 @@ def openwebtext(
     """
     from nanogpt_cli.prepare import prepare_openwebtext
 
-    opts = _options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, seed=seed,
-                    tokenizer=tokenizer, num_threads=num_proc, quiet=quiet)
-    _show_summary(prepare_openwebtext(opts, dataset_id, revision, data_files, num_proc or None, text_field))
+    options = _prepare_options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, seed=seed,
+                               tokenizer=tokenizer, num_threads=num_proc, quiet=quiet)
+    print_prepared(prepare_openwebtext(options, dataset_id, revision, data_files, num_proc or None, text_field))
 
 
 @prepare_app.command("text")
@@ -155,9 +131,9 @@ def text(
     """
     from nanogpt_cli.prepare import prepare_text
 
-    opts = _options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, seed=seed,
-                    tokenizer=tokenizer, errors=errors, append_eot=eot, num_threads=num_proc, quiet=quiet)
-    _show_summary(prepare_text(paths, opts, text_field))
+    options = _prepare_options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, seed=seed,
+                               tokenizer=tokenizer, errors=errors, append_eot=eot, num_threads=num_proc, quiet=quiet)
+    print_prepared(prepare_text(paths, options, text_field))
 
 
 @prepare_app.command("hf")
@@ -181,20 +157,12 @@ def hf(
     """
     from nanogpt_cli.prepare import prepare_hf
 
-    opts = _options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, seed=seed,
-                    tokenizer=tokenizer, append_eot=eot, num_threads=num_proc, quiet=quiet)
-    _show_summary(prepare_hf(name_or_path, opts, config, split, text_field, revision))
+    options = _prepare_options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, seed=seed,
+                               tokenizer=tokenizer, append_eot=eot, num_threads=num_proc, quiet=quiet)
+    print_prepared(prepare_hf(name_or_path, options, config, split, text_field, revision))
 
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 @data_app.command("list")
@@ -204,33 +172,14 @@ def list_command(data_dir: DataDir = None, as_json: JsonFlag = False) -> None:
 
     Example: ngpt data list --json
     """
-    from rich.table import Table
-
     from nanogpt_cli.config import resolve_data_dir
     from nanogpt_cli.prepare import list_datasets
-    from nanogpt_cli.progress import echo, out
 
     rows = list_datasets(data_dir)
     if as_json:
         echo(json.dumps(rows, indent=1) + "\n")
         return
-    root = resolve_data_dir(data_dir)
-    if not rows:
-        out.print(f"no datasets in {root}; make one with `ngpt prepare shakespeare-char`", markup=False)
-        return
-    table = Table(title=f"datasets in {root}", title_justify="left")
-    for column in ("name", "tokenizer", "train", "val", "size", "source"):
-        # every column but the source keeps its width; a long source wraps
-        table.add_column(column, justify="right" if column in ("train", "val", "size") else "left",
-                         no_wrap=column != "source", overflow="fold")
-    for row in rows:
-        if "error" in row:
-            table.add_row(row["name"], "-", "-", "-", "-", row["error"])
-            continue
-        tokens = row["tokens"]
-        table.add_row(row["name"], row["tokenizer"], f"{tokens.get('train', 0):,}", f"{tokens.get('val', 0):,}",
-                      _size(row["bytes"]), str(row["source"]))
-    out.print(table)
+    print_datasets(rows, resolve_data_dir(data_dir))
 
 
 @data_app.command("info")
@@ -243,27 +192,10 @@ def info_command(
 
     Example: ngpt data info shakespeare_char
     """
-    from rich.table import Table
-
     from nanogpt_cli.prepare import dataset_info
-    from nanogpt_cli.progress import echo, out
 
     meta = dataset_info(name, data_dir)
     if as_json:
         echo(json.dumps(meta, indent=1) + "\n")
         return
-    table = Table(title=meta["path"], show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in meta.items():
-        if key == "itos":  # the whole vocabulary is in --json; here, a preview
-            value = "".join(value).encode("unicode_escape").decode()
-            value = value[:60] + ("..." if len(value) > 60 else "")
-        elif key == "splits":
-            value = "\n".join(f"{s}: {v['tokens']:,} tokens ({v['file']})" for s, v in value.items())
-        elif key == "bytes":
-            value = _size(value)
-        elif isinstance(value, dict):
-            value = json.dumps(value)
-        table.add_row(key, str(value))
-    out.print(table)
+    print_dataset_info(meta)

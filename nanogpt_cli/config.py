@@ -15,8 +15,12 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanogpt_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from nanogpt_cli.model import GPTConfig
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -39,7 +43,6 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("ngpt"))
 
 
-
 def opt(default, help: str, panel: str = "Options", choices: tuple | None = None):
     """A config field with its help text (shown by `--help` and `ngpt presets show`)."""
     return field(default=default, metadata={"help": help, "panel": panel, "choices": choices})
@@ -53,6 +56,7 @@ class TrainConfig:
     """Everything a training (or finetuning, or evaluation) run needs; keys are nanoGPT's."""
 
     # I/O
+    preset: str | None = opt(None, "the preset these keys started from (set by --preset; kept in checkpoints)", "I/O")
     out_dir: str = opt("out", "folder for checkpoints, metrics.jsonl and config.toml", "I/O")
     init_from: str = opt("scratch", "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face "
                          "folder or hub id | an ngpt out_dir or checkpoint file", "I/O")
@@ -73,7 +77,8 @@ class TrainConfig:
                                "Data")
     gradient_accumulation_steps: int = opt(40, "micro-steps per optimizer step, across all processes", "Data")
     batch_size: int = opt(12, "sequences per micro-step per process", "Data")
-    block_size: int = opt(1024, "context length in tokens", "Data")
+    block_size: int | None = opt(AUTO, "context length in tokens (auto: 1024 from scratch, the model's own when "
+                                 "resuming or finetuning)", "Data")
     # model
     n_layer: int = opt(12, "transformer blocks", "Model")
     n_head: int = opt(12, "attention heads per block", "Model")
@@ -104,19 +109,14 @@ class TrainConfig:
     strategy: str = opt("ddp", "multi-process strategy: ddp, or fsdp to shard parameters and optimizer state",
                         "System", ("ddp", "fsdp"))
 
-    def model_config(self, vocab_size: int):
-        """The GPTConfig of a model trained from scratch with these keys (nanoGPT's exact GELU)."""
-        from nanogpt_cli.model import GPTConfig
-
-        return GPTConfig(block_size=self.block_size, vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
-                         n_embd=self.n_embd, dropout=self.dropout, bias=self.bias, activation="gelu")
-
     def validate(self) -> TrainConfig:
-        positive = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
+        positive = ("batch_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
                     "eval_interval", "log_interval", "eval_iters")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.block_size is not None and self.block_size <= 0:
+            raise UsageError(f"--block_size must be positive, got {self.block_size}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr",
                      "learning_rate"):
             if getattr(self, name) < 0:
@@ -135,6 +135,28 @@ class TrainConfig:
         validate_seed(self.seed)
         validate_device_name(self.device)
         return self
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The architecture of a model trained from scratch with these keys."""
+        from nanogpt_cli.model import GPTConfig
+
+        return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                         block_size=SCRATCH_BLOCK_SIZE if self.block_size is None else self.block_size,
+                         bias=self.bias, dropout=self.dropout, vocab_size=vocab_size,
+                         activation="gelu")  # nanoGPT's exact GELU (pretrained GPT-2 uses the tanh one)
+
+
+SCRATCH_BLOCK_SIZE = 1024  # a new model's context when block_size is auto: GPT-2's
+
+# `ngpt finetune` without a preset: a short run at a small, constant learning rate (nanoGPT's finetuning recipe,
+# config/finetune_shakespeare.py, scaled to a laptop), instead of pretraining's 2000-step warmup and 600,000-step decay.
+FINETUNE_DEFAULTS = {"learning_rate": 3e-5, "decay_lr": False, "warmup_iters": 0, "max_iters": 200,
+                     "eval_interval": 50, "eval_iters": 20, "batch_size": 4, "gradient_accumulation_steps": 4}
+
+# The TrainConfig keys that `ngpt eval` reads (its --help lists these; the others are accepted, so that a
+# training preset works, and change nothing).
+EVAL_KEYS = ("out_dir", "init_from", "dataset", "data_dir", "batch_size", "block_size", "eval_iters", "seed",
+             "device", "dtype")
 
 
 def validate_text(cfg, names: tuple[str, ...]) -> None:
@@ -289,9 +311,17 @@ def preset_description(name: str) -> str:
     return str(tomllib.loads(path.read_text(encoding="utf-8")).get("description", ""))
 
 
+def resolve_preset(name_or_path: str) -> TrainConfig | SampleConfig:
+    """A preset applied to the defaults of the config its keys belong to: TrainConfig, else SampleConfig."""
+    keys = load_preset(name_or_path)
+    cls = TrainConfig if set(keys) <= set(field_types(TrainConfig)) else SampleConfig
+    return build(cls, name_or_path)
+
+
 # ---------------------------------------------------------------- overrides and coercion
 
-def _field_types(cls) -> dict:
+def field_types(cls) -> dict:
+    """{field name: its type} of a config dataclass (the annotations resolved)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls)}
 
@@ -351,7 +381,7 @@ def _unknown(key: str, valid: list[str]) -> UsageError:
 
 def parse_overrides(args: list[str], cls) -> dict:
     """`--key=value`, `--key value`, `--flag`, `--no-flag` (dashes or underscores) -> {field: raw value}."""
-    types_ = _field_types(cls)
+    key_types = field_types(cls)
     out: dict = {}
     i = 0
     while i < len(args):
@@ -361,16 +391,16 @@ def parse_overrides(args: list[str], cls) -> dict:
         body = arg[2:]
         key, has_value, value = body.partition("=")
         key = key.replace("-", "_")
-        if key not in types_ and key.startswith("no_") and key[3:] in types_ and not has_value:
-            if types_[key[3:]] not in (bool, bool | None):
+        if key not in key_types and key.startswith("no_") and key[3:] in key_types and not has_value:
+            if key_types[key[3:]] not in (bool, bool | None):
                 raise UsageError(f"--{body} only applies to true/false keys")
             out[key[3:]] = False
             i += 1
             continue
-        if key not in types_:
-            raise _unknown(key, list(types_))
+        if key not in key_types:
+            raise _unknown(key, list(key_types))
         if not has_value:
-            is_bool = types_[key] in (bool, bool | None)
+            is_bool = key_types[key] in (bool, bool | None)
             nxt = args[i + 1] if i + 1 < len(args) else None
             if nxt is not None and not nxt.startswith("--"):
                 value = nxt
@@ -384,18 +414,21 @@ def parse_overrides(args: list[str], cls) -> dict:
     return out
 
 
-def build(cls, preset: str | None = None, args: list[str] | None = None, **values):
-    """Resolve a config: dataclass defaults < preset < `values` < command-line args; then validate."""
-    types_ = _field_types(cls)
+def build(cls, preset: str | None = None, args: list[str] | None = None, values: dict | None = None, **more):
+    """Resolve a config: dataclass defaults < preset < `values` (and `more`) < command-line args; then validate."""
+    values = {**(values or {}), **more}
+    key_types = field_types(cls)
     merged: dict = {}
     if preset:
         for key, value in load_preset(preset).items():
-            if key not in types_:
-                raise UsageError(f"preset {preset!r}: {_unknown(key, list(types_))}")
+            if key not in key_types:
+                raise UsageError(f"preset {preset!r}: {_unknown(key, list(key_types))}")
             merged[key] = value
-    merged.update({k: v for k, v in values.items() if v is not None})
+    merged.update({key: value for key, value in values.items() if value is not None})
+    if preset and "preset" in key_types:
+        merged["preset"] = preset
     merged.update(parse_overrides(args or [], cls))
-    typed = {key: coerce(value, types_[key], key) for key, value in merged.items()}
+    typed = {key: coerce(value, key_types[key], key) for key, value in merged.items()}
     cfg = cls(**typed)
     for f in fields(cls):
         choices = f.metadata.get("choices")
@@ -411,7 +444,7 @@ def to_dict(cfg) -> dict:
 def from_dict(cls, data: dict):
     """Rebuild a config saved in a checkpoint, ignoring keys this version no longer has."""
     known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})
+    return cls(**{key: value for key, value in data.items() if key in known})
 
 
 def to_toml(cfg) -> str:
@@ -430,19 +463,23 @@ def to_toml(cfg) -> str:
     return "\n".join(lines) + "\n"
 
 
-def help_epilog(cls) -> str:
-    """The config keys of `cls`, grouped by panel, for a command's --help (escaped: typer renders it as rich
-    markup, which would eat `[wandb]`)."""
+def help_epilog(cls, keys: tuple[str, ...] | None = None) -> str:
+    """The config keys of `cls` (only `keys`, when given: the ones a command reads), grouped by panel, for a
+    command's --help (escaped: typer renders it as rich markup, which would eat `[wandb]`)."""
     from rich.markup import escape
 
-    hints = _field_types(cls)
+    hints = field_types(cls)
     groups: dict[str, list[str]] = {}
     for f in fields(cls):
+        if keys is not None and f.name not in keys:
+            continue
         typ = hints[f.name]
-        tname = getattr(typ, "__name__", None) or str(typ).replace("NoneType", "auto").replace(" | ", "|")
+        type_name = getattr(typ, "__name__", None) or str(typ).replace("NoneType", "auto").replace(" | ", "|")
         default = "auto" if f.default is None else f.default
         groups.setdefault(f.metadata.get("panel", "Options"), []).append(
-            f"  --{f.name} ({tname}, default {default!r}): {escape(f.metadata.get('help', ''))}")
+            f"  --{f.name} ({type_name}, default {default!r}): {escape(f.metadata.get('help', ''))}")
     parts = ["Config keys (--key=value or --key value; dashes or underscores; --no-FLAG for false):"]
     parts += ["\n".join([f"{panel}:", *rows]) for panel, rows in groups.items()]
+    if keys is not None:
+        parts.append("The other config keys are accepted (so that any preset works) and change nothing here.")
     return "\n\n".join(parts)

@@ -25,26 +25,43 @@ import numpy as np
 import torch
 
 from nanogpt_cli.config import resolve_data_dir
-from nanogpt_cli.errors import NgptError
+from nanogpt_cli.errors import NgptError, UsageError
 
 SPLITS = ("train", "val")
 
 
 def dataset_path(dataset: str, data_dir: str | None = None) -> Path:
-    """The folder of a prepared dataset (dataset may be a name or a path to such a folder)."""
+    """The folder of a prepared dataset: a path to such a folder, or a name under the data folder, spelt with
+    dashes or underscores alike (`ngpt prepare shakespeare-char` makes `shakespeare_char`)."""
     as_path = Path(dataset).expanduser()
     if (as_path / "meta.json").is_file():
         return as_path
-    return resolve_data_dir(data_dir) / dataset
+    root = resolve_data_dir(data_dir)
+    for name in (dataset, dataset.replace("-", "_"), dataset.replace("_", "-")):
+        if (root / name / "meta.json").is_file():
+            return root / name
+    return root / dataset
+
+
+RECIPES = {"shakespeare_char": "shakespeare-char", "shakespeare": "shakespeare", "openwebtext": "openwebtext"}
 
 
 def load_meta(folder: Path) -> dict:
     """meta.json of a prepared dataset, or a clear error saying which `ngpt prepare` to run."""
     meta_file = folder / "meta.json"
     if not meta_file.is_file():
-        hint = folder.name.replace("_", "-")
-        raise NgptError(f"dataset {folder.name!r} is not prepared in {folder.parent}: run `ngpt prepare {hint}` "
-                        f"(or `ngpt prepare text FILES --name {folder.name}`), or set --data_dir")
+        import difflib
+
+        name = folder.name.replace("-", "_")
+        prepared = sorted(meta.parent.name for meta in folder.parent.glob("*/meta.json"))
+        close = difflib.get_close_matches(folder.name, prepared, n=1, cutoff=0.6)
+        if close:
+            hint = f"did you mean --dataset={close[0]}? (prepared in {folder.parent}: {', '.join(prepared)})"
+        elif name in RECIPES:
+            hint = f"run `ngpt prepare {RECIPES[name]}` (it makes {name!r}), or set --data_dir"
+        else:
+            hint = f"run `ngpt prepare text FILES --name {folder.name}`, or set --data_dir"
+        raise NgptError(f"dataset {folder.name!r} is not prepared in {folder.parent}: {hint}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -56,16 +73,16 @@ def load_meta(folder: Path) -> dict:
 
 def check_vocabulary(data_meta: dict, model_meta: dict, model_vocab_size: int, dataset: str) -> None:
     """Refuse a dataset whose tokens the model cannot read: another tokenizer, other characters, or ids past
-    the model's vocabulary."""
+    the model's vocabulary (a usage error: the command named both)."""
     data_tok, model_tok = data_meta.get("tokenizer"), model_meta.get("tokenizer")
     if data_tok != model_tok:
-        raise NgptError(f"the dataset {dataset!r} uses the {data_tok!r} tokenizer but the model was trained with "
+        raise UsageError(f"the dataset {dataset!r} uses the {data_tok!r} tokenizer but the model was trained with "
                         f"{model_tok!r}; prepare the data with the model's tokenizer")
     if data_tok == "char" and data_meta.get("itos") != model_meta.get("itos"):
-        raise NgptError(f"the dataset {dataset!r} has a different character vocabulary from the model's; prepare "
+        raise UsageError(f"the dataset {dataset!r} has a different character vocabulary from the model's; prepare "
                         "it with the same characters, or train a new model")
     if data_meta["vocab_size"] > model_vocab_size:
-        raise NgptError(f"the dataset's vocabulary ({data_meta['vocab_size']}) is larger than the model's "
+        raise UsageError(f"the dataset's vocabulary ({data_meta['vocab_size']}) is larger than the model's "
                         f"({model_vocab_size})")
 
 

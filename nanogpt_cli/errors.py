@@ -19,6 +19,20 @@ class UsageError(NgptError):
     exit_code = 2
 
 
+class UnknownInitFrom(UsageError):
+    """An init_from that names no checkpoint, pretrained GPT-2 or Hugging Face model."""
+
+
+def one_line(reason: object, limit: int | None = None) -> str:
+    """`reason` (an exception, or any text) on one line, its runs of whitespace made single spaces, cut
+    to `limit` characters: the part of an error message that a library wrote. An exception with no
+    message gives its type's name."""
+    text = " ".join(str(reason).split())[:limit]
+    if not text and isinstance(reason, BaseException):
+        return type(reason).__name__
+    return text
+
+
 def debug_enabled() -> bool:
     """`ngpt --debug ...` (or `--debug` among a command's keys) or NGPT_DEBUG=1: let tracebacks through."""
     import os
@@ -53,7 +67,6 @@ def emit_error(line: str) -> None:
     In a worker that `ngpt ... --nproc-per-node` started, the line goes to torchrun's error file for this
     worker instead: the launcher prints each different line once, as every rank usually fails alike."""
     import os
-    import sys
 
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and os.environ.get(LAUNCHED) == "1":
@@ -66,8 +79,19 @@ def emit_error(line: str) -> None:
             return
         except OSError:
             pass
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    write_stderr(line + "\n")
+
+
+def write_stderr(text: str) -> None:
+    """Write and flush text on stderr, in one write; nothing when stderr is gone (a closed pipe): what was being
+    said must not cost what the process is doing, and its exit code still says it."""
+    import sys
+
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def report_errors(func):
@@ -91,21 +115,21 @@ def report_errors(func):
             emit_error("error: interrupted")
             raise SystemExit(130) from None
         except BrokenPipeError:  # the reader went away (`ngpt sample | head`): stop quietly, as `yes | head` does
-            _silence_stdout()
+            silence_stdout()
             raise SystemExit(141) from None
         except SystemExit:
             raise
         except Exception as e:
             if debug_enabled() or type(e).__name__ in ("Exit", "Abort"):  # typer/click control flow
                 raise
-            message = " ".join(str(e).split()) or type(e).__name__
+            message = one_line(e)
             emit_error(f"error: {type(e).__name__}: {message} (rerun with --debug for the traceback)")
             raise SystemExit(1) from None
 
     return wrapper
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """Point stdout at /dev/null so that Python's exit-time flush does not complain about the closed pipe."""
     import os
     import sys

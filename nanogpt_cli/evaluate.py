@@ -1,11 +1,13 @@
-"""Loss and perplexity of a model on the splits of a prepared dataset.
+"""Loss and perplexity of a model on the splits of a prepared dataset, and the `ngpt eval` command's run.
 
     ngpt eval --init_from=resume --out_dir=out/shakespeare-char --dataset=shakespeare_char
     ngpt eval --preset eval-gpt2
+    ngpt eval --init_from=gpt2 --task hellaswag --task lambada      # zero-shot benchmarks (zeroshot.py)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -27,12 +29,12 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
     was_training = model.training
     model.eval()
     state = loader.state_dict()
-    acc = torch.float32 if torch.device(device).type == "mps" else torch.float64  # mps has no float64
-    out = {}
+    sum_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # mps has no float64
+    losses = {}
     for i, split in enumerate(splits):
         if seed is not None:
             loader.generator.manual_seed(seed + 104729 * i)
-        total = torch.zeros(2, device=device, dtype=acc)  # (sum of losses, count)
+        total = torch.zeros(2, device=device, dtype=sum_dtype)  # (sum of losses, count)
         for first in range(0, eval_iters, env.world_size):
             group = [loader.pick(split) for _ in range(min(env.world_size, eval_iters - first))]
             mine = env.rank < len(group)
@@ -40,39 +42,40 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
             with autocast(device, dtype):
                 _, loss = model(X, Y)
             if mine:
-                total[0] += loss.to(acc)
+                total[0] += loss.to(sum_dtype)
                 total[1] += 1
         if env.is_distributed:
             import torch.distributed as dist
 
             dist.all_reduce(total)
-        out[split] = (total[0] / total[1]).item()
+        losses[split] = (total[0] / total[1]).item()
     if seed is not None:
         loader.load_state_dict(state)
     model.train(was_training)
-    return out
+    return losses
 
 
-def evaluate(cfg: TrainConfig, loaded: tuple | None = None) -> dict:
+def evaluate(cfg: TrainConfig, loaded: tuple | None = None, dataset_named: bool = True) -> dict:
     """Loss and perplexity per split for cfg.init_from (an ngpt checkpoint or any importable model);
-    `loaded`: its (model, meta) when the caller has loaded it already."""
+    `loaded`: its (model, meta, checkpoint) when the caller has loaded it already. An ngpt run is evaluated on
+    its own dataset unless `dataset_named` (the command line named one)."""
     from nanogpt_cli.checkpoint import load_model
-    from nanogpt_cli.data import BatchLoader, dataset_path, load_meta
-    from nanogpt_cli.errors import NgptError, UsageError
+    from nanogpt_cli.data import BatchLoader, check_vocabulary, dataset_path, load_meta
+    from nanogpt_cli.errors import UsageError
 
     runtime = plan(cfg.device, cfg.dtype)
     device, dtype = runtime.device, runtime.dtype
     if cfg.init_from == "scratch":
         raise UsageError("ngpt eval needs weights: --init_from=resume (with --out_dir), a checkpoint, or gpt2*")
-    model, meta = loaded or load_model(cfg.init_from, cfg.out_dir)[:2]
+    model, meta, ckpt = loaded or load_model(cfg.init_from, cfg.out_dir)
+    trained_on = (ckpt or {}).get("config") or {}
+    if not dataset_named and trained_on.get("dataset"):
+        cfg = dataclasses.replace(cfg, dataset=trained_on["dataset"],
+                                  data_dir=cfg.data_dir or trained_on.get("data_dir"))
     folder = dataset_path(cfg.dataset, cfg.data_dir)
     data_meta = load_meta(folder)
-    other_chars = data_meta.get("tokenizer") == "char" and data_meta.get("itos") != meta.get("itos")
-    if (data_meta.get("tokenizer") != meta.get("tokenizer") or data_meta["vocab_size"] > model.config.vocab_size
-            or other_chars):
-        raise NgptError(f"the dataset {cfg.dataset!r} ({data_meta.get('tokenizer')}, vocab {data_meta['vocab_size']})"
-                        f" does not match the model ({meta.get('tokenizer')}, vocab {model.config.vocab_size})")
-    block_size = min(cfg.block_size, model.config.block_size)
+    check_vocabulary(data_meta, meta, model.config.vocab_size, cfg.dataset)
+    block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
     model.to(device)
     loader = BatchLoader(folder, data_meta, cfg.batch_size, block_size, device, cfg.seed)
     losses = evaluate_loss(model, loader, cfg.eval_iters, device, dtype, cfg.seed)
@@ -84,3 +87,32 @@ def evaluate(cfg: TrainConfig, loaded: tuple | None = None) -> dict:
         **{f"{split}_loss": loss for split, loss in losses.items()},
         **{f"{split}_perplexity": math.exp(loss) for split, loss in losses.items()},
     }
+
+
+def run_eval(cfg: TrainConfig, tasks: list[str], files: dict[str, str | None] | None = None,
+             limit: int | None = None, dataset_named: bool = False) -> dict:
+    """`ngpt eval`: the dataset's loss and perplexity and the zero-shot results of each task, in one dict.
+
+    init_from=scratch means this out_dir's checkpoint. With tasks, the dataset is evaluated only when
+    `dataset_named` (a preset's default dataset may not be prepared); `files` maps a task to a local copy
+    of its benchmark, and `limit` scores only the first examples of each."""
+    from nanogpt_cli.errors import UsageError
+    from nanogpt_cli.zeroshot import benchmark_file, zeroshot
+
+    if limit is not None and not tasks:
+        raise UsageError("--limit applies to the zero-shot benchmarks: add --task hellaswag or --task lambada")
+    files = files or {}
+    if cfg.init_from == "scratch":
+        cfg = dataclasses.replace(cfg, init_from="resume")
+    wants_dataset_loss = not tasks or dataset_named
+    loaded = None
+    if tasks and wants_dataset_loss:  # both: the model is loaded once, after the benchmark files are found
+        from nanogpt_cli.checkpoint import load_model
+
+        for name in tasks:
+            benchmark_file(name, files.get(name))
+        loaded = load_model(cfg.init_from, cfg.out_dir)
+    report = evaluate(cfg, loaded, dataset_named) if wants_dataset_loss else {}
+    if tasks:
+        report = {**report, **zeroshot(cfg, tasks, files, limit, loaded and loaded[:2])}
+    return report

@@ -1,11 +1,9 @@
-"""GPT-2 weights in and out: Hugging Face `transformers` folders and hub models, and nanoGPT checkpoints.
+"""GPT-2 weights in and out of Hugging Face `transformers`: hub models and local folders.
 
 * `load_hf_gpt2` turns a `GPT2LMHeadModel` (a hub name like "gpt2-medium", a hub id "owner/name",
   or a local folder with config.json) into an ngpt `GPT`, Conv1D weights transposed.
 * `export_hf` writes an ngpt `GPT` as a folder that `GPT2LMHeadModel.from_pretrained` loads, with
-  the GPT-2 tokenizer files when the model speaks GPT-2 BPE.
-* `load_nanogpt_checkpoint`, `read_nanogpt_meta_pkl` and `find_nanogpt_meta` read karpathy/nanoGPT's
-  `ckpt.pt` and `meta.pkl` without unpickling arbitrary objects.
+  the GPT-2 tokenizer files (`hf_tokenizer`) when the model speaks GPT-2 BPE.
 
 `transformers` is an optional dependency (the `hf` extra) and is imported only inside functions.
 """
@@ -16,14 +14,16 @@ import contextlib
 import inspect
 import json
 import os
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli import hub
+from nanogpt_cli.errors import NgptError, UsageError, one_line
+from nanogpt_cli.hf_tokenizer import write_gpt2_tokenizer
 from nanogpt_cli.model import GPT, GPTConfig
+from nanogpt_cli.tokenizer import GPT2_EOT, GPT2_META, GPT2_VOCAB_SIZE
 
 PRETRAINED = {
     "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},  # 124M
@@ -32,9 +32,6 @@ PRETRAINED = {
     "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},  # 1558M
 }
 
-GPT2_VOCAB_SIZE = 50257
-GPT2_EOT = 50256
-GPT2_META = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT}
 # tiktoken encodings whose ranks and split pattern are exactly GPT-2's byte-level BPE
 GPT2_BPE_NAMES = ("gpt2", "r50k_base")
 NGPT_META_FILE = "ngpt_meta.json"  # what ngpt knows that config.json cannot say (char vocabulary, bias)
@@ -43,7 +40,8 @@ NGPT_META_FILE = "ngpt_meta.json"  # what ngpt knows that config.json cannot say
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 _INSTALL_HINT = "install the hf extra: pip install 'nanogpt-cli[hf]'"
-_LOCAL_HINT = "--init_from=/path/to/folder with config.json and model.safetensors"
+_LOCAL_HINT = ("download the model elsewhere and pass its local folder: "
+               "--init_from=/path/to/folder with config.json and model.safetensors")
 
 
 def _import_transformers():
@@ -66,28 +64,6 @@ def _no_progress_bars(transformers, quiet: bool = True):
     finally:
         if hide:
             tlog.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _quiet_libraries():
-    """Keep huggingface_hub's and transformers' warnings out of ngpt's output (shown with --verbose):
-    without a network the hub logs a line per failed request and per retry ("Retrying in 1s [Retry 1/5]"),
-    a dozen lines before ngpt's one-line error; transformers logs a load report whose problems
-    `_load_hf_gpt2` turns into one error itself."""
-    import logging
-
-    from nanogpt_cli.progress import is_verbose
-
-    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "transformers")]
-    levels = [lg.level for lg in loggers]
-    if not is_verbose():
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def _known_names() -> str:
@@ -147,44 +123,6 @@ def _check_gpt2_config(cfg, source: str) -> None:
         problems.append(f"layer_norm_epsilon={eps} (ngpt uses 1e-5)")
     if problems:
         raise UsageError(f"{source} uses GPT-2 options ngpt's model cannot represent: {', '.join(problems)}")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub's host takes a TCP connection. Offline, the Hub client retries for ~25 s before it
-    fails; with this answer an offline machine loads a cached model at once (local_files_only) and an
-    uncached one fails at once. Behind a proxy the proxy decides, so the answer is yes without a probe."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                                       "all_proxy")):
-        return True
-    import socket
-    from urllib.parse import urlparse
-
-    import huggingface_hub.constants
-
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(huggingface_hub.constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _hub_error(name: str, e: Exception) -> NgptError:
-    text = " ".join(str(e).split())
-    lowered = text.lower()
-    offline = any(w in lowered for w in ("connect", "offline", "network", "resolve host", "timed out", "timeout"))
-    if offline or not isinstance(e, OSError):
-        return NgptError(
-            f"could not download {name!r}: the Hugging Face Hub could not be reached ({type(e).__name__}); "
-            f"download the model elsewhere and pass its local folder: {_LOCAL_HINT}"
-        )
-    first = text.split(". ")[0][:200]
-    return NgptError(
-        f"could not load {name!r} from the Hugging Face Hub ({first}); "
-        f"check the name, or pass a local folder: {_LOCAL_HINT}"
-    )
 
 
 def _resolve_source(name_or_path: str) -> tuple[str, Path | None]:
@@ -258,40 +196,37 @@ def load_hf_gpt2(name_or_path: str, dropout: float | None = None) -> tuple[GPT, 
     """
     source, folder = _resolve_source(name_or_path)
     transformers = _import_transformers()
-    with _quiet_libraries():
+    with hub.quiet_hub_logs():
         return _load_hf_gpt2(name_or_path, source, folder, transformers, dropout)
 
 
+def _load_error(name_or_path: str, folder: Path | None, e: Exception, reading_config: bool) -> NgptError:
+    """The one line for a failed `from_pretrained`: a config of a model_type this transformers does not
+    know; a Hub that could not be reached or said no; or a local folder with unreadable files (e.g. a
+    truncated model.safetensors)."""
+    if reading_config and isinstance(e, (ValueError, KeyError)) and not isinstance(e, OSError):
+        return UsageError(f"{name_or_path} is not a GPT-2 model: {one_line(e, 200)}")
+    if folder is None:
+        return hub.hub_error(name_or_path, e, _LOCAL_HINT)
+    what = "config" if reading_config else "weights"
+    return NgptError(f"could not load the {what} in {name_or_path}: {type(e).__name__}: {one_line(e, 300)}")
+
+
 def _load_hf_gpt2(name_or_path: str, source: str, folder: Path | None, transformers, dropout: float | None):
-    cached_only = folder is None and not hub_reachable()  # offline: the local cache, without the Hub's retries
+    cached_only = folder is None and not hub.hub_reachable()  # offline: the local cache, without the Hub's retries
+    hf_config = None
     try:
         hf_config = transformers.AutoConfig.from_pretrained(source, local_files_only=cached_only)
-    except OSError as e:
-        raise _hub_error(name_or_path, e) from None
-    except (ValueError, KeyError) as e:  # a model_type this transformers does not know
-        raise UsageError(f"{name_or_path} is not a GPT-2 model: {' '.join(str(e).split())[:200]}") from None
-    except Exception as e:  # connection errors from requests/httpx that are not OSErrors
-        if folder is None:
-            raise _hub_error(name_or_path, e) from None
-        raise
-    _check_gpt2_config(hf_config, name_or_path)
-    try:
+        _check_gpt2_config(hf_config, name_or_path)
         with _no_progress_bars(transformers, quiet=folder is not None):
             # shape mismatches come back in `info` (not as transformers' RuntimeError after a long report)
             hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(
                 source, config=hf_config, output_loading_info=True, ignore_mismatched_sizes=True,
                 local_files_only=cached_only)
-    except OSError as e:
-        if folder is not None:
-            raise NgptError(f"could not load the weights in {name_or_path}: {' '.join(str(e).split())[:300]}") from None
-        raise _hub_error(name_or_path, e) from None
-    except Exception as e:
-        if folder is None and type(e).__module__.split(".")[0] in ("requests", "httpx", "urllib3", "huggingface_hub"):
-            raise _hub_error(name_or_path, e) from None
-        if folder is not None:  # e.g. a truncated model.safetensors
-            reason = " ".join(str(e).split())[:300]
-            raise NgptError(f"could not load the weights in {name_or_path}: {type(e).__name__}: {reason}") from None
+    except NgptError:
         raise
+    except Exception as e:
+        raise _load_error(name_or_path, folder, e, reading_config=hf_config is None) from None
     # transformers fills missing or misshapen weights with random values and only logs it: refuse them
     mismatched = [f"{k} {tuple(a)} (config.json wants {tuple(b)})" for k, a, b in info.get("mismatched_keys") or []]
     if mismatched:
@@ -340,102 +275,6 @@ def _load_hf_gpt2(name_or_path: str, source: str, folder: Path | None, transform
 
 # ---------------------------------------------------------------------------------------------
 # export
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map of the 256 bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-def _merge_pair(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:
-    """The two tokens whose merge made `token`: byte-level BPE of `token` using only earlier merges."""
-    splits = [(token[:i], token[i:]) for i in range(1, len(token))]
-    candidates = [(a, b) for a, b in splits if ranks.get(a, rank) < rank and ranks.get(b, rank) < rank]
-    if len(candidates) == 1:
-        return candidates[0]
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 2:
-        best = None
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < rank and (best is None or r < best[0]):
-                best = (r, i)
-        if best is None:
-            break
-        i = best[1]
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    if len(parts) != 2:
-        raise NgptError(f"could not rebuild GPT-2's merges from tiktoken (token {token!r})")
-    return parts[0], parts[1]
-
-
-def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """GPT-2's vocab.json and merges.txt contents, rebuilt from tiktoken's "gpt2" encoding."""
-    import tiktoken
-
-    enc = tiktoken.get_encoding("gpt2")
-    ranks: dict[bytes, int] = enc._mergeable_ranks
-    byte_encoder = _bytes_to_unicode()
-
-    def to_str(b: bytes) -> str:
-        return "".join(byte_encoder[x] for x in b)
-
-    vocab = {to_str(token): rank for token, rank in ranks.items()}
-    vocab.update(enc._special_tokens)
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) > 1:
-            a, b = _merge_pair(ranks, token, rank)
-            merges.append(f"{to_str(a)} {to_str(b)}")
-    return vocab, merges
-
-
-_TOKENIZER_CHECK = "Hello world! It's 2024, naïve café:\n\n  indented\tcode();  €100 🤖 ok  \n"
-
-
-def _write_gpt2_tokenizer(dest: Path, model_max_length: int) -> None:
-    """vocab.json, merges.txt, tokenizer.json and tokenizer_config.json for GPT-2 BPE, rebuilt from
-    tiktoken (the tokenizer ngpt trains with); from the hub when tiktoken's files are unavailable."""
-    transformers = _import_transformers()
-    Tok = getattr(transformers, "GPT2TokenizerFast", None) or transformers.GPT2Tokenizer
-    enc = None
-    try:
-        import tiktoken
-
-        enc = tiktoken.get_encoding("gpt2")
-        vocab, merges = gpt2_vocab_and_merges()
-    except (ImportError, OSError, ValueError) as e:  # tiktoken's BPE files are downloaded on first use
-        tiktoken_error = e
-        try:
-            tok = Tok.from_pretrained("openai-community/gpt2")
-        except (OSError, ValueError):
-            raise NgptError(
-                f"wrote the weights to {dest} but not the tokenizer: tiktoken's GPT-2 files could not be loaded "
-                f"({type(tiktoken_error).__name__}) and the Hugging Face Hub could not be reached; point "
-                "TIKTOKEN_CACHE_DIR at a folder holding tiktoken's gpt2 files and export again"
-            ) from None
-    else:
-        (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        if "vocab" in inspect.signature(Tok.__init__).parameters:  # transformers 5
-            tok = Tok(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])
-        else:  # transformers 4 reads the files
-            tok = Tok.from_pretrained(str(dest))
-    tok.model_max_length = model_max_length
-    tok.save_pretrained(str(dest))
-    if enc is not None:  # the written files must tokenize as ngpt does
-        written = Tok.from_pretrained(str(dest))
-        ids = written(_TOKENIZER_CHECK, add_special_tokens=False)["input_ids"]
-        if ids != enc.encode_ordinary(_TOKENIZER_CHECK):
-            raise NgptError(f"the tokenizer written to {dest} does not encode like tiktoken's gpt2")
 
 
 def _hf_state_dict(model: GPT, hf_keys: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
@@ -519,123 +358,5 @@ def export_hf(model: GPT, dest: str | Path, meta: dict | None = None) -> Path:
             encoding="utf-8",
         )
         if bpe:
-            _write_gpt2_tokenizer(dest, cfg.block_size)
+            write_gpt2_tokenizer(dest, cfg.block_size)
     return dest
-
-
-# ---------------------------------------------------------------------------------------------
-# nanoGPT checkpoints
-
-
-def _ckpt_path(out_dir: str | Path) -> Path:
-    path = Path(out_dir).expanduser()
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.is_file():
-        raise NgptError(f"no nanoGPT checkpoint at {path}")
-    return path
-
-
-def read_nanogpt_checkpoint(out_dir: str | Path, mmap: bool = False) -> dict:
-    """The whole nanoGPT checkpoint (`out_dir/ckpt.pt`, or the file itself), loaded with
-    torch.load(weights_only=True): tensors, dicts, numbers and strings only, never other objects."""
-    path = _ckpt_path(out_dir)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise NgptError(
-            f"refusing to load {path}: it holds Python objects{what} beyond the tensors, dicts, numbers and "
-            "strings of a nanoGPT checkpoint, and unpickling them could run arbitrary code"
-        ) from None
-    except RuntimeError as e:
-        if mmap:  # old (non-zip) serialization cannot be memory-mapped
-            return read_nanogpt_checkpoint(out_dir, mmap=False)
-        raise NgptError(f"could not read {path}: {' '.join(str(e).split())[:300]}") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
-        raise NgptError(f"{path} is not a nanoGPT checkpoint (it needs 'model' and 'model_args')")
-    return ckpt
-
-
-def load_nanogpt_checkpoint(out_dir: str | Path) -> tuple[dict, dict]:
-    """(model state dict, model_args) from a nanoGPT `ckpt.pt`.
-
-    torch.compile's `_orig_mod.` prefixes are stripped and old nanoGPT's causal-mask buffers
-    (`attn.bias`) dropped; model_args keeps the GPTConfig fields (n_layer, n_head, n_embd,
-    block_size, bias, vocab_size, dropout) and nanoGPT's exact GELU.
-    """
-    ckpt = read_nanogpt_checkpoint(out_dir)
-    prefix = "_orig_mod."
-    state_dict = {}
-    for k, v in ckpt["model"].items():
-        while k.startswith(prefix):
-            k = k[len(prefix):]
-        if k.endswith((".attn.bias", ".attn.masked_bias")) and not k.endswith("c_attn.bias"):
-            continue  # the causal mask of nanoGPT without flash attention, not a weight
-        state_dict[k] = v
-    fields = GPTConfig.__dataclass_fields__
-    model_args = {k: v for k, v in dict(ckpt["model_args"]).items() if k in fields}
-    missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size") if model_args.get(k) is None]
-    if missing:
-        raise NgptError(f"the nanoGPT checkpoint's model_args lack {', '.join(missing)}")
-    model_args.setdefault("activation", "gelu")  # nanoGPT's nn.GELU(): exact
-    return state_dict, model_args
-
-
-class _NoGlobalsUnpickler(pickle.Unpickler):
-    """Plain dicts, lists, ints and strs need no globals; anything else is refused unexecuted."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("persistent id")
-
-
-def read_nanogpt_meta_pkl(path: str | Path) -> dict:
-    """nanoGPT's char-level `meta.pkl` ({'vocab_size', 'itos', 'stoi'}) as ngpt metadata:
-    {"tokenizer": "char", "vocab_size": V, "itos": [characters in id order]}.
-    Read without unpickling objects: a pickle that names any class or function is refused."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = _NoGlobalsUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        raise NgptError(
-            f"refusing to read {path}: it holds Python objects ({e}), not the plain dict of a nanoGPT meta.pkl"
-        ) from None
-    except (OSError, EOFError, ValueError) as e:
-        raise NgptError(f"could not read {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("itos"), dict):
-        raise NgptError(f"{path} is not a nanoGPT char-level meta.pkl (it needs an 'itos' dict)")
-    itos = data["itos"]
-    vocab_size = data.get("vocab_size", len(itos))
-    if sorted(itos) != list(range(len(itos))) or vocab_size != len(itos):
-        raise NgptError(f"{path}: 'itos' does not map ids 0..{vocab_size - 1}")
-    chars = [itos[i] for i in range(len(itos))]
-    if not all(isinstance(c, str) for c in chars):
-        raise NgptError(f"{path}: 'itos' values must be strings")
-    return {"tokenizer": "char", "vocab_size": len(chars), "itos": chars}
-
-
-def find_nanogpt_meta(out_dir: str | Path, ckpt_config: dict | None = None) -> dict:
-    """The tokenizer of a nanoGPT checkpoint: its dataset's meta.pkl (char-level) if found,
-    else GPT-2 BPE, as nanoGPT's sample.py assumes.
-
-    Looks for meta.pkl next to the checkpoint, then `<out_dir>/../data/<dataset>/meta.pkl` and
-    `./data/<dataset>/meta.pkl`, with <dataset> from the checkpoint's config (read from the
-    checkpoint when `ckpt_config` is None).
-    """
-    path = Path(out_dir).expanduser()
-    folder = path if path.is_dir() else path.parent
-    if ckpt_config is None:
-        ckpt_config = read_nanogpt_checkpoint(path, mmap=True).get("config") or {}
-    candidates = [folder / "meta.pkl"]
-    dataset = ckpt_config.get("dataset") if isinstance(ckpt_config, dict) else None
-    if isinstance(dataset, str) and dataset:
-        candidates += [folder.parent / "data" / dataset / "meta.pkl", Path("data") / dataset / "meta.pkl"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return read_nanogpt_meta_pkl(candidate)
-    return dict(GPT2_META)

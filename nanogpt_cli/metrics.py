@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from nanogpt_cli.config import TrainConfig, to_dict
-from nanogpt_cli.errors import NgptError
+from nanogpt_cli.errors import NgptError, one_line
 from nanogpt_cli.progress import console, debug, is_verbose
 
 
@@ -32,9 +32,9 @@ class MetricsLog:
             self.run_id = self.wandb.id
         if resume_from > 0 and self.path.is_file():
             # A resumed run repeats the steps after its checkpoint: drop the ones logged past it.
-            kept = [r for r in read_jsonl(self.path) if r.get("iter", 0) < resume_from
-                    or (r.get("iter") == resume_from and "val_loss" in r)]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            kept = [record for record in read_jsonl(self.path) if record.get("iter", 0) < resume_from
+                    or (record.get("iter") == resume_from and "val_loss" in record)]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
             self.records = kept
         elif not cfg.eval_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,8 +52,8 @@ class MetricsLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("iter", "time") and v is not None},
-                           step=record["iter"])
+            self.wandb.log({key: value for key, value in record.items()
+                            if key not in ("iter", "time") and value is not None}, step=record["iter"])
 
     def step(self, it: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None, ms: float) -> None:
         self.write({"iter": it, "loss": loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
@@ -73,15 +73,16 @@ class MetricsLog:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    out = []
+    """The JSON objects of a .jsonl file, one a line; lines that are not one are skipped."""
+    records = []
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash (or garbage)
         if isinstance(record, dict):
-            out.append(record)
-    return out
+            records.append(record)
+    return records
 
 
 def start_wandb(cfg: TrainConfig, run_id: str | None):
@@ -96,13 +97,13 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"id": run_id, "resume": "allow"} if run_id else {}
     settings = {}
-    if not is_verbose() and not any(os.environ.get(k) for k in ("WANDB_QUIET", "WANDB_SILENT")):
+    if not is_verbose() and not any(os.environ.get(name) for name in ("WANDB_QUIET", "WANDB_SILENT")):
         settings["silent"] = True  # wandb's banners and run summary stay out of our output: one line below
     try:
         run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=to_dict(cfg),
                          dir=str(out_dir), settings=wandb.Settings(**settings), **kwargs)
     except Exception as e:
-        message = " ".join(str(e).split()) or type(e).__name__
+        message = one_line(e)
         raise NgptError(f"wandb could not start: {message.rstrip('.')} (to log without an account or network, "
                         "set WANDB_MODE=offline and upload later with `wandb sync`)") from None
     mode = getattr(getattr(run, "settings", None), "mode", None) or os.environ.get("WANDB_MODE", "")

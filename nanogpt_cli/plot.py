@@ -23,15 +23,15 @@ def load_run(out_dir: str | Path) -> dict:
         raise NgptError(f"{out_dir}: no metrics.jsonl there (is it an ngpt out_dir? `ngpt train` writes one)")
     records = read_jsonl(path)
     run = {"steps": [], "train": [], "val": []}
-    for r in records:
-        if "iter" not in r:
+    for record in records:
+        if "iter" not in record:
             continue
-        if _finite(r.get("loss")):
-            run["steps"].append((r["iter"], r["loss"]))
-        if _finite(r.get("train_loss")):
-            run["train"].append((r["iter"], r["train_loss"]))
-        if _finite(r.get("val_loss")):
-            run["val"].append((r["iter"], r["val_loss"]))
+        if _finite(record.get("loss")):
+            run["steps"].append((record["iter"], record["loss"]))
+        if _finite(record.get("train_loss")):
+            run["train"].append((record["iter"], record["train_loss"]))
+        if _finite(record.get("val_loss")):
+            run["val"].append((record["iter"], record["val_loss"]))
     if not any(run.values()):
         raise NgptError(f"{path}: no losses logged yet")
     return run
@@ -41,19 +41,19 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _xy(points: list[tuple]) -> tuple[list, list]:
-    return [p[0] for p in points], [p[1] for p in points]
+def _iters_and_losses(points: list[tuple]) -> tuple[list, list]:
+    return [point[0] for point in points], [point[1] for point in points]
 
 
 def run_labels(out_dirs: list[str | Path]) -> list[str]:
     """Each run's folder name; when two share a name, enough of their parent folders to tell them apart."""
-    paths = [Path(d).expanduser().resolve() for d in out_dirs]
-    paths = [p.parent if p.name.endswith(".jsonl") else p for p in paths]
-    for depth in range(1, max((len(p.parts) for p in paths), default=1) + 1):
-        labels = ["/".join(p.parts[-depth:]) for p in paths]
+    paths = [Path(out_dir).expanduser().resolve() for out_dir in out_dirs]
+    paths = [path.parent if path.name.endswith(".jsonl") else path for path in paths]
+    for depth in range(1, max((len(path.parts) for path in paths), default=1) + 1):
+        labels = ["/".join(path.parts[-depth:]) for path in paths]
         if len(set(labels)) == len(labels):
             return labels
-    return [str(p) for p in paths]
+    return [str(path) for path in paths]
 
 
 def plot_runs(out_dirs: list[str | Path], output: str | Path = "loss.png", title: str | None = None,
@@ -61,7 +61,7 @@ def plot_runs(out_dirs: list[str | Path], output: str | Path = "loss.png", title
     """Draw the loss curves of one or more runs to `output` (PNG, or any format matplotlib knows by suffix)."""
     if not out_dirs:
         raise UsageError("give at least one run folder (an out_dir with metrics.jsonl)")
-    runs = [load_run(d) for d in out_dirs]  # every folder checked before anything is drawn
+    runs = [load_run(out_dir) for out_dir in out_dirs]  # every folder checked before anything is drawn
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -75,14 +75,14 @@ def plot_runs(out_dirs: list[str | Path], output: str | Path = "loss.png", title
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for run, label, color in zip(runs, run_labels(out_dirs), colors, strict=True):
         if run["steps"]:
-            x, y = _xy(run["steps"])
+            x, y = _iters_and_losses(run["steps"])
             ax.plot(x, y, color=color, alpha=0.35, linewidth=1, label=f"{label} train (step)")
         if run["train"]:
-            x, y = _xy(run["train"])
+            x, y = _iters_and_losses(run["train"])
             ax.plot(x, y, color=color, linestyle="--", marker="o", markersize=3, linewidth=1.2,
                     label=f"{label} train (eval)")
         if run["val"]:
-            x, y = _xy(run["val"])
+            x, y = _iters_and_losses(run["val"])
             ax.plot(x, y, color=color, linestyle="-", marker="s", markersize=4, linewidth=2, label=f"{label} val")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (cross-entropy, nats)")
@@ -91,11 +91,11 @@ def plot_runs(out_dirs: list[str | Path], output: str | Path = "loss.png", title
     ax.set_title(title or ("loss" if len(runs) == 1 else f"loss, {len(runs)} runs"))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    out = Path(output).expanduser()
-    if out.parent and not out.parent.is_dir():
-        raise NgptError(f"cannot write {output}: folder {out.parent} does not exist")
+    target = Path(output).expanduser()
+    if target.parent and not target.parent.is_dir():
+        raise NgptError(f"cannot write {output}: folder {target.parent} does not exist")
     try:
-        fig.savefig(out)
+        fig.savefig(target)
     except (OSError, ValueError) as e:
         raise NgptError(f"cannot write {output}: {e}") from None
-    return out
+    return target

@@ -10,9 +10,7 @@ per step even on a terminal, plus debug details.
 
 from __future__ import annotations
 
-import math
 import os
-import shlex
 import sys
 
 from rich.console import Console
@@ -31,9 +29,54 @@ def _no_color() -> bool:
     return os.environ.get("NO_COLOR", "") != ""
 
 
+class LogStream:
+    """sys.stderr as the log console writes it: a write that fails (a closed pipe, as when Ctrl-C also ends the
+    `tee` that reads a run's output; a full disk) drops that line and every later one to the same stream instead
+    of raising. Logs are never worth a run: a stop in progress still saves its checkpoint. Looked up at each
+    write, so that a test runner's replacement of sys.stderr is honoured."""
+
+    def __init__(self):
+        self.broken: object | None = None  # the stream that failed
+
+    def _target(self):
+        return None if sys.stderr is self.broken else sys.stderr
+
+    def write(self, text: str) -> int:
+        target = self._target()
+        if target is not None:
+            try:
+                target.write(text)
+            except (OSError, ValueError):  # ValueError: the file was closed
+                self.broken = target
+        return len(text)
+
+    def flush(self) -> None:
+        target = self._target()
+        if target is not None:
+            try:
+                target.flush()
+            except (OSError, ValueError):
+                self.broken = target
+
+    def isatty(self) -> bool:
+        target = self._target()
+        try:
+            return target is not None and target.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stderr, "encoding", None) or "utf-8"
+
+
 def make_console(stderr: bool = False) -> Console:
     quiet = _rank() != 0 or (stderr and _env_flag("NGPT_QUIET"))
-    return Console(stderr=stderr, quiet=quiet, highlight=False, soft_wrap=True, no_color=_no_color())
+    file = LogStream() if stderr else None
+    return Console(file=file, quiet=quiet, highlight=False, soft_wrap=True, no_color=_no_color())
 
 
 console = make_console(stderr=True)  # logs, progress, warnings: stderr
@@ -67,11 +110,6 @@ def is_interactive() -> bool:
     return console.is_terminal and not console.quiet and not _verbose and os.environ.get("TERM") != "dumb"
 
 
-def print0(*args, **kwargs) -> None:
-    """Print a log line on rank 0 only (the console is quiet elsewhere)."""
-    console.print(*args, **kwargs)
-
-
 def debug(text: str) -> None:
     """A detail shown only with --verbose."""
     if is_verbose():
@@ -83,23 +121,6 @@ def echo(text: str) -> None:
     if _rank() == 0:
         sys.stdout.write(text)
         sys.stdout.flush()
-
-
-SPARKS = "▁▂▃▄▅▆▇█"
-
-
-def sparkline(values: list[float], width: int = 40) -> str:
-    """A one-line picture of a curve: the loss at a glance in the end-of-run summary."""
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return ""
-    if len(values) > width:  # average into `width` buckets
-        step = len(values) / width
-        values = [sum(chunk) / len(chunk) for i in range(width)
-                  if (chunk := values[int(i * step):max(int(i * step) + 1, int((i + 1) * step))])]
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    return "".join(SPARKS[min(len(SPARKS) - 1, int((v - lo) / span * (len(SPARKS) - 1) + 0.5))] for v in values)
 
 
 class TrainProgress:
@@ -140,23 +161,6 @@ class TrainProgress:
                           f"{tokens_per_s:,.0f} tok/s, mfu {mfu_text}")
 
     def summary(self, result, history: list[dict], out_dir, iters_run: int) -> None:
-        from rich.table import Table
-        from rich.text import Text
+        from nanogpt_cli.report import training_summary
 
-        losses = [r["loss"] for r in history if "loss" in r]
-        table = Table(title="training summary", show_header=False)
-        table.add_row("iterations", f"{result.iter_num} ({iters_run} this run)")
-        table.add_row("best val loss", f"{result.best_val_loss:.4f}" if result.best_val_loss < float("inf") else "-")
-        if result.last_eval:
-            table.add_row("last eval", f"train {result.last_eval['train']:.4f}, val {result.last_eval['val']:.4f}")
-        table.add_row("wall time", f"{result.seconds:.1f} s")
-        if result.tokens_per_second:
-            table.add_row("tokens/s (last)", f"{result.tokens_per_second:,.0f}")
-        if losses:
-            table.add_row("train loss", f"{sparkline(losses)} {losses[0]:.3f} → {losses[-1]:.3f}")
-        val = [r["val_loss"] for r in history if "val_loss" in r]
-        if len(val) > 1:
-            table.add_row("val loss", f"{sparkline(val)} {val[0]:.3f} → {val[-1]:.3f}")
-        table.add_row("out_dir", Text(f"{out_dir} (metrics.jsonl, config.toml)"))
-        table.add_row("loss plot", Text(f"ngpt plot {shlex.quote(str(out_dir))}"))
-        console.print(table)
+        console.print(training_summary(result, history, out_dir, iters_run))

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from nanogpt_cli.errors import NgptError, UsageError
 
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = 50256  # <|endoftext|>, GPT-2's last token
+GPT2_META = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT}
+
 
 class CharTokenizer:
     """One token per character; the vocabulary is the sorted set of characters in the data."""

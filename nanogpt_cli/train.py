@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from nanogpt_cli import checkpoint as ckpt_io
-from nanogpt_cli.config import TrainConfig, to_dict, to_toml
+from nanogpt_cli.config import FINETUNE_DEFAULTS, TrainConfig, build, parse_overrides, to_dict, to_toml
 from nanogpt_cli.cpu_tuning import thread_tuner
 from nanogpt_cli.data import BatchLoader, SyntheticLoader, check_vocabulary, dataset_path, load_meta, stream_seed
 from nanogpt_cli.distributed import (
@@ -41,14 +41,15 @@ from nanogpt_cli.distributed import (
     same_on_all_ranks,
     wrap_model,
 )
-from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.errors import NgptError, UsageError, one_line
 from nanogpt_cli.evaluate import evaluate_loss
 from nanogpt_cli.model import GPT
 from nanogpt_cli.nonfinite import NonfiniteGuard
 from nanogpt_cli.progress import TrainProgress, console
+from nanogpt_cli.report import print_training_start
 from nanogpt_cli.runtime import Runtime, plan
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size")  # what a checkpoint fixes about the model
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "block_size")  # what a model's weights fix
 
 
 @dataclass
@@ -131,7 +132,7 @@ class Trainer:
         self.prefetched: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0's first micro-batch of the step
         if built.resume is not None:
             self.restore(built.resume)
-        show_start(cfg, runtime, model, self.tokens_per_iter, built.warnings)
+        print_training_start(to_dict(cfg), runtime, model.get_num_params(), self.tokens_per_iter, built.warnings)
 
     # -------------------------------------------------------------- resuming
     def restore(self, resume: dict) -> None:
@@ -157,7 +158,7 @@ class Trainer:
             try:
                 load(resume[key])
             except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-                reason = " ".join(str(e).split())[:200]
+                reason = one_line(e, 200)
                 raise NgptError(f"the {key} state in {where} does not fit this run ({type(e).__name__}: {reason}); "
                                 "resume with the settings it was trained with, or start from its weights with "
                                 f"`ngpt finetune --init_from={where}`") from None
@@ -339,18 +340,38 @@ class Trainer:
         return flag
 
 
-def show_start(cfg: TrainConfig, runtime: Runtime, model: GPT, tokens_per_iter: int, warnings: list[str]) -> None:
-    """The resolved config, the runtime's choices and the model's size, once the setup has worked (a refused
-    run prints only its error line)."""
-    pairs = [f"{k}={'auto' if v is None else v}" for k, v in to_dict(cfg).items()]
-    console.print("[bold]config[/bold] " + "  ".join(pairs), style="dim")
-    for warning in warnings:
-        console.print(warning)
-    console.print(runtime.describe())
-    peak, peak_why = runtime.peak
-    console.print(f"[bold]model[/bold] {model.get_num_params() / 1e6:.2f}M parameters  [bold]tokens/iter[/bold] "
-                  f"{tokens_per_iter:,}  [bold]peak[/bold] {f'{peak / 1e12:.2f} TFLOP/s' if peak else 'unknown'} "
-                  f"({peak_why})")
+# ---------------------------------------------------------------- the run's config
+
+def run_config(preset: str | None, args: list[str], finetune: bool = False) -> TrainConfig:
+    """The config of `ngpt train` / `ngpt finetune`: dataclass defaults < preset < command line.
+
+    A resumed run continues its own saved config: only the keys on the command line change it, and the keys its
+    weights fix (the model's shape and context) cannot. A finetune without a preset starts from finetuning
+    defaults (FINETUNE_DEFAULTS), not pretraining's."""
+    values = FINETUNE_DEFAULTS if finetune and not preset else {}
+    cfg = build(TrainConfig, preset, args, values)
+    if cfg.init_from != "resume":
+        return cfg
+    saved = ckpt_io.load_checkpoint(cfg.out_dir).get("config") or {}
+    typed = parse_overrides(args, TrainConfig)
+    resumed = build(TrainConfig, None, args, {key: value for key, value in saved.items()
+                                              if key in TrainConfig.__dataclass_fields__})
+    for key in SHAPE_KEYS:
+        if key in typed and key in saved and getattr(resumed, key) != saved[key]:
+            raise UsageError(f"--{key}={getattr(resumed, key)}: a resumed run keeps its model's {key} "
+                             f"({saved[key]}); drop --{key}, or start from its weights with "
+                             f"`ngpt finetune --init_from={cfg.out_dir} --out_dir=NEW_FOLDER`")
+    return resumed
+
+
+def schedule_warnings(cfg: TrainConfig) -> list[str]:
+    """What is wrong with a learning-rate schedule that cannot do what its keys say."""
+    if not cfg.decay_lr or cfg.eval_only or cfg.warmup_iters <= cfg.max_iters:
+        return []
+    peak = lr_at(cfg.max_iters, cfg)
+    return [f"[yellow]warmup_iters ({cfg.warmup_iters}) is longer than the run (max_iters {cfg.max_iters}): the "
+            f"learning rate only reaches {peak:.3g} of learning_rate {cfg.learning_rate:g}; lower --warmup_iters"
+            "[/yellow]"]
 
 
 # ---------------------------------------------------------------- setup steps
@@ -385,7 +406,7 @@ def open_dataset(cfg: TrainConfig) -> Dataset | None:
 
 def build_model(cfg: TrainConfig, dataset: Dataset | None) -> BuiltModel:
     """The model to train, from scratch, from the run being resumed, or from pretrained weights (finetuning:
-    GPT-2, a Hugging Face model or another ngpt run), cropped to cfg.block_size."""
+    GPT-2, a Hugging Face model or another ngpt run), cropped to cfg.block_size (auto: the model's own)."""
     if cfg.init_from == "scratch":
         meta = dataset.meta if dataset else {"tokenizer": "gpt2", "vocab_size": 50257}
         vocab_size = cfg.vocab_size or (padded_vocab(dataset.meta) if dataset else 50304)
@@ -402,9 +423,9 @@ def build_model(cfg: TrainConfig, dataset: Dataset | None) -> BuiltModel:
         model, meta, _ = ckpt_io.load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout)
         built = BuiltModel(model, meta)
     model_block = built.model.config.block_size
-    if cfg.block_size > model_block:
+    if cfg.block_size is not None and cfg.block_size > model_block:
         raise UsageError(f"--block_size={cfg.block_size} is larger than the model's {model_block}")
-    if cfg.block_size < model_block:
+    if cfg.block_size is not None and cfg.block_size < model_block:
         built.model.crop_block_size(cfg.block_size)
     return built
 
@@ -469,6 +490,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     built = build_model(cfg, dataset)
     model = built.model
     cfg = with_model_shape(cfg, model)
+    built.warnings += schedule_warnings(cfg)
     if dataset is not None:
         check_vocabulary(dataset.meta, built.meta, model.config.vocab_size, cfg.dataset)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size

@@ -89,34 +89,15 @@ def benchmark_file(task: str, path: str | os.PathLike | None = None) -> Path:
         if not file.is_file():
             raise UsageError(f"no such file: {path} ({bench.option})")
         return file
+    from nanogpt_cli.atomic import download
     from nanogpt_cli.config import cache_dir
+    from nanogpt_cli.progress import console
 
     target = cache_dir() / "benchmarks" / bench.filename
     if not target.is_file():
+        console.print(f"downloading {bench.url} -> {target}")
         download(bench.url, target, bench.option)
     return target
-
-
-def download(url: str, target: Path, option: str) -> None:
-    """Fetch `url` into `target` atomically: a temporary file beside it, renamed when complete."""
-    import shutil
-    import urllib.request
-
-    from nanogpt_cli.progress import console
-
-    console.print(f"downloading {url} -> {target}")
-    partial = target.with_name(f"{target.name}.part-{os.getpid()}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-        os.replace(partial, target)
-    except OSError as e:  # URLError, HTTPError, timeouts and disk errors are all OSErrors
-        reason = " ".join(str(getattr(e, "reason", None) or e).split())
-        raise NgptError(f"could not download {url} ({reason}); without network, download it elsewhere "
-                        f"and pass {option} PATH") from None
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _records(path: str | os.PathLike, limit: int | None) -> Iterator[tuple[int, dict]]:
@@ -323,7 +304,7 @@ def zeroshot(cfg, tasks: list[str], files: dict[str, str | None] | None = None, 
     runtime = plan(cfg.device, cfg.dtype)
     device, dtype = runtime.device, runtime.dtype
     model.to(device).eval()
-    block_size = min(cfg.block_size, model.config.block_size)
+    block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
     report: dict = {"model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir, "block_size": block_size}
     for task in tasks:
         with _Progress(task, len(data[task])) as progress:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -16,7 +19,6 @@ from nanogpt_cli.config import TrainConfig, build
 # synchronisation cost more than they save), and subprocesses the tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
 
 
 def pytest_collection_modifyitems(config, items):
@@ -70,12 +72,51 @@ def tiny_cfg(tmp_path, data_dir):
     return make
 
 
+def in_ci() -> bool:
+    """CI=true: every extra is installed and the shared test material is there (.ci/run), so a test
+    that lacks either fails instead of skipping, and a broken CI setup cannot pass unseen."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing(reason: str) -> NoReturn:
+    """What a test does without something it needs: skip with `reason`, or fail under CI."""
+    if in_ci():
+        pytest.fail(f"{reason}, which CI must provide (CI=true)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(name: str) -> ModuleType:
+    """`import name` for a test of an optional extra: the module, else a skip (a failure under CI).
+    Works at module level too, for a test file that needs the extra throughout."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        missing(f"needs {name}, an optional extra ({type(e).__name__}: {e})")
+
+
 def shared_file(var: str) -> Path:
-    """A file of the shared test material, found through an environment variable, or a skip."""
+    """A file or folder of the shared test material, found through an environment variable: the path,
+    else a skip (a failure under CI)."""
     value = os.environ.get(var)
     if not value or not Path(value).exists():
-        pytest.skip(f"{var} is not set (it points at shared test material; .ci/run sets it)")
+        state = "is not set" if not value else f"points at {value}, which does not exist"
+        missing(f"{var} {state} (it points at shared test material; .ci/run sets it)")
     return Path(value)
+
+
+@pytest.fixture(scope="session")
+def bpe_files() -> Path:
+    """tiktoken's GPT-2 BPE files (TIKTOKEN_CACHE_DIR): tests never download them."""
+    return shared_file("TIKTOKEN_CACHE_DIR")
+
+
+needs_bpe = pytest.mark.usefixtures("bpe_files")
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    """Tiny Shakespeare's input.txt (NGPT_TEST_SHAKESPEARE), the corpus of nanoGPT's reference numbers."""
+    return shared_file("NGPT_TEST_SHAKESPEARE")
 
 
 def poison_training_from(monkeypatch, call: int, poison) -> None:

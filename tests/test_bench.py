@@ -44,6 +44,12 @@ def test_a_short_synthetic_bench(tiny_cfg):
     assert result.trace is None and result.top_ops == []
 
 
+def test_bench_times_training_steps_under_an_eval_preset_without_changing_its_config(tiny_cfg):
+    cfg = tiny_cfg("--dataset=synthetic", "--vocab_size=128", "--eval_only=True")
+    result = bench(cfg, iters=1, warmup=0)
+    assert result.iters == 1 and result.final_loss > 0 and cfg.eval_only is True
+
+
 def test_bench_json_and_text(tmp_path):
     data = ngpt("bench", *TINY, f"--out_dir={tmp_path}", "--iters", "2", "--warmup", "1", "--json")
     result = last_json(data.stdout)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import pickle
 import random
 import re
 import subprocess
@@ -311,3 +313,187 @@ def test_non_finite_gradients_can_be_skipped_and_the_weights_stay_finite(tiny_cf
     assert result.iter_num == 7
     weights = load_checkpoint(tmp_path / "out")["model"]
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# ---------------------------------------------------------------- nanoGPT's checkpoints and meta.pkl
+
+NANOGPT_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+NANOGPT_ARGS = dict(n_layer=2, n_head=2, n_embd=16, block_size=32, bias=True, vocab_size=len(set(NANOGPT_TEXT)),
+                    dropout=0.0)  # nanoGPT's train.py: exactly these keys
+
+
+def nanogpt_weights(n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout, seed=3) -> dict:
+    """Random weights named and shaped as nanoGPT's model.py makes them (Linear weights (out, in),
+    lm_head tied to wte), with the causal-mask buffer `attn.bias` (1, 1, T, T) that nanoGPT registers
+    when flash attention is unavailable and that older checkpoints all carry. (Seed 3's greedy text
+    varies, "Firstmmm mo ...": a wrong logit shows.)"""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, mean=0.0):
+        return torch.randn(shape, generator=g) * 0.3 + mean
+
+    sd = {"transformer.wte.weight": randn(vocab_size, n_embd), "transformer.wpe.weight": randn(block_size, n_embd)}
+    shapes = {"ln_1.weight": (n_embd,), "attn.c_attn.weight": (3 * n_embd, n_embd), "attn.c_proj.weight": (n_embd,
+              n_embd), "ln_2.weight": (n_embd,), "mlp.c_fc.weight": (4 * n_embd, n_embd),
+              "mlp.c_proj.weight": (n_embd, 4 * n_embd)}
+    for i in range(n_layer):
+        for name, shape in shapes.items():
+            sd[f"transformer.h.{i}.{name}"] = randn(*shape, mean=1.0 if name.startswith("ln_") else 0.0)
+            if bias:
+                sd[f"transformer.h.{i}.{name.removesuffix('.weight')}.bias"] = randn(shape[0])
+        sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(block_size, block_size)).view(
+            1, 1, block_size, block_size)
+    sd["transformer.ln_f.weight"] = randn(n_embd, mean=1.0)
+    if bias:
+        sd["transformer.ln_f.bias"] = randn(n_embd)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]  # weight tying: one tensor under two names
+    return sd
+
+
+def nanogpt_logits(sd: dict, idx: torch.Tensor, n_layer: int, n_head: int, **_) -> torch.Tensor:
+    """nanoGPT's forward, written out from its model.py: pre-LN blocks, the mask from the `attn.bias`
+    buffer, the exact GELU of nn.GELU(), logits at every position."""
+    import math
+
+    from torch.nn import functional as F
+
+    B, T = idx.shape
+    C = sd["transformer.wte.weight"].shape[1]
+
+    def ln(x, name):
+        return F.layer_norm(x, (C,), sd[f"{name}.weight"], sd.get(f"{name}.bias"), 1e-5)
+
+    def linear(x, name):
+        return F.linear(x, sd[f"{name}.weight"], sd.get(f"{name}.bias"))
+
+    x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
+    for i in range(n_layer):
+        h = f"transformer.h.{i}"
+        q, k, v = linear(ln(x, f"{h}.ln_1"), f"{h}.attn.c_attn").split(C, dim=2)
+        q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(sd[f"{h}.attn.bias"][:, :, :T, :T] == 0, float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        x = x + linear(y, f"{h}.attn.c_proj")
+        x = x + linear(F.gelu(linear(ln(x, f"{h}.ln_2"), f"{h}.mlp.c_fc")), f"{h}.mlp.c_proj")
+    return F.linear(ln(x, "transformer.ln_f"), sd["lm_head.weight"])
+
+
+def write_nanogpt_run(root: Path, model_args: dict | None = None, dataset="shakespeare_char", meta_at="data"):
+    """A nanoGPT run as its train.py and data/<dataset>/prepare.py leave it: root/out/ckpt.pt (the state dict
+    of a torch.compile'd model, so every key has the `_orig_mod.` prefix) and the dataset's meta.pkl
+    (vocab_size, itos, stoi), pickled as nanoGPT pickles it. Returns (out_dir, weights, characters)."""
+    model_args = dict(model_args or NANOGPT_ARGS)
+    chars = sorted(set(NANOGPT_TEXT))
+    weights = nanogpt_weights(**model_args)
+    params = [torch.nn.Parameter(w.clone()) for k, w in weights.items() if not k.endswith(".attn.bias")]
+    optimizer = torch.optim.AdamW(params, lr=6e-4, betas=(0.9, 0.95))
+    sum(p.square().sum() for p in params).backward()
+    optimizer.step()
+    config = {"out_dir": "out", "eval_interval": 250, "dataset": dataset, "batch_size": 12, "block_size": 32,
+              "learning_rate": 1e-3, "compile": True, "dtype": "bfloat16", "init_from": "scratch",
+              "always_save_checkpoint": False, "backend": "nccl", "device": "cuda"}
+    out = root / "out"
+    out.mkdir(parents=True)
+    torch.save({"model": {"_orig_mod." + k: v for k, v in weights.items()}, "optimizer": optimizer.state_dict(),
+                "model_args": model_args, "iter_num": 250, "best_val_loss": torch.tensor(1.4697), "config": config},
+               out / "ckpt.pt")
+    meta_dir = {"data": root / "data" / dataset, "out": out, None: None}[meta_at]
+    if meta_dir is not None:
+        meta_dir.mkdir(parents=True, exist_ok=True)
+        with open(meta_dir / "meta.pkl", "wb") as f:
+            pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                         "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    return out, weights, chars
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_nanogpt_checkpoint_loads_and_computes_nanogpts_logits(tmp_path, monkeypatch, bias):
+    monkeypatch.chdir(tmp_path)
+    model_args = {**NANOGPT_ARGS, "bias": bias}
+    out, weights, chars = write_nanogpt_run(tmp_path, model_args)
+    for where in (out, out / "ckpt.pt", str(out)):
+        ckpt = load_checkpoint(where)
+        plain = {k: v for k, v in weights.items() if not k.endswith(".attn.bias")}
+        assert ckpt["model"].keys() == plain.keys()  # prefixes stripped, mask buffers dropped, nothing else
+        assert all(torch.equal(ckpt["model"][k], v) for k, v in plain.items())
+        assert ckpt["iter_num"] == 250 and float(ckpt["best_val_loss"]) == pytest.approx(1.4697)
+
+    model, meta, _ = load_model(str(out), str(out))  # what ngpt sample/eval/finetune use
+    assert meta == {"tokenizer": "char", "vocab_size": len(chars), "itos": chars}
+    assert model.config.activation == "gelu" and model.config.bias is bias  # nanoGPT's nn.GELU() is exact
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = torch.randint(0, len(chars), (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.eval()(idx, all_logits=True)[0]
+    torch.testing.assert_close(ours, nanogpt_logits(weights, idx, **model_args), atol=1e-5, rtol=0)
+
+
+def test_ngpt_sample_on_a_nanogpt_out_dir(tmp_path, monkeypatch):
+    """`ngpt sample --out-dir` on a nanoGPT run, end to end: the char vocabulary comes from the dataset's
+    meta.pkl, and greedy decoding follows nanoGPT's own logits."""
+    monkeypatch.chdir(tmp_path)
+    out, weights, chars = write_nanogpt_run(tmp_path)
+    prompt, n = "First", 20
+    idx = torch.tensor([[chars.index(c) for c in prompt]])
+    for _ in range(n):
+        with torch.no_grad():
+            idx = torch.cat([idx, nanogpt_logits(weights, idx, **NANOGPT_ARGS)[:, -1:].argmax(-1)], dim=1)
+    expected = "".join(chars[i] for i in idx[0].tolist())  # the prompt and its continuation
+
+    result = runner.invoke(app, ["sample", "--out-dir", str(out), "--prompt", prompt, "--num_samples=1",
+                                 f"--max_new_tokens={n}", "--temperature=0", "--device=cpu", "--json"])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert json.loads(result.stdout)["samples"] == [expected]
+
+
+def test_find_nanogpt_meta_locations(tmp_path, monkeypatch):
+    from nanogpt_cli.tokenizer import GPT2_META
+
+    out, _, chars = write_nanogpt_run(tmp_path / "a", meta_at="out")  # next to the checkpoint
+    assert ckpt_io.find_nanogpt_meta(out, {"dataset": "shakespeare_char"})["itos"] == chars
+    out, _, chars = write_nanogpt_run(tmp_path / "b")  # <out_dir>/../data/<dataset>/meta.pkl
+    assert ckpt_io.find_nanogpt_meta(out, {"dataset": "shakespeare_char"})["itos"] == chars
+
+    out, _, _ = write_nanogpt_run(tmp_path / "c", meta_at=None)
+    assert ckpt_io.find_nanogpt_meta(out, {"dataset": "shakespeare_char"}) == GPT2_META  # as nanoGPT assumes
+    cwd = tmp_path / "cwd"  # ./data/<dataset>/meta.pkl, as nanoGPT's sample.py looks from where it runs
+    (cwd / "data" / "shakespeare_char").mkdir(parents=True)
+    (cwd / "data" / "shakespeare_char" / "meta.pkl").write_bytes(
+        pickle.dumps({"vocab_size": 2, "itos": {0: "a", 1: "b"}, "stoi": {"a": 0, "b": 1}}))
+    monkeypatch.chdir(cwd)
+    assert ckpt_io.find_nanogpt_meta(out, {"dataset": "shakespeare_char"})["itos"] == ["a", "b"]
+    assert ckpt_io.find_nanogpt_meta(out, {"dataset": "openwebtext"}) == GPT2_META
+    assert ckpt_io.find_nanogpt_meta(out, None) == GPT2_META  # a checkpoint without a config
+
+
+class _ShellExploit:
+    """Unpickling this runs a shell command: what a malicious meta.pkl would do (in any pickle protocol)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_meta_pkl_that_would_run_code_is_refused_unrun(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "meta.pkl"
+    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
+        payload = {"vocab_size": 1, "itos": {0: _ShellExploit(marker)}, "stoi": {}}
+        path.write_bytes(pickle.dumps(payload, protocol=protocol))
+        with pytest.raises(NgptError, match="refusing"):
+            ckpt_io.read_nanogpt_meta_pkl(path)
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"vocab_size": 3, "stoi": {}}, "needs an 'itos' dict"),
+    ({"vocab_size": 3, "itos": {0: "a", 2: "b"}}, r"does not map ids 0\.\.2"),
+    ({"itos": {0: 1}}, "must be strings"),
+])
+def test_a_broken_meta_pkl_is_refused_clearly(tmp_path, meta, message):
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta))
+    with pytest.raises(NgptError, match=message):
+        ckpt_io.read_nanogpt_meta_pkl(tmp_path / "meta.pkl")

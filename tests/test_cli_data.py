@@ -1,19 +1,13 @@
 """End-to-end tests of `ngpt prepare ...` and `ngpt data ...` through typer's CliRunner."""
 
 import json
-import os
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from nanogpt_cli.cli_data import data_app, prepare_app
-
-SHAKESPEARE = os.environ.get("NGPT_TEST_SHAKESPEARE")
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE,
-                                       reason="set NGPT_TEST_SHAKESPEARE to tiny Shakespeare's input.txt")
-needs_gpt2 = pytest.mark.skipif(not os.environ.get("TIKTOKEN_CACHE_DIR"),
-                                reason="needs the GPT-2 BPE files: set TIKTOKEN_CACHE_DIR")
+from tests.conftest import needs_bpe, require_module
 
 app = typer.Typer()
 app.add_typer(prepare_app, name="prepare")
@@ -47,39 +41,37 @@ def assert_one_line_error(result, code, pattern):
     assert "Traceback" not in result.output
 
 
-@needs_shakespeare
-def test_shakespeare_char_reference_counts(ngpt, tmp_path):
-    result = ngpt("prepare", "shakespeare-char", "--source", SHAKESPEARE)
+def test_shakespeare_char_reference_counts(ngpt, tmp_path, shakespeare):
+    result = ngpt("prepare", "shakespeare-char", "--source", shakespeare)
     assert result.exit_code == 0, result.output
     meta = meta_of(tmp_path, "shakespeare_char")
     assert meta["vocab_size"] == len(meta["itos"]) == 65 and meta["tokenizer"] == "char"
     assert meta["splits"]["train"]["tokens"] == 1_003_854 and meta["splits"]["val"]["tokens"] == 111_540
     assert (tmp_path / "data" / "shakespeare_char" / "train.bin").stat().st_size == 2 * 1_003_854
     assert "1,003,854" in result.stdout and "uint16" in result.stdout
-    again = ngpt("prepare", "shakespeare-char", "--source", SHAKESPEARE)
+    again = ngpt("prepare", "shakespeare-char", "--source", shakespeare)
     assert again.exit_code == 0 and "up to date" in again.stdout
-    forced = ngpt("prepare", "shakespeare-char", "--source", SHAKESPEARE, "--force")
+    forced = ngpt("prepare", "shakespeare-char", "--source", shakespeare, "--force")
     assert forced.exit_code == 0 and "up to date" not in forced.stdout
 
 
-@needs_shakespeare
-@needs_gpt2
-def test_shakespeare_gpt2_reference_counts(ngpt, tmp_path):
-    result = ngpt("prepare", "shakespeare", "--source", SHAKESPEARE)
+@needs_bpe
+def test_shakespeare_gpt2_reference_counts(ngpt, tmp_path, shakespeare):
+    result = ngpt("prepare", "shakespeare", "--source", shakespeare)
     assert result.exit_code == 0, result.output
     meta = meta_of(tmp_path, "shakespeare")
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
     assert meta["splits"]["train"]["tokens"] == 301_966 and meta["splits"]["val"]["tokens"] == 36_059
     assert meta["eot_token"] == 50256 and meta["documents"] == 1
     # the same file through `prepare text`: same split by characters, plus the EOT that ends the document
-    result = ngpt("prepare", "text", SHAKESPEARE, "--name", "shakes_text")
+    result = ngpt("prepare", "text", shakespeare, "--name", "shakes_text")
     meta = meta_of(tmp_path, "shakes_text")
     assert meta["splits"]["train"]["tokens"] == 301_966 and meta["splits"]["val"]["tokens"] == 36_060
 
 
 def test_text_folder_jsonl_parquet(ngpt, tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    pa = require_module("pyarrow")
+    pq = require_module("pyarrow.parquet")
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
     for i in range(8):
@@ -148,7 +140,7 @@ def test_bad_input_fails_cleanly_and_keeps_the_dataset(ngpt, tmp_path):
 
 
 def test_hf_and_openwebtext_from_local_folders(ngpt, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require_module("datasets")
     datasets.disable_progress_bars()
     docs = [f"web page {i}: " + "some words here " * (i % 9 + 1) for i in range(400)]
     saved = tmp_path / "owt"
@@ -177,9 +169,9 @@ def test_data_help_has_examples(command):
     assert result.exit_code == 0 and "Example" in result.stdout and "--json" in result.stdout
 
 
-@needs_gpt2
+@needs_bpe
 def test_hf_eot_after_every_document_unless_no_eot(ngpt, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require_module("datasets")
     datasets.disable_progress_bars()
     saved = tmp_path / "stories"
     datasets.Dataset.from_dict({"text": [f"story {i}: once upon a time" for i in range(50)]}).save_to_disk(str(saved))

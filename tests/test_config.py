@@ -3,13 +3,17 @@
 import pytest
 
 from nanogpt_cli.config import (
+    EVAL_KEYS,
     SampleConfig,
     TrainConfig,
     build,
     coerce,
+    field_types,
+    help_epilog,
     list_presets,
     load_preset,
     parse_overrides,
+    resolve_preset,
     to_toml,
 )
 from nanogpt_cli.errors import UsageError
@@ -101,10 +105,13 @@ def test_every_nanogpt_preset_exists():
 
 
 def test_toml_round_trip(tmp_path):
+    import dataclasses
+
     cfg = build(TrainConfig, "finetune-shakespeare")
+    assert cfg.preset == "finetune-shakespeare"  # where the keys started, kept in the run's config
     path = tmp_path / "c.toml"
     path.write_text(to_toml(cfg))
-    assert build(TrainConfig, str(path)) == cfg
+    assert build(TrainConfig, str(path)) == dataclasses.replace(cfg, preset=str(path))
 
 
 def test_sample_config_validation():
@@ -117,3 +124,42 @@ def test_sample_config_validation():
 
 def test_parse_overrides_keeps_negative_numbers_as_values():
     assert parse_overrides(["--seed", "-5"], TrainConfig) == {"seed": "-5"}
+
+
+def test_model_config_is_the_scratch_architecture():
+    from nanogpt_cli.model import GPTConfig
+
+    cfg = build(TrainConfig, "shakespeare-char", ["--bias=True", "--dropout=0.1"])
+    assert cfg.model_config(65) == GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, bias=True,
+                                             dropout=0.1, vocab_size=65, activation="gelu")
+
+
+def test_resolve_preset_picks_the_config_its_keys_belong_to(tmp_path):
+    assert resolve_preset("shakespeare-char") == build(TrainConfig, "shakespeare-char")
+    sampling = tmp_path / "sampling.toml"
+    sampling.write_text("num_samples = 2\ntop_p = 0.9\n")
+    cfg = resolve_preset(str(sampling))
+    assert isinstance(cfg, SampleConfig) and (cfg.num_samples, cfg.top_p) == (2, 0.9)
+    assert field_types(SampleConfig)["top_p"] == float | None
+
+
+def test_help_epilog_lists_only_the_keys_asked_for():
+    everything, some = help_epilog(TrainConfig), help_epilog(TrainConfig, EVAL_KEYS)
+    assert "--learning_rate" in everything and "--learning_rate" not in some and "--n_layer" not in some
+    assert all(f"--{key} (" in some for key in EVAL_KEYS) and "other config keys are accepted" in some
+    assert "other config keys" not in everything
+
+
+def test_the_cpu_quickstart_preset_is_nanogpts_cpu_recipe():
+    """presets/shakespeare-char-cpu.toml is nanoGPT's README command for a CPU: train_shakespeare_char.py with
+    --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4
+    --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0 (logging every 10 steps)."""
+    import dataclasses
+
+    recipe = build(TrainConfig, "shakespeare-char", ["--device=cpu", "--compile=False", "--eval_iters=20",
+                                                     "--log_interval=10", "--block_size=64", "--batch_size=12",
+                                                     "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                                                     "--lr_decay_iters=2000", "--dropout=0.0"])
+    preset = build(TrainConfig, "shakespeare-char-cpu")
+    ignored = ("preset", "out_dir", "wandb_project", "wandb_run_name")
+    assert dataclasses.replace(preset, **{k: getattr(recipe, k) for k in ignored}) == recipe

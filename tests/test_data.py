@@ -75,3 +75,21 @@ def test_unprepared_and_too_short_datasets_say_what_to_do(tmp_path):
     (folder / "meta.json").write_text(json.dumps({"vocab_size": 10, "dtype": "uint16"}))
     with pytest.raises(NgptError, match="fewer than block_size"):
         BatchLoader(folder, load_meta(folder), batch_size=1, block_size=16, device=CPU)
+
+
+def test_a_dataset_name_is_found_with_dashes_or_underscores(tmp_path):
+    from tests.conftest import write_char_dataset
+
+    write_char_dataset(tmp_path, "shakespeare_char")
+    assert dataset_path("shakespeare-char", str(tmp_path)) == tmp_path / "shakespeare_char"
+    assert dataset_path("shakespeare_char", str(tmp_path)) == tmp_path / "shakespeare_char"
+
+
+def test_a_missing_dataset_suggests_the_near_match_or_the_recipe(tmp_path):
+    from tests.conftest import write_char_dataset
+
+    with pytest.raises(NgptError, match=r"run `ngpt prepare shakespeare-char` \(it makes 'shakespeare_char'\)"):
+        load_meta(dataset_path("shakespeare-char", str(tmp_path)))
+    write_char_dataset(tmp_path, "my_notes")
+    with pytest.raises(NgptError, match="did you mean --dataset=my_notes"):
+        load_meta(dataset_path("my_note", str(tmp_path)))

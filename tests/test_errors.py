@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import typer
 
-from nanogpt_cli.errors import NgptError, UsageError, debug_enabled, report_errors
+from nanogpt_cli.errors import NgptError, UsageError, debug_enabled, one_line, report_errors
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +32,14 @@ def run(exc: BaseException, capsys) -> tuple[int, str, str]:
 def test_exit_codes_of_the_error_types():
     assert NgptError("x").exit_code == 1 and UsageError("x").exit_code == 2
     assert NgptError("x", exit_code=3).exit_code == 3 and isinstance(UsageError("x"), NgptError)
+
+
+def test_one_line():
+    assert one_line(OSError("could not\n  connect:\tretry  later ")) == "could not connect: retry later"
+    assert one_line(ValueError("a b c d e"), 5) == "a b c"
+    assert one_line("  text\r\nof a library ") == "text of a library"
+    assert one_line(KeyboardInterrupt()) == "KeyboardInterrupt"  # no message: the type says what happened
+    assert one_line(RuntimeError("x" * 500)) == "x" * 500 and one_line("") == ""
 
 
 @pytest.mark.parametrize("exc, code, line", [

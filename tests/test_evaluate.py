@@ -3,6 +3,7 @@ GPT-2 saved as a Hugging Face folder and Tiny Shakespeare prepared in GPT-2 BPE.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,10 +14,11 @@ from typer.testing import CliRunner
 from nanogpt_cli.cli import app
 from nanogpt_cli.config import TrainConfig, build
 from nanogpt_cli.data import BatchLoader, load_meta
-from nanogpt_cli.evaluate import evaluate_loss
-from tests.conftest import shared_file
+from nanogpt_cli.errors import UsageError
+from nanogpt_cli.evaluate import evaluate_loss, run_eval
+from tests.conftest import require_module, shared_file
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 runner = CliRunner()
 CPU = torch.device("cpu")
 
@@ -93,9 +95,10 @@ def test_eval_gpt2_presets_are_nanogpts_and_run_with_a_local_model(shakespeare_b
 
 def test_eval_refuses_a_dataset_of_another_vocabulary(tmp_path, data_dir, hf_folder):
     result = ngpt("eval", f"--init_from={hf_folder}", "--dataset=tiny_char", f"--data_dir={data_dir}",
-                  "--device=cpu", code=1)
+                  "--device=cpu", code=2)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "does not match" in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "uses the 'char' tokenizer but the model was trained with 'gpt2'" in lines[0]
 
 
 def test_finetune_preset_from_a_tiny_hf_model_on_shakespeare_bpe(tmp_path, shakespeare_bpe, hf_folder):
@@ -103,8 +106,10 @@ def test_finetune_preset_from_a_tiny_hf_model_on_shakespeare_bpe(tmp_path, shake
     common = (f"--data_dir={shakespeare_bpe}", f"--out_dir={out}", "--device=cpu", "--dtype=float32",
               "--compile=False", "--eval_iters=2", "--eval_interval=2", "--max_iters=2",
               "--always_save_checkpoint=True")  # the preset saves only on a better val loss
-    # the preset's block size (1024) is larger than the model's: cropping is asked for, never silent
-    result = ngpt("finetune", "--preset", "finetune-shakespeare", f"--init_from={hf_folder}", *common, code=2)
+    # a block size longer than the model's is refused (cropping is asked for, never silent); without one the
+    # finetune takes the model's own
+    result = ngpt("finetune", "--preset", "finetune-shakespeare", f"--init_from={hf_folder}", "--block_size=1024",
+                  *common, code=2)
     assert "larger than the model's 64" in result.stderr
     ngpt("finetune", "--preset", "finetune-shakespeare", f"--init_from={hf_folder}", "--block_size=32",
          "--gradient_accumulation_steps=2", *common)
@@ -131,3 +136,32 @@ def test_finetune_preset_from_a_tiny_hf_model_on_shakespeare_bpe(tmp_path, shake
          *common[:1], f"--out_dir={tmp_path / 'ft2'}", *common[2:])
     again = torch.load(tmp_path / "ft2" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert again["model_args"]["block_size"] == 16
+
+
+def test_run_eval_of_scratch_evaluates_the_out_dirs_checkpoint_and_leaves_the_config_alone(tiny_cfg):
+    from nanogpt_cli.train import train
+
+    cfg = tiny_cfg("--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2")
+    train(cfg)
+    before = dataclasses.replace(cfg)
+    report = run_eval(cfg, [])
+    assert cfg == before and cfg.init_from == "scratch"
+    assert report["model"] == cfg.out_dir and report["dataset"] == "tiny_char" and report["val_loss"] > 0
+    with pytest.raises(UsageError, match="--limit applies to the zero-shot benchmarks"):
+        run_eval(cfg, [], limit=5)
+
+
+def test_eval_of_a_run_uses_the_runs_own_dataset(tmp_path, data_dir):
+    """`ngpt eval --out_dir RUN` without --dataset: the run's dataset (and data folder), not openwebtext."""
+    from nanogpt_cli.train import run_config, train
+    from tests.conftest import TINY
+
+    train(run_config(None, [*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--max_iters=3"]))
+    report = json.loads(ngpt("eval", f"--out_dir={tmp_path / 'run'}", "--device=cpu", "--eval_iters=1",
+                             "--json").stdout)
+    assert report["dataset"] == "tiny_char" and report["val_loss"] > 0
+
+
+def test_sampling_a_hugging_face_folder_as_a_run_points_at_init_from(hf_folder):
+    result = ngpt("sample", f"--out_dir={hf_folder}", "--device=cpu", code=2)
+    assert f"is a Hugging Face model folder, not an ngpt run: load it with --init_from={hf_folder}" in result.stderr

@@ -1,22 +1,20 @@
-"""Hugging Face GPT-2 interop (both directions) and nanoGPT checkpoints, on tiny models made here."""
+"""Hugging Face GPT-2 interop (both directions), on tiny models made here."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import pickle
 import shutil
 import sys
 
 import pytest
 import torch
 
-from nanogpt_cli import hf
+from nanogpt_cli import hf, hub
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.model import GPT, GPTConfig
+from tests.conftest import needs_bpe, require_module
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 TOL = 1e-5
 
@@ -199,14 +197,10 @@ def test_export_refuses_a_file_destination(tmp_path):
         hf.export_hf(model, tmp_path / "f", {"tokenizer": None, "vocab_size": 16})
 
 
-def _tiktoken_file(url: str) -> str | None:
-    """A file in tiktoken's cache: it names them by the sha1 of their URL."""
-    path = os.path.join(os.environ["TIKTOKEN_CACHE_DIR"], hashlib.sha1(url.encode()).hexdigest())
-    return path if os.path.isfile(path) else None
-
-
-@pytest.mark.skipif(not os.environ.get("TIKTOKEN_CACHE_DIR"), reason="needs tiktoken's gpt2 files (TIKTOKEN_CACHE_DIR)")
+@needs_bpe
 def test_export_writes_gpt2_tokenizer(tmp_path):
+    """A GPT-2 BPE model exports with tokenizer files that transformers loads and that encode as ngpt does
+    (the files themselves: test_hf_tokenizer.py)."""
     import tiktoken
 
     enc = tiktoken.get_encoding("gpt2")
@@ -219,23 +213,9 @@ def test_export_writes_gpt2_tokenizer(tmp_path):
 
     tok = transformers.GPT2TokenizerFast.from_pretrained(str(dest))
     assert len(tok) == 50257 and tok.eos_token_id == 50256 and tok.model_max_length == 32
-    samples = ["Hello world", " leading space", "It's 3.14159 — naïve café's déjà vu!\n\n\tTabs   and  spaces  ",
-               "日本語のテキスト 🤖🎉", "def f(x):\n    return x ** 2  # comment\n"]
-    for text in samples:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        assert ids == enc.encode_ordinary(text), text
-        assert tok.decode(ids) == text
-
-    # the rebuilt files are OpenAI's own, when tiktoken's cache has those
-    bpe = _tiktoken_file("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe")
-    encoder = _tiktoken_file("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
-    if bpe and encoder:
-        with open(bpe, encoding="utf-8") as f:
-            want = [line for line in f.read().split("\n")[1:] if line]
-        got = [line for line in (dest / "merges.txt").read_text(encoding="utf-8").split("\n")[1:] if line]
-        assert got == want
-        with open(encoder, encoding="utf-8") as f:
-            assert json.loads((dest / "vocab.json").read_text(encoding="utf-8")) == json.load(f)
+    text = "It's 3.14159 — naïve café's déjà vu!\n\n\tTabs   and  spaces  "
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == enc.encode_ordinary(text) and tok.decode(ids) == text
 
     back, meta = hf.load_hf_gpt2(str(dest))
     assert back.config.vocab_size == 50304 and meta["tokenizer"] == "gpt2"
@@ -317,127 +297,6 @@ def test_transformers_missing(tmp_path, monkeypatch):
         hf.export_hf(model, tmp_path / "out", {"tokenizer": None, "vocab_size": 16})
 
 
-# --------------------------------------------------------------------------- nanoGPT checkpoints
-
-TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
-
-
-class Evil:
-    """Unpickling this runs a shell command: what a malicious file would do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def write_nanogpt_run(root, dataset="shakespeare_char", meta_at="data"):
-    """A fake nanoGPT run: root/out/ckpt.pt as nanoGPT's train.py saves it (compiled model) and
-    the dataset's meta.pkl as nanoGPT's prepare.py writes it."""
-    chars = sorted(set(TEXT))
-    model_args = dict(n_layer=2, n_head=2, n_embd=16, block_size=32, bias=False, vocab_size=len(chars), dropout=0.0)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**model_args, activation="gelu"))  # nanoGPT's nn.GELU() is the exact one
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, len(chars), (2, 8))
-    model(x, targets=x)[1].backward()
-    opt.step()
-    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
-    state["_orig_mod.transformer.h.0.attn.bias"] = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)  # old mask
-    config = {"out_dir": "out", "dataset": dataset, "batch_size": 12, "learning_rate": 1e-3, "compile": True,
-              "dtype": "bfloat16", "init_from": "scratch", "always_save_checkpoint": False, "betas": (0.9, 0.99)}
-    out = root / "out"
-    out.mkdir(parents=True)
-    torch.save({"model": state, "model_args": model_args, "iter_num": 5, "best_val_loss": torch.tensor(2.0),
-                "config": config, "optimizer": opt.state_dict()}, out / "ckpt.pt")
-    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
-    if meta_at == "data":
-        meta_dir = root / "data" / dataset
-    elif meta_at == "out":
-        meta_dir = out
-    else:
-        meta_dir = None
-    if meta_dir is not None:
-        meta_dir.mkdir(parents=True, exist_ok=True)
-        with open(meta_dir / "meta.pkl", "wb") as f:
-            pickle.dump(meta, f)
-    return out, model, chars
-
-
-def test_load_nanogpt_checkpoint(tmp_path):
-    out, model, chars = write_nanogpt_run(tmp_path)
-    for where in (out, out / "ckpt.pt", str(out)):
-        state, model_args = hf.load_nanogpt_checkpoint(where)
-        assert not any(k.startswith("_orig_mod.") for k in state)
-        assert "transformer.h.0.attn.bias" not in state
-        assert model_args == dict(n_layer=2, n_head=2, n_embd=16, block_size=32, bias=False,
-                                  vocab_size=len(chars), dropout=0.0, activation="gelu")  # nanoGPT's exact GELU
-        loaded = GPT(GPTConfig(**model_args))
-        loaded.load_state_dict(state, strict=True)
-        _assert_same_state(loaded, model)
-
-    from nanogpt_cli.checkpoint import load_model
-
-    loaded, _, _ = load_model(str(out), str(out))  # what ngpt sample/eval/finetune use: the same function
-    idx = torch.randint(0, len(chars), (2, 32))
-    torch.testing.assert_close(ngpt_logits(loaded.eval(), idx), ngpt_logits(model.eval(), idx), atol=0, rtol=0)
-
-    meta = hf.find_nanogpt_meta(out)  # <out_dir>/../data/<dataset>/meta.pkl, config read from the checkpoint
-    assert meta == {"tokenizer": "char", "vocab_size": len(chars), "itos": chars}
-    ckpt = hf.read_nanogpt_checkpoint(out)
-    assert ckpt["iter_num"] == 5 and float(ckpt["best_val_loss"]) == 2.0
-    assert hf.find_nanogpt_meta(out, ckpt["config"]) == meta
-
-
-def test_find_nanogpt_meta_locations(tmp_path, monkeypatch):
-    out, _, chars = write_nanogpt_run(tmp_path / "a", meta_at="out")  # next to the checkpoint
-    assert hf.find_nanogpt_meta(out)["itos"] == chars
-
-    out, _, chars = write_nanogpt_run(tmp_path / "b", meta_at=None)  # in ./data/<dataset>/ of the cwd
-    assert hf.find_nanogpt_meta(out) == hf.GPT2_META  # nothing found: GPT-2 BPE, as nanoGPT assumes
-    cwd = tmp_path / "cwd"
-    (cwd / "data" / "shakespeare_char").mkdir(parents=True)
-    with open(cwd / "data" / "shakespeare_char" / "meta.pkl", "wb") as f:
-        pickle.dump({"vocab_size": 2, "itos": {0: "a", 1: "b"}, "stoi": {"a": 0, "b": 1}}, f)
-    monkeypatch.chdir(cwd)
-    assert hf.find_nanogpt_meta(out, {"dataset": "shakespeare_char"})["itos"] == ["a", "b"]
-    assert hf.find_nanogpt_meta(out, {"dataset": "openwebtext"}) == hf.GPT2_META
-
-
-def test_malicious_meta_pkl_is_refused_unexecuted(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "meta.pkl"
-    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
-        with open(path, "wb") as f:
-            pickle.dump({"vocab_size": 1, "itos": {0: Evil(marker)}, "stoi": {}}, f, protocol=protocol)
-        with pytest.raises(NgptError, match="refusing"):
-            hf.read_nanogpt_meta_pkl(path)
-        assert not marker.exists()
-
-
-def test_malicious_checkpoint_is_refused_unexecuted(tmp_path):
-    marker = tmp_path / "pwned"
-    out = tmp_path / "out"
-    out.mkdir()
-    torch.save({"model": {}, "model_args": {}, "config": Evil(marker)}, out / "ckpt.pt")
-    with pytest.raises(NgptError, match="refusing"):
-        hf.load_nanogpt_checkpoint(out)
-    assert not marker.exists()
-
-
-def test_checkpoint_errors(tmp_path):
-    with pytest.raises(NgptError, match="no nanoGPT checkpoint"):
-        hf.load_nanogpt_checkpoint(tmp_path)
-    torch.save({"weights": {}}, tmp_path / "ckpt.pt")
-    with pytest.raises(NgptError, match="not a nanoGPT checkpoint"):
-        hf.load_nanogpt_checkpoint(tmp_path)
-    with open(tmp_path / "meta.pkl", "wb") as f:
-        pickle.dump({"vocab_size": 3, "stoi": {}}, f)
-    with pytest.raises(NgptError, match="itos"):
-        hf.read_nanogpt_meta_pkl(tmp_path / "meta.pkl")
-
-
 def test_no_network_is_one_line_without_the_hubs_retry_warnings(monkeypatch, caplog):
     """A real failed hub download (a refused connection, retries made instant): huggingface_hub's
     per-retry warnings stay hidden (shown with --verbose) and ngpt's one line says how to pass a local folder."""
@@ -455,7 +314,7 @@ def test_no_network_is_one_line_without_the_hubs_retry_warnings(monkeypatch, cap
     monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                         endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(time, "sleep", lambda seconds: None)
-    monkeypatch.setattr(hf, "hub_reachable", lambda: True)  # a host that answers, then fails: the retry path
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)  # a host that answers, then fails: the retry path
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
 
@@ -499,7 +358,7 @@ def test_an_offline_machine_is_told_at_once_without_the_hubs_retries(unreachable
         raise AssertionError("the Hub client retried")
 
     monkeypatch.setattr(time, "sleep", no_retries)
-    assert hf.hub_reachable() is False
+    assert hub.hub_reachable() is False
     with pytest.raises(NgptError, match="could not be reached"):
         hf.load_hf_gpt2("someone/some-gpt2")
 

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from nanogpt_cli import __version__
 from nanogpt_cli.cli import app
-from nanogpt_cli.info import compile_support, cpu_features, environment_report, report_rows
+from nanogpt_cli.info import compile_support, cpu_features, environment_report
+from nanogpt_cli.report import environment_rows
 from nanogpt_cli.runtime import choose_compile, choose_dtype, resolve_device
 
 runner = CliRunner()
@@ -28,7 +29,7 @@ def test_report_is_a_plain_json_serialisable_dict():
                                                                                                           "auto")
     assert (report["device"]["compile"], report["device"]["compile_why"]) == choose_compile(device, None)
     assert report["threads"]["torch"] == torch.get_num_threads()
-    labels = [label for label, _ in report_rows(report)]
+    labels = [label for label, _ in environment_rows(report)]
     assert "peak FLOP/s" in labels and "torch.compile usable" in labels and "CPU features" in labels
 
 

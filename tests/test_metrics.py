@@ -16,6 +16,7 @@ from nanogpt_cli.config import to_dict
 from nanogpt_cli.errors import NgptError
 from nanogpt_cli.metrics import MetricsLog, read_jsonl, start_wandb
 from nanogpt_cli.train import train
+from tests.conftest import require_module
 
 
 def test_every_run_writes_metrics_jsonl_and_its_config(tiny_cfg):
@@ -107,7 +108,7 @@ def test_wandb_that_cannot_start_is_one_error_with_the_offline_hint(tiny_cfg, mo
 
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    require_module("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var, sub in (("WANDB_DIR", "wandb-dir"), ("WANDB_CACHE_DIR", "wandb-cache"),
                      ("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_DATA_DIR", "wandb-data")):

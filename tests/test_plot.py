@@ -13,6 +13,7 @@ from nanogpt_cli.cli import app
 from nanogpt_cli.errors import NgptError
 from nanogpt_cli.plot import load_run, plot_runs, run_labels
 from nanogpt_cli.train import train
+from tests.conftest import require_module
 
 runner = CliRunner()
 
@@ -33,7 +34,7 @@ def is_png(path: Path) -> bool:
 
 
 def test_plot_of_a_real_run(tiny_cfg, tmp_path):
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     cfg = tiny_cfg()
     train(cfg)
     run = load_run(cfg.out_dir)
@@ -45,7 +46,7 @@ def test_plot_of_a_real_run(tiny_cfg, tmp_path):
 
 
 def test_several_runs_on_one_chart_default_name(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     a, b = fake_run(tmp_path / "runs" / "a"), fake_run(tmp_path / "runs" / "b", scale=0.8)
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["plot", str(a), str(b)])

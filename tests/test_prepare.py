@@ -11,9 +11,7 @@ import pytest
 from nanogpt_cli import prepare as P
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.prepare import sources, writer
-
-needs_gpt2 = pytest.mark.skipif(not os.environ.get("TIKTOKEN_CACHE_DIR"),
-                                reason="needs the GPT-2 BPE files: set TIKTOKEN_CACHE_DIR")
+from tests.conftest import needs_bpe, require_module
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex one jolly knight".split()
 
@@ -39,9 +37,7 @@ def load(tmp_path, name):
 
 
 @pytest.fixture(scope="module")
-def gpt2():
-    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        pytest.skip("needs the GPT-2 BPE files: set TIKTOKEN_CACHE_DIR")
+def gpt2(bpe_files):
     import tiktoken
 
     return tiktoken.get_encoding("gpt2")
@@ -74,7 +70,7 @@ def test_invalid_utf8_names_file_and_byte(tmp_path):
     assert "\ufffd" in text and text.endswith(" more")
 
 
-@needs_gpt2
+@needs_bpe
 def test_pieces_tokenize_exactly_like_the_whole(gpt2):
     text = make_text(random.Random(0), 20000)
     whole = gpt2.encode_ordinary(text)
@@ -101,7 +97,7 @@ def test_char_single_file_is_split_by_characters(tmp_path):
         assert key in meta
 
 
-@needs_gpt2
+@needs_bpe
 def test_documents_end_with_eot_and_val_is_deterministic(tmp_path, gpt2, monkeypatch):
     monkeypatch.setattr(writer, "PIECE_CHARS", 300)  # long documents in many pieces, small work units
     monkeypatch.setattr(writer, "UNIT_CHARS", 700)
@@ -143,8 +139,8 @@ def test_val_is_never_empty(tmp_path):
 
 
 def test_jsonl_and_parquet_documents(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    pa = require_module("pyarrow")
+    pq = require_module("pyarrow.parquet")
     lines = [json.dumps({"body": f"line {i}", "id": i}) for i in range(5)] + ["", json.dumps({"body": None})]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     pq.write_table(pa.table({"body": ["row one", None, "row two"]}), tmp_path / "b.parquet")
@@ -197,13 +193,15 @@ def test_usage_errors(tmp_path):
         P.prepare_shakespeare_char(opts(tmp_path), source=str(tmp_path))
 
 
-def test_empty_corpus(tmp_path):
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_empty_corpus(tmp_path, tokenizer, request):
+    if tokenizer == "gpt2":
+        request.getfixturevalue("bpe_files")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n\n")
-    for tokenizer in ("char", "gpt2") if os.environ.get("TIKTOKEN_CACHE_DIR") else ("char",):
-        with pytest.raises(NgptError, match="empty corpus"):
-            P.prepare_text([str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl")],
-                           opts(tmp_path, tokenizer=tokenizer))
+    with pytest.raises(NgptError, match="empty corpus"):
+        P.prepare_text([str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl")],
+                       opts(tmp_path, tokenizer=tokenizer))
     assert not any((tmp_path / "data").iterdir())  # no temporary folder left behind
 
 
@@ -260,7 +258,7 @@ def test_failures_leave_the_previous_dataset_intact(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["ds"]  # no temporary folders
 
 
-@needs_gpt2
+@needs_bpe
 def test_special_token_text_and_lone_surrogates_are_plain_text(tmp_path, gpt2):
     docs = ["say <|endoftext|> twice <|endoftext|>", "lone \ud800 surrogate"]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -271,7 +269,7 @@ def test_special_token_text_and_lone_surrogates_are_plain_text(tmp_path, gpt2):
     assert tokens == expected
 
 
-@needs_gpt2
+@needs_bpe
 def test_large_vocab_is_written_as_uint32(tmp_path, monkeypatch, gpt2):
     from nanogpt_cli.tokenizer import TiktokenTokenizer
 
@@ -289,7 +287,7 @@ def test_large_vocab_is_written_as_uint32(tmp_path, monkeypatch, gpt2):
     assert size == 4 * n
 
 
-@needs_gpt2
+@needs_bpe
 def test_a_large_file_is_read_in_pieces(tmp_path, monkeypatch):
     """Memory stays flat: one big text file never sits in memory whole, nor do its tokens."""
     monkeypatch.setattr(sources, "READ_BYTES", 1 << 14)
@@ -362,14 +360,14 @@ def test_default_name():
 
 @pytest.fixture
 def hf_datasets(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    datasets = require_module("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     datasets.disable_progress_bars()
     return datasets
 
 
-@needs_gpt2
+@needs_bpe
 def test_openwebtext_recipe_on_a_local_dataset(tmp_path, hf_datasets, gpt2):
     rng = random.Random(4)
     docs = [make_text(rng, rng.randint(5, 60)) for _ in range(3000)]
@@ -386,7 +384,7 @@ def test_openwebtext_recipe_on_a_local_dataset(tmp_path, hf_datasets, gpt2):
         assert bins[ours].tolist() == expected
     assert meta["documents"] == summary["documents"] == 3000 and meta["dtype"] == "uint16"
     # the same code path from local parquet files
-    pq = pytest.importorskip("pyarrow.parquet")
+    pq = require_module("pyarrow.parquet")
     pq.write_table(hf_datasets.Dataset.from_dict({"text": docs}).data.table, tmp_path / "owt.parquet")
     P.prepare_openwebtext(opts(tmp_path, name="owt_parquet"), data_files=[str(tmp_path / "*.parquet")])
     _, again = load(tmp_path, "owt_parquet")
@@ -429,14 +427,16 @@ def test_hf_hub_without_network(tmp_path, hf_datasets, monkeypatch):
     (["openwebtext"], "pass --dataset-id FOLDER .* or --data-files FILES"),
 ])
 def test_hub_unreachable_is_one_line_without_retry_warnings(tmp_path, args, hint):
-    """No network (a Hub that refuses connections): huggingface_hub's retry warnings stay quiet and
-    the command says, in one line, to use local data; its waits between retries are skipped here."""
+    """No network (a Hub that refuses connections): the command says at once, in one line, to use local data.
+    The Hub's host is probed first, so the Hub client never waits between retries (a wait fails this test)."""
     import re
     import subprocess
     import sys
 
-    pytest.importorskip("datasets")
-    child = ("import sys, time; time.sleep = lambda s: None\n"
+    require_module("datasets")
+    child = ("import sys, time\n"
+             "def no_retries(seconds): raise SystemExit('the Hub client retried')\n"
+             "time.sleep = no_retries\n"
              "from nanogpt_cli.cli_data import prepare_app\n"
              "prepare_app(sys.argv[1:], prog_name='ngpt prepare')")
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",

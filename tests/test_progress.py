@@ -1,5 +1,5 @@
 """Terminal conventions: data on stdout, logs on stderr, no ANSI in pipes, NO_COLOR, --quiet/--verbose,
-shell completion, and the loss sparkline in the end-of-training summary."""
+shell completion, and the end-of-training summary on stderr."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from nanogpt_cli import progress
 from nanogpt_cli.cli import app
 from nanogpt_cli.errors import UsageError
-from nanogpt_cli.progress import TrainProgress, configure, make_console, sparkline
+from nanogpt_cli.progress import TrainProgress, configure, make_console
+from nanogpt_cli.report import sparkline
 from tests.conftest import TINY
 
 runner = CliRunner()
@@ -27,15 +28,6 @@ def default_console():
     configure()
     yield
     configure()
-
-
-def test_sparkline():
-    assert sparkline([]) == "" and sparkline([float("nan")]) == ""
-    line = sparkline([4.0, 3.0, 2.0, 1.0])
-    assert line[0] == "█" and line[-1] == "▁" and len(line) == 4
-    assert len(sparkline([float(i) for i in range(1000)], width=40)) == 40
-    assert sparkline([2.0, float("inf"), 1.0]) == "█▁"
-    assert set(sparkline([3.0, 3.0, 3.0])) == {"▁"}  # flat: no division by zero
 
 
 def test_summary_shows_the_loss_sparkline(capsys, tmp_path):

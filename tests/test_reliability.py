@@ -121,6 +121,39 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, data_
     assert step_losses(out) == step_losses(reference) and len(step_losses(out)) == reached + 4
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_saves_when_its_output_pipe_has_closed(tmp_path, data_dir, sig, code):
+    """`ngpt train ... 2>&1 | tee log` and Ctrl-C: the terminal's Ctrl-C ends tee too, so the stop message and
+    every line after it meet a closed pipe. The checkpoint must still be saved, at the step the metrics reached."""
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    log.write_text("(the run's output went to the pipe)")
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_cli", "train", *SIGNAL_ARGS, f"--data_dir={data_dir}",
+                             f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+    assert proc.stdout.readline()  # the run is writing to the pipe
+    wait_for(lambda: len(step_losses(out)) >= 5 if (out / "metrics.jsonl").exists() else False, proc, log)
+    proc.stdout.close()  # tee is gone
+    written = len(step_losses(out))
+    wait_for(lambda: len(step_losses(out)) >= written + 3, proc, log)  # steps go on, writing into the closed pipe
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == code
+    ckpt = load_checkpoint(out)
+    assert ckpt["iter_num"] == max(step_losses(out)) + 1  # saved at the step the metrics reached
+
+
+def test_sigterm_saves_with_stdout_and_stderr_closed_from_the_start(tmp_path, data_dir):
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    log.write_text("(the run had no output)")
+    read, write = os.pipe()
+    os.close(read)  # every write the run makes fails (EPIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_cli", "train", *SIGNAL_ARGS, f"--data_dir={data_dir}",
+                             f"--out_dir={out}"], stdout=write, stderr=write, env=ENV)
+    os.close(write)
+    wait_for(lambda: len(step_losses(out)) >= 5 if (out / "metrics.jsonl").exists() else False, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert load_checkpoint(out)["iter_num"] == max(step_losses(out)) + 1
+
+
 def test_a_second_ctrl_c_aborts_at_once(tmp_path, data_dir):
     """With steps of a few seconds, the second SIGINT must not wait for the step (or a save) to finish."""
     out, log = tmp_path / "out", tmp_path / "log.txt"

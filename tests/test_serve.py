@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import signal
 import socket
@@ -26,10 +25,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from tests.conftest import missing, require_module
+
+httpx = require_module("httpx")
+openai = require_module("openai")
+require_module("fastapi")  # the serve extra
+require_module("uvicorn")
 
 from nanogpt_cli.checkpoint import FORMAT  # noqa: E402
 from nanogpt_cli.cli import app  # noqa: E402
@@ -351,11 +352,8 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's, installed by .ci/run
 
 def test_the_playground_page_streams_a_completion_in_chromium(run, url):
     if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing (apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    sync_api = pytest.importorskip("playwright.sync_api")
+        missing(f"needs {CHROMIUM} (apt-get install chromium; .ci/run installs it)")
+    sync_api = require_module("playwright.sync_api")
     expected = ngpt_sample_greedy(run, "JULIET:", 60)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
@@ -365,7 +363,7 @@ def test_the_playground_page_streams_a_completion_in_chromium(run, url):
             outside = []  # the page fetches nothing but its own server
             page.on("request", lambda request: None if request.url.startswith(url) else outside.append(request.url))
             page.goto(f"{url}/")
-            sync_api.expect(page.locator("#model")).to_contain_text("tiny")
+            sync_api.expect(page.locator("#model")).to_contain_text("tiny", timeout=20_000)
             page.fill("#prompt", "JULIET:")
             page.fill("#temperature", "0")
             page.fill("#max_tokens", "60")
@@ -374,7 +372,7 @@ def test_the_playground_page_streams_a_completion_in_chromium(run, url):
                                                                           subtree: true}); }""")
             page.click("#generate")
             sync_api.expect(page.locator("#output .completion")).to_have_text(expected, timeout=20_000)
-            sync_api.expect(page.locator("#status")).to_contain_text("60 tokens")
+            sync_api.expect(page.locator("#status")).to_contain_text("60 tokens", timeout=20_000)
             assert "tokens/s" in page.text_content("#status")
             assert page.evaluate("window.updates") > 1  # the text arrived piece by piece
             assert page.text_content("#output .prompt") == "JULIET:" and not outside

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from nanogpt_cli.errors import NgptError, UsageError
@@ -37,12 +35,6 @@ def test_metadata_errors():
 def test_unknown_encoding_lists_the_known_ones():
     with pytest.raises(UsageError, match=r"unknown tokenizer 'gpt7'; choose one of: char, .*gpt2"):
         TiktokenTokenizer("gpt7")
-
-
-@pytest.fixture
-def bpe_files():
-    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        pytest.skip("TIKTOKEN_CACHE_DIR is not set (it holds the GPT-2 BPE files; .ci/run sets it)")
 
 
 def test_gpt2_bpe_round_trip_and_end_of_text(bpe_files):

@@ -344,3 +344,105 @@ def test_training_on_cuda_with_the_automatic_choices_learns_resumes_and_samples_
     sampled = CliRunner().invoke(app, ["sample", f"--out_dir={tmp_path / 'full'}", "--device=cpu",
                                        "--max_new_tokens=20", "--seed=1"])
     assert sampled.exit_code == 0 and len(sampled.stdout.strip()) > 0, sampled.stderr
+
+
+def test_a_worse_val_loss_leaves_the_checkpoint_alone(tiny_cfg, tmp_path, monkeypatch):
+    """Without always_save_checkpoint, an evaluation that does not improve on the best val loss writes nothing;
+    one that improves saves."""
+    from nanogpt_cli.train import Trainer
+
+    vals = iter([3.0, 2.0, 2.5, 1.0])  # iterations 0, 3 (better: saved), 6 (worse: not saved), 9 (better: saved)
+
+    def scripted(self):
+        return {"train": 1.0, "val": next(vals)}
+
+    monkeypatch.setattr(Trainer, "evaluate", scripted)
+    saves = []
+    original_save = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self: saves.append(self.iter_num) or original_save(self))
+    train(tiny_cfg("--no-always_save_checkpoint", "--max_iters=9"))
+    assert saves == [3, 9]
+    ckpt = load_checkpoint(tmp_path / "out")
+    assert ckpt["iter_num"] == 9 and ckpt["best_val_loss"] == 1.0
+
+
+def test_a_worse_val_loss_does_not_touch_the_file(tiny_cfg, tmp_path, monkeypatch):
+    from nanogpt_cli.train import Trainer
+
+    train(tiny_cfg("--no-always_save_checkpoint", "--max_iters=3"))
+    path = tmp_path / "out" / "ckpt.pt"
+    before, stamp = path.read_bytes(), path.stat().st_mtime_ns
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"train": 9.0, "val": 9.0})  # worse than any real loss
+    train(tiny_cfg("--no-always_save_checkpoint", "--init_from=resume", "--max_iters=6"))
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------- runs that remember themselves
+
+def tiny_args(tmp_path, data_dir, *extra):
+    from tests.conftest import TINY
+
+    return [*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", *extra]
+
+
+def test_a_resumed_run_continues_its_saved_config(tmp_path, data_dir):
+    from nanogpt_cli.train import run_config
+
+    train(run_config(None, tiny_args(tmp_path, data_dir, "--max_iters=3", "--block_size=16")))
+    # only out_dir and init_from typed: everything else (block size 16, the dataset, the schedule) is the run's
+    resumed = run_config(None, [f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--max_iters=6"])
+    assert (resumed.block_size, resumed.dataset, resumed.max_iters) == (16, "tiny_char", 6)
+    assert resumed.n_layer == 2 and resumed.data_dir == str(data_dir)
+    assert train(resumed).iter_num == 7
+
+
+def test_a_resume_refuses_to_change_the_models_shape(tmp_path, data_dir):
+    from nanogpt_cli.train import run_config
+
+    train(run_config(None, tiny_args(tmp_path, data_dir, "--max_iters=3")))
+    with pytest.raises(UsageError, match=r"--n_layer=4: a resumed run keeps its model's n_layer \(2\)"):
+        run_config(None, [f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--n_layer=4"])
+    with pytest.raises(UsageError, match="keeps its model's block_size"):
+        run_config(None, [f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--block_size=8"])
+    same = run_config(None, [f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--n_layer=2"])
+    assert same.n_layer == 2  # typing the value it has is fine
+
+
+def test_a_preset_does_not_override_the_run_it_resumes(tmp_path, data_dir):
+    """`ngpt train --preset shakespeare-char --init_from=resume` right after a quickstart that changed the
+    preset's model: the preset's keys are the start of a new run, not of this one."""
+    from nanogpt_cli.train import run_config
+
+    out = f"--out_dir={tmp_path / 'out'}"
+    first = run_config("shakespeare-char", [*tiny_args(tmp_path, data_dir, "--max_iters=3"), out])
+    train(first)
+    resumed = run_config("shakespeare-char", [out, "--init_from=resume", "--max_iters=6"])
+    assert (resumed.block_size, resumed.n_embd, resumed.preset) == (32, 32, "shakespeare-char")
+    assert train(resumed).iter_num == 7
+
+
+def test_finetune_from_a_run_takes_its_shape_and_finetuning_defaults(tmp_path, data_dir):
+    from nanogpt_cli.train import run_config
+
+    train(run_config(None, tiny_args(tmp_path, data_dir, "--max_iters=3")))
+    cfg = run_config(None, [f"--init_from={tmp_path / 'out'}", f"--out_dir={tmp_path / 'ft'}", "--dataset=tiny_char",
+                            f"--data_dir={data_dir}", "--device=cpu", "--max_iters=2", "--eval_interval=2",
+                            "--eval_iters=1", "--compile=False"], finetune=True)
+    assert (cfg.learning_rate, cfg.decay_lr, cfg.warmup_iters, cfg.block_size) == (3e-5, False, 0, None)
+    assert train(cfg).iter_num == 3
+    ckpt = load_checkpoint(tmp_path / "ft")
+    assert ckpt["model_args"]["block_size"] == 32 and ckpt["config"]["block_size"] == 32
+    assert ckpt["config"]["n_layer"] == 2
+
+
+def test_a_preset_sets_finetuning_keys_itself(tmp_path):
+    from nanogpt_cli.train import run_config
+
+    cfg = run_config("finetune-shakespeare", ["--init_from=gpt2"], finetune=True)
+    assert cfg.learning_rate == build(TrainConfig, "finetune-shakespeare").learning_rate
+
+
+def test_a_warmup_longer_than_the_run_is_reported_at_start(tiny_cfg, capsys):
+    train(tiny_cfg("--warmup_iters=50", "--max_iters=4"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warmup_iters (50) is longer than the run (max_iters 4)" in err

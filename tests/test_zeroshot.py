@@ -19,6 +19,7 @@ from nanogpt_cli import zeroshot
 from nanogpt_cli.cli import app
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.model import GPTConfig
+from tests.conftest import require_module
 
 runner = CliRunner()
 CPU = torch.device("cpu")
@@ -76,9 +77,7 @@ def one_line_error(result, *parts: str) -> str:
 
 
 @pytest.fixture
-def tiktoken_gpt2():
-    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        pytest.skip("TIKTOKEN_CACHE_DIR is not set (it points at the GPT-2 BPE files; .ci/run sets it)")
+def tiktoken_gpt2(bpe_files):
     import tiktoken
 
     return tiktoken.get_encoding("gpt2")
@@ -175,7 +174,7 @@ def test_fit_window_keeps_the_last_block_size_tokens():
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
                                      initializer_range=0.2)  # peakier than GPT-2's 0.02: no near-ties

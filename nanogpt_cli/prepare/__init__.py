@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nanogpt_cli.config import resolve_data_dir
 from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.hub import OPENWEBTEXT_ID, OPENWEBTEXT_REVISION
 from nanogpt_cli.prepare.sources import (
     SHAKESPEARE_URL,
     Corpus,
@@ -49,10 +50,6 @@ __all__ = [
     "dtype_for_vocab", "list_datasets", "pieces", "prepare_hf", "prepare_openwebtext", "prepare_shakespeare",
     "prepare_shakespeare_char", "prepare_text", "read_text_chunks", "resolve_paths",
 ]
-
-OPENWEBTEXT_ID = "Skylion007/openwebtext"
-# datasets >= 4 runs no loading scripts, and openwebtext is a script dataset: read the Hub's parquet export
-OPENWEBTEXT_REVISION = "refs/convert/parquet"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,19 +8,19 @@ incremental: a text file a MiB at a time, JSONL a line at a time, parquet and da
 from __future__ import annotations
 
 import codecs
-import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from nanogpt_cli.atomic import download
 from nanogpt_cli.config import cache_dir
-from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.errors import NgptError, UsageError, one_line
+from nanogpt_cli.hub import hub_error, offline_unless_reachable, quiet_hub_logs
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
@@ -55,10 +55,6 @@ class Corpus:
 def _stat(path: Path) -> list:
     st = path.stat()
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def read_text_chunks(path: Path, errors: str = "strict", chunk_bytes: int = 0) -> Iterator[tuple[str, int]]:
@@ -114,7 +110,7 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise NgptError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
+        raise NgptError(f"{path}: not a readable parquet file ({one_line(e)})") from None
     names = pf.schema_arrow.names
     if text_field not in names:
         raise NgptError(f"{path}: no {text_field!r} column (found: {', '.join(names)}); "
@@ -199,7 +195,7 @@ def _dataset_documents(ds, text_field: str, where: str, split: str | None = None
         raise NgptError(f"{where} has no {text_field!r} column (found: {', '.join(names)}); "
                         "choose the column with --text-field")
     try:
-        with _quiet_hub():
+        with quiet_hub_logs():
             for batch in ds.select_columns([text_field]).iter(batch_size=1000):
                 for text in batch[text_field]:
                     if text is not None and not isinstance(text, str):
@@ -210,7 +206,7 @@ def _dataset_documents(ds, text_field: str, where: str, split: str | None = None
     except KeyError:
         raise NgptError(f"{where} has no {text_field!r} column; choose the column with --text-field") from None
     except Exception as e:  # network and format errors surface while streaming
-        raise NgptError(f"could not read {where}: {_one_line(e)}") from None
+        raise NgptError(f"could not read {where}: {one_line(e)}") from None
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -225,22 +221,11 @@ def _folder_identity(path: Path) -> list:
 LOCAL_HINT = "pass a local folder (saved with save_to_disk, or of .parquet/.jsonl files) instead"
 
 
-def _hub_error(name: str, e: Exception, hint: str = LOCAL_HINT) -> NgptError:
-    return NgptError(f"could not load {name!r} ({type(e).__name__}: {_one_line(e)}); without network, {hint}")
-
-
-@contextlib.contextmanager
-def _quiet_hub():
-    """Without network, huggingface_hub logs a warning per retry before it gives up: the error
-    that follows says it all, in one line."""
-    from huggingface_hub.utils import logging as hub_logging  # importing it sets its level: first
-
-    level = hub_logging.get_verbosity()
-    hub_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hub_logging.set_verbosity(level)
+def _load_error(name: str, e: Exception, local: bool, hint: str = LOCAL_HINT) -> NgptError:
+    """A dataset that `datasets` could not open: from the Hub (unreachable, or it said no), or a local folder."""
+    if local:
+        return NgptError(f"could not load {name} ({type(e).__name__}: {one_line(e, 300)})")
+    return hub_error(name, e, hint)
 
 
 class HFCorpus(Corpus):
@@ -264,7 +249,7 @@ class HFCorpus(Corpus):
         return {"hf": where, "config": self.config, "split": self.split, "revision": self.revision,
                 "text_field": self.text_field}
 
-    @_quiet_hub()
+    @quiet_hub_logs()
     def load(self, workdir: Path) -> None:
         import datasets
 
@@ -277,12 +262,13 @@ class HFCorpus(Corpus):
                                          "choose one with --split")
                     ds = ds[self.split]
             else:  # stream: never download or convert the whole dataset first
-                ds = datasets.load_dataset(str(self.path) if self.local else self.name, self.config,
-                                           split=self.split, revision=self.revision, streaming=True)
+                with offline_unless_reachable(uses_hub=not self.local):
+                    ds = datasets.load_dataset(str(self.path) if self.local else self.name, self.config,
+                                               split=self.split, revision=self.revision, streaming=True)
         except NgptError:
             raise
         except Exception as e:
-            raise _hub_error(self.name, e) from None
+            raise _load_error(self.name, e, self.local) from None
         self.dataset = ds
         self.total = len(ds) if hasattr(ds, "__len__") else None
 
@@ -314,7 +300,7 @@ class OpenWebTextCorpus(Corpus):
             return {"folder": _folder_identity(self.path), "text_field": self.text_field}
         return {"hf": self.dataset_id, "revision": self.revision, "text_field": self.text_field}
 
-    @_quiet_hub()
+    @quiet_hub_logs()
     def load(self, workdir: Path) -> None:
         import datasets
 
@@ -327,11 +313,13 @@ class OpenWebTextCorpus(Corpus):
                 ds = datasets.load_from_disk(str(self.path))
                 ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
             else:
-                ds = datasets.load_dataset(str(self.path) if self.path.is_dir() else self.dataset_id,
-                                           split="train", revision=self.revision, num_proc=self.num_proc)
+                with offline_unless_reachable(uses_hub=not self.path.is_dir()):
+                    ds = datasets.load_dataset(str(self.path) if self.path.is_dir() else self.dataset_id,
+                                               split="train", revision=self.revision, num_proc=self.num_proc)
         except Exception as e:
-            raise _hub_error(self.dataset_id, e, "pass --dataset-id FOLDER (saved with save_to_disk, or of data "
-                             "files) or --data-files FILES instead") from None
+            raise _load_error(self.dataset_id, e, bool(self.files) or self.path.is_dir(),
+                              "pass --dataset-id FOLDER (saved with save_to_disk, or of data files) or --data-files "
+                              "FILES instead") from None
         if len(ds) < 2:
             raise NgptError(f"{self.source}: {len(ds)} document(s); need at least 2 to split into train and val")
         # the shuffled indices (8 bytes a row) go to the scratch folder, not next to the user's data
@@ -366,19 +354,6 @@ def _fetch(source: str | None, default_url: str = SHAKESPEARE_URL) -> Path:
     else:
         digest = hashlib.sha256(source.encode()).hexdigest()[:12]
         target = cache_dir() / "downloads" / f"{digest}-{Path(source.split('?')[0]).name or 'download'}"
-    if target.exists():
-        return target
-    import urllib.request
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + f".part-{os.getpid()}")
-    try:
-        with urllib.request.urlopen(source, timeout=30) as response, open(partial, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-        os.replace(partial, target)
-    except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
-        raise NgptError(f"could not download {source} ({_one_line(getattr(e, 'reason', e))}); "
-                        "without network, download it elsewhere and pass --source PATH") from None
-    finally:
-        partial.unlink(missing_ok=True)
+    if not target.exists():
+        download(source, target, "--source")
     return target

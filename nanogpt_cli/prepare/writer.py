@@ -26,10 +26,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from nanogpt_cli.atomic import remove_stale_temps, temp_sibling
 from nanogpt_cli.config import resolve_data_dir
-from nanogpt_cli.errors import NgptError, UsageError
+from nanogpt_cli.errors import NgptError, UsageError, one_line
 from nanogpt_cli.prepare.progress import Progress
-from nanogpt_cli.prepare.sources import Corpus, _one_line
+from nanogpt_cli.prepare.sources import Corpus
 from nanogpt_cli.tokenizer import CharTokenizer, get_tokenizer
 
 FORMAT = 1
@@ -290,7 +291,7 @@ def _read_meta(folder: Path) -> dict:
     except FileNotFoundError:
         raise UsageError(f"{folder} is not a prepared dataset (no meta.json)") from None
     except (OSError, ValueError) as e:
-        raise NgptError(f"{folder / 'meta.json'}: unreadable ({_one_line(e)})") from None
+        raise NgptError(f"{folder / 'meta.json'}: unreadable ({one_line(e)})") from None
 
 
 def _is_complete(folder: Path, meta: dict) -> bool:
@@ -309,18 +310,6 @@ def _summary(meta: dict, folder: Path, status: str) -> dict:
             "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
             "files": [str(folder / s["file"]) for s in splits.values()] + [str(folder / "meta.json")],
             "seconds": meta.get("seconds"), "source": meta.get("source")}
-
-
-def _clean_stale(data_dir: Path, name: str) -> None:
-    """Remove temporary folders that a killed run of this dataset left behind."""
-    for tmp in data_dir.glob(f".{name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        try:
-            os.kill(int(pid), 0)  # still running: leave it alone
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
 
 
 def _commit(tmp: Path, out: Path) -> None:
@@ -355,8 +344,8 @@ def _prepare(recipe: str, corpus: Corpus, opts: PrepareOptions, split_by_chars: 
     tokenizer = None if opts.tokenizer == "char" else get_tokenizer(opts.tokenizer)  # fail before reading
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    _clean_stale(data_dir, opts.name)
-    tmp = data_dir / f".{opts.name}.tmp-{os.getpid()}"
+    remove_stale_temps(out)  # the temporary folders of killed runs
+    tmp = temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if split_by_chars is None:
