@@ -242,10 +242,10 @@ class ServeConfig(ModelSource):
     host: str = opt("127.0.0.1", "address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network)",
                     "Server")
     port: int = opt(8000, "TCP port (0: any free port, printed at start)", "Server")
-    api_key: str = opt(None, "require `Authorization: Bearer KEY` on every endpoint but /health (default: "
-                       "$NGPT_API_KEY; none when unset)", "Server")
+    api_key: str = opt(None, "require `Authorization: Bearer KEY` on every /v1 endpoint (/health and the page "
+                       "stay open; default: $NGPT_API_KEY; none when unset)", "Server")
     max_batch: int = opt(8, "rows decoded together (each a KV-cache slot); a request takes n rows", "Limits")
-    max_queue: int = opt(64, "requests waiting for free rows; more are answered 429", "Limits")
+    max_queue: int = opt(64, "prompts waiting for free rows (each prompt of a request counts); more: 429", "Limits")
     max_tokens: int = opt(512, "the largest max_tokens a request may ask for (and chat's default)", "Limits")
     max_n: int = opt(4, "the largest n (choices per prompt) a request may ask for", "Limits")
     max_request_bytes: int = opt(1_000_000, "the largest request body; larger ones are answered 413", "Limits")

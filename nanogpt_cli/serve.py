@@ -97,7 +97,7 @@ class Scheduler:
             if self.stopping:
                 raise ApiError(503, SHUTTING_DOWN, kind="server_error")
             if len(self.waiting) + len(jobs) > self.max_queue:
-                raise ApiError(429, f"the server is busy: {len(self.waiting)} requests are waiting for a slot "
+                raise ApiError(429, f"the server is busy: {len(self.waiting)} prompts are waiting for free rows "
                                     f"(--max_queue {self.max_queue}); retry later", kind="rate_limit_error",
                                code="rate_limit_exceeded")
             self.waiting.extend(jobs)
