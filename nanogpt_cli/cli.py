@@ -20,6 +20,7 @@ from nanogpt_cli.cli_data import data_app, prepare_app
 from nanogpt_cli.config import (
     EVAL_KEYS,
     SampleConfig,
+    ServeConfig,
     TrainConfig,
     build,
     help_epilog,
@@ -235,6 +236,20 @@ def sample(
     code = run_sample_command(cfg, as_json=as_json, interactive=interactive)
     if code:
         raise typer.Exit(code)
+
+
+@app.command(context_settings=CONFIG_KEYS, epilog=help_epilog(ServeConfig))
+@report_errors
+def serve(ctx: typer.Context, preset: PresetOption = None) -> None:
+    """Serve a model over HTTP with OpenAI's API (completions, chat, streaming) and a playground page at /.
+
+    Concurrent requests are decoded as one batch. Needs the serve extra: pip install 'nanogpt-cli[serve]'.
+    Example: ngpt serve --out-dir out/shakespeare-char (then open http://127.0.0.1:8000)
+    With the openai client: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")
+    """
+    from nanogpt_cli.serve import serve as run_server
+
+    run_server(build(ServeConfig, preset, config_args(ctx)))
 
 
 @app.command("eval", context_settings=CONFIG_KEYS, epilog=help_epilog(TrainConfig, EVAL_KEYS))

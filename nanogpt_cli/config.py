@@ -222,12 +222,22 @@ def validate_device_name(device: str) -> None:
 
 
 @dataclass
-class SampleConfig:
-    """Generation from a trained checkpoint or a pretrained GPT-2; keys are nanoGPT's sample.py keys."""
+class ModelSource:
+    """Where a command that runs a model for inference (sample, serve) loads it from, and on what."""
 
     out_dir: str = opt("out", "an ngpt out_dir (or a nanoGPT one) to load ckpt.pt from", "Model")
     init_from: str = opt("resume", "resume (the checkpoint in out_dir) | gpt2* | a Hugging Face folder or hub id",
                          "Model")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps", "System")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16", "System",
+                     ("auto", "float32", "bfloat16", "float16"))
+    compile: bool = opt(False, "torch.compile the model", "System")
+
+
+@dataclass
+class SampleConfig(ModelSource):
+    """Generation from a trained checkpoint or a pretrained GPT-2; keys are nanoGPT's sample.py keys."""
+
     # Text keys are typed `str` (default None = not given), not `str | None`: "", "none" and "auto"
     # are text here, not "unset", so `--prompt ""` is refused as empty instead of meaning the default.
     prompt: str = opt(None, "text to continue (default: a newline); '-' reads stdin", "Prompt")
@@ -245,10 +255,6 @@ class SampleConfig:
                             "Sampling")
     use_cache: bool = opt(True, "use the KV cache (false recomputes the context each step, as nanoGPT)", "Sampling")
     seed: int = opt(1337, "random seed; the same seed gives the same samples", "Sampling")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps", "System")
-    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16", "System",
-                     ("auto", "float32", "bfloat16", "float16"))
-    compile: bool = opt(False, "torch.compile the model", "System")
 
     def validate(self) -> SampleConfig:
         if self.num_samples <= 0:
@@ -265,6 +271,40 @@ class SampleConfig:
             raise UsageError("--stop is empty; give the string that ends a sample, or leave --stop out")
         validate_text(self, ("out_dir", "init_from"))
         validate_seed(self.seed)
+        validate_device_name(self.device)
+        return self
+
+
+@dataclass
+class ServeConfig(ModelSource):
+    """An OpenAI-compatible HTTP server over a checkpoint or a pretrained GPT-2 (`ngpt serve`)."""
+
+    model_name: str = opt(None, "the model's id in the API (default: the out_dir's name, or init_from)", "Model")
+    host: str = opt("127.0.0.1", "address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network)",
+                    "Server")
+    port: int = opt(8000, "TCP port (0: any free port, printed at start)", "Server")
+    api_key: str = opt(None, "require `Authorization: Bearer KEY` on every /v1 endpoint (/health and the page "
+                       "stay open; default: $NGPT_API_KEY; none when unset)", "Server")
+    max_batch: int = opt(8, "rows decoded together (each a KV-cache slot); a request takes n rows", "Limits")
+    max_queue: int = opt(64, "prompts waiting for free rows (each prompt of a request counts); more: 429", "Limits")
+    max_tokens: int = opt(512, "the largest max_tokens a request may ask for (and chat's default)", "Limits")
+    max_n: int = opt(4, "the largest n (choices per prompt) a request may ask for", "Limits")
+    max_request_bytes: int = opt(1_000_000, "the largest request body; larger ones are answered 413", "Limits")
+
+    def validate(self) -> ServeConfig:
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"--port must be in 0..65535, got {self.port}")
+        for name in ("max_batch", "max_queue", "max_tokens", "max_n", "max_request_bytes"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.max_n > self.max_batch:
+            raise UsageError(f"--max_n ({self.max_n}) cannot exceed --max_batch ({self.max_batch}): the n rows of "
+                             "a request decode together")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UsageError("--api_key is empty; give a key, or leave --api_key out to serve without one")
+        validate_text(self, ("out_dir", "init_from", "host"))
+        if self.model_name is not None:
+            validate_text(self, ("model_name",))
         validate_device_name(self.device)
         return self
 

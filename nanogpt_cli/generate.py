@@ -1,13 +1,17 @@
-"""Decoding: the KV cache, next-token logits over a growing batch, sampling filters, and the one loop.
+"""Decoding: the KV cache, a batch of requests decoded together, sampling filters, and the one loop.
 
-`Generation` is the decoding loop that `ngpt sample` and `GPT.generate` both run: each step takes
-the next-token logits from a `Decoder` (which prefills a `KVCache` once and then feeds one column,
-rebuilding the cache past block_size), picks a token per row with `sample_next`, and ends rows one
-by one. The rows of a batch share one cache position (`KVCache.pos`): they are prompts of the same
-length decoded in step, and a row that has ended is left in the batch, its tokens ignored.
+`BatchDecoder` is the decoding engine of `ngpt sample`, `GPT.generate` and `ngpt serve`: it holds a
+`KVCache` with one row per slot and decodes every `Request` in it with one forward per step. A
+request is n continuations of one prompt with their own sampling parameters, generator and stop
+token; it takes n rows next to each other, joins the batch at the next step (its prompt is
+prefilled into its rows alone) and leaves it when it is done (continuous batching). Each row of
+the cache has its own length, so requests of different lengths share the decoding forward.
+`Generation` is the loop over one request that `ngpt sample` and `GPT.generate` run.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch.nn import functional as F
@@ -16,74 +20,227 @@ from nanogpt_cli.model import GPT, GPTConfig
 
 
 class KVCache:
-    """Keys and values of every layer for a batch, preallocated to `block_size` positions.
+    """Keys and values of every layer for a batch of rows, each row with its own length (`lengths`).
 
-    `pos` is how many positions are filled, the same for every row of the batch; the model's forward
-    starts its positions there and advances it. `Decoder` prefills the prompt once, then feeds one
-    token at a time, and rebuilds the cache when it is full. The buffer is allocated on the first
+    The model's forward calls `positions(t)` once at its start (the positions of the t new tokens of
+    every row), `update(layer, k, v)` in every layer and `advance(t)` at its end. When every row is at
+    the same length the new keys are written as one slice and attention needs no mask (a prefill from
+    length 0 is plain causal attention, see `empty`); rows at different lengths take one token each
+    and attend through a mask to their own keys only. `rows(r)` is the cache of some rows, the same
+    memory; `frozen` rows of it sit a forward out: they write into a spare position past block_size,
+    keep their length, and their outputs are to be ignored. The buffer is allocated on the first
     update, in the dtype of the keys (so autocast's bf16 keys are stored as bf16), unless `dtype` is given.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype=None):
         head_size = config.n_embd // config.n_head
-        self.shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, head_size)
-        self.device, self.dtype = device, dtype
-        self.cache = None if dtype is None else torch.zeros(self.shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.block_size = config.block_size
+        # one position more than a row can hold: where frozen rows write
+        self.shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size + 1, head_size)
+        self.device, self.dtype = torch.device(device), dtype
+        self.buffer = None if dtype is None else torch.zeros(self.shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # on the CPU: read without waiting for the device
+        self.root, self.row_range, self.frozen = self, slice(0, batch_size), None
+        self._begin()
+
+    def rows(self, row_range: slice, frozen: torch.Tensor | None = None) -> KVCache:
+        """The cache of rows row_range (a view: writes go to this cache); frozen (bool, one per row) marks the
+        rows that sit the next forward out."""
+        view = copy.copy(self)
+        view.row_range, view.lengths, view.frozen = row_range, self.lengths[row_range], frozen
+        return view
+
+    def _begin(self) -> None:
+        lengths = self.lengths if self.frozen is None else self.lengths.masked_fill(self.frozen, 0)
+        self.longest = int(lengths.max())  # positions filled in the longest row
+        self.aligned = self.frozen is None and bool((lengths == self.longest).all())
+        self.empty = self.aligned and self.longest == 0
+        self._starts = lengths  # where each row's new tokens go (frozen rows read position 0)
+
+    def positions(self, t: int):
+        """Begin a forward of t new tokens per row: their positions, (t,) when every row is at the same length,
+        else (B, 1) (rows at different lengths take one token at a time)."""
+        self._begin()
+        if self.aligned:  # a chunk after a filled cache: query i sees the keys up to longest + i
+            chunk = t > 1 and not self.empty
+            self._mask = torch.ones(t, self.longest + t, dtype=torch.bool, device=self.device).tril(
+                diagonal=self.longest) if chunk else None
+            return torch.arange(self.longest, self.longest + t, dtype=torch.long, device=self.device)
+        assert t == 1, "rows at different lengths take one token each"
+        starts = self._starts.to(self.device)
+        write = self.lengths.masked_fill(self.frozen, self.block_size) if self.frozen is not None else self.lengths
+        self._rows_index, self._write_index = torch.arange(len(starts), device=self.device), write.to(self.device)
+        # row b sees its own keys: positions 0..starts[b] once the new one is written
+        keys = torch.arange(self.longest + 1, device=self.device)
+        self._mask = (keys[None, :] <= starts[:, None])[:, None, None, :]  # (B, 1, 1, longest + 1)
+        return starts[:, None]
 
     def update(self, layer: int, k, v):
-        """Store k, v (B, nh, T, hs) after the filled positions; return all keys and values so far."""
-        if self.cache is None:
-            self.cache = torch.zeros(self.shape, device=self.device, dtype=k.dtype)
+        """Store k, v (B, nh, T, hs) after each row's filled positions; return every row's keys and values so far
+        (B, nh, longest + T, hs) and the attention mask (None: every query sees every key before it)."""
+        root = self.root
+        if root.buffer is None:
+            root.buffer = torch.zeros(root.shape, device=root.device, dtype=k.dtype)
+        keys, values = root.buffer[layer, 0, self.row_range], root.buffer[layer, 1, self.row_range]
         T = k.size(2)
-        end = self.pos + T
-        self.cache[layer, 0, :, :, self.pos:end] = k
-        self.cache[layer, 1, :, :, self.pos:end] = v
-        return self.cache[layer, 0, :, :, :end], self.cache[layer, 1, :, :, :end]
+        end = self.longest + T
+        if self.aligned:
+            keys[:, :, self.longest:end] = k
+            values[:, :, self.longest:end] = v
+        else:
+            keys[self._rows_index, :, self._write_index] = k[:, :, 0]  # (B, nh, hs), each row at its own position
+            values[self._rows_index, :, self._write_index] = v[:, :, 0]
+        return keys[:, :, :end], values[:, :, :end], self._mask
+
+    def advance(self, t: int) -> None:
+        """End a forward: every row that took part is t tokens longer."""
+        if self.frozen is None:
+            self.lengths += t
+        else:
+            self.lengths += (~self.frozen).long() * t
 
 
-class Decoder:
-    """Next-token logits for a batch of growing sequences: `logits()`, then `append(tokens)`.
+class Request:
+    """n continuations of one prompt idx (n, T), decoded together by a `BatchDecoder` for up to max_new_tokens
+    steps with one set of sampling parameters and one generator.
 
-    With use_cache, the first call prefills the last min(T, block_size) tokens into a
-    `KVCache`; later calls feed only the appended column. When the cache is full it is
-    rebuilt: the last block_size // 2 tokens are prefilled again (positions restart at 0),
-    so a rebuild costs one half-block forward every block_size // 2 tokens. `start` is the
-    index in `idx` of the first token the model sees, so the logits always equal those of a
-    full forward over `idx[:, start:]`. Without the cache, `start` keeps the last
-    block_size tokens and every call is that full forward.
+    Every row runs until it samples stop_token (its finish reason is then "eot") or the caller ends it with
+    `finish(row, reason)`, e.g. when a stop string appears in its text. The request is `done` once no row
+    runs or after max_new_tokens steps; the decoder then ends the rows still running with "length" when it
+    retires the request. A row that has ended still receives a token each step while others of its request
+    run (the rows decode as one); those tokens are not its output. `finish_reasons[row]` is None while the
+    row runs. `idx` grows by a column each step; the model sees idx[:, start:], at most block_size tokens.
     """
 
-    def __init__(self, model: GPT, idx, use_cache: bool = True):
-        self.model, self.idx, self.use_cache = model, idx, use_cache
-        self.block_size = model.config.block_size
-        self.cache: KVCache | None = None
+    def __init__(self, idx, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
+                 generator: torch.Generator | None = None, stop_token: int | None = None):
+        self.idx = idx
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        self.stop_token = stop_token
+        self.finish_reasons: list[str | None] = [None] * idx.size(0)
+        self.steps = 0
         self.start = 0
+        self.rows: slice | None = None  # its rows in the decoder's batch
+
+    @property
+    def n(self) -> int:
+        return self.idx.size(0)
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.max_new_tokens or None not in self.finish_reasons
+
+    def finish(self, row: int, reason: str) -> None:
+        """End a row that is still running (a row that has ended keeps its first reason)."""
+        if self.finish_reasons[row] is None:
+            self.finish_reasons[row] = reason
+
+    def append(self, column) -> None:
+        """Add the sampled column (n, 1); rows that sampled the stop token end with "eot"."""
+        self.idx = torch.cat((self.idx, column), dim=1)
+        self.steps += 1
+        if self.stop_token is not None:  # the rows are only read back when a token can end them
+            for row, token in enumerate(column[:, 0].tolist()):
+                if token == self.stop_token:
+                    self.finish(row, "eot")
+
+
+class BatchDecoder:
+    """Decode the requests in a batch of `slots` rows together: `add(request)`, then `step()` until it is done.
+
+    With use_cache, a request's first step prefills the last min(T, block_size) tokens of its prompt
+    into its rows; later steps feed every request's last token in one forward over the batch (rows of
+    different lengths, and free rows and rows that were just prefilled sitting it out). When a request's
+    rows are full they are rebuilt: its last block_size // 2 tokens are prefilled again (positions restart
+    at 0), so a rebuild costs one half-block forward every block_size // 2 tokens, and the logits always
+    equal those of a full forward over idx[:, start:]. Without the cache every step is that full forward,
+    over the last block_size tokens, one request at a time (nanoGPT's way). vocab_size, when smaller than
+    the model's (padded) table, keeps the padding ids from being sampled.
+    """
+
+    def __init__(self, model: GPT, slots: int, use_cache: bool = True, vocab_size: int | None = None):
+        self.model, self.slots, self.use_cache, self.vocab_size = model, slots, use_cache, vocab_size
+        self.block_size = model.config.block_size
+        self.device = next(model.parameters()).device
+        self.cache = KVCache(model.config, slots, self.device) if use_cache else None
+        self.requests: list[Request] = []
+        self.free = [True] * slots
         self.rebuilds = 0
-        self._pending = idx  # tokens not yet fed to the cache
+
+    def add(self, request: Request) -> bool:
+        """Let the request join the batch at the next step: False when no n free rows lie next to each other
+        (it may join once a request has retired)."""
+        if request.n > self.slots:
+            raise ValueError(f"a request of {request.n} rows does not fit {self.slots} slots")
+        for first in range(self.slots - request.n + 1):
+            if all(self.free[first:first + request.n]):
+                request.rows = slice(first, first + request.n)
+                self.free[request.rows] = [False] * request.n
+                if self.cache is not None:
+                    self.cache.lengths[request.rows] = 0
+                self.requests.append(request)
+                return True
+        return False
+
+    def retire(self) -> list[Request]:
+        """Remove the requests that are done (rows still running end with "length"), freeing their rows."""
+        done = [request for request in self.requests if request.done]
+        for request in done:
+            for row in range(request.n):
+                request.finish(row, "length")
+            self.free[request.rows] = [True] * request.n
+            self.requests.remove(request)
+        return done
 
     @torch.inference_mode()
-    def logits(self):
-        """(B, vocab) logits for the token after idx."""
-        T = self.idx.size(1)
-        if not self.use_cache:
-            self.start = max(0, T - self.block_size)
-            logits, _ = self.model(self.idx[:, self.start:])
-            return logits[:, -1, :]
-        if self.cache is None or self.cache.pos + self._pending.size(1) > self.block_size:
-            keep = min(T, self.block_size) if self.cache is None else max(1, self.block_size // 2)
-            self.rebuilds += self.cache is not None
-            self.cache = KVCache(self.model.config, self.idx.size(0), self.idx.device)
-            self.start = T - keep
-            self._pending = self.idx[:, self.start:]
-        logits, _ = self.model(self._pending, kv_cache=self.cache)
-        self._pending = self.idx[:, :0]
-        return logits[:, -1, :]
+    def logits(self) -> dict[Request, torch.Tensor]:
+        """Next-token logits (n, vocab) of every request in the batch."""
+        out = {}
+        decoding = []
+        for request in self.requests:
+            if request.done:  # it leaves at the next retire; its rows sit out
+                continue
+            T = request.idx.size(1)
+            if self.cache is None:
+                request.start = max(0, T - self.block_size)
+                out[request] = self.model(request.idx[:, request.start:])[0][:, -1, :]
+                continue
+            length = int(self.cache.lengths[request.rows.start])  # the rows of a request are in step
+            if length > 0 and T - request.start <= self.block_size:
+                decoding.append(request)  # its last token is the only one not in the cache
+                continue
+            keep = min(T, self.block_size) if length == 0 else max(1, self.block_size // 2)
+            self.rebuilds += length > 0
+            self.cache.lengths[request.rows] = 0
+            request.start = T - keep
+            logits, _ = self.model(request.idx[:, request.start:], kv_cache=self.cache.rows(request.rows))
+            out[request] = logits[:, -1, :]
+        if decoding:
+            first = min(request.rows.start for request in decoding)
+            last = max(request.rows.stop for request in decoding)
+            tokens = torch.zeros(last - first, 1, dtype=torch.long, device=self.device)
+            frozen = torch.ones(last - first, dtype=torch.bool)
+            for request in decoding:
+                tokens[request.rows.start - first:request.rows.stop - first] = request.idx[:, -1:]
+                frozen[request.rows.start - first:request.rows.stop - first] = False
+            rows = self.cache.rows(slice(first, last), frozen if frozen.any() else None)
+            logits, _ = self.model(tokens, kv_cache=rows)
+            for request in decoding:
+                out[request] = logits[request.rows.start - first:request.rows.stop - first, -1, :]
+        return out
 
-    def append(self, tokens) -> None:
-        """Add a column (B, n) of tokens to every sequence."""
-        self.idx = torch.cat((self.idx, tokens), dim=1)
-        self._pending = torch.cat((self._pending, tokens), dim=1)
+    @torch.inference_mode()
+    def step(self) -> dict[Request, torch.Tensor]:
+        """One decoding step of every request that is not done: each gets its sampled column (n, 1)."""
+        columns = {}
+        for request, logits in self.logits().items():
+            if self.vocab_size and self.vocab_size < logits.size(-1):
+                logits = logits[:, :self.vocab_size]
+            column = sample_next(logits, request.temperature, request.top_k, request.top_p, request.generator)
+            request.append(column)
+            columns[request] = column
+        return columns
 
 
 MIN_TEMPERATURE = 1e-6
@@ -110,49 +267,36 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+
 class Generation:
     """Extend a batch idx (B, T) by up to max_new_tokens tokens: iterating yields each new column (B, 1).
 
-    Every row runs until it samples stop_token (its finish reason is then "eot") or the caller ends it
-    with `finish(row, reason)`, e.g. when a stop string appears in its text. Decoding stops once no row
-    runs, or after max_new_tokens steps, when the rows still running end with "length". A row that has
-    ended still receives a token each step while others run (the batch is one forward); those tokens
-    are not its output. `finish_reasons[row]` is None while the row runs.
-
-    With use_cache the prompt is prefilled once and each step feeds one token against cached keys and
-    values (see `Decoder`); without, every step recomputes the last block_size tokens, as nanoGPT does.
-    vocab_size, when smaller than the model's (padded) table, keeps the padding ids from being sampled.
+    The rows are one `Request` (see there for how rows end: the stop token, `finish(row, reason)`, or
+    "length" after max_new_tokens steps) decoded by a `BatchDecoder` of B slots, the engine `ngpt serve`
+    batches many requests in. With use_cache the prompt is prefilled once and each step feeds one token
+    against cached keys and values; without, every step recomputes the last block_size tokens, as nanoGPT does.
     """
 
     def __init__(self, model: GPT, idx, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
                  generator: torch.Generator | None = None, use_cache: bool = True, stop_token: int | None = None,
                  vocab_size: int | None = None):
-        self.decoder = Decoder(model, idx, use_cache=use_cache)
-        self.max_new_tokens = max_new_tokens
-        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
-        self.stop_token = stop_token
-        self.vocab_size = vocab_size
-        self.finish_reasons: list[str | None] = [None] * idx.size(0)
-        self.steps = 0
+        self.request = Request(idx, max_new_tokens, temperature, top_k, top_p, generator, stop_token)
+        self.decoder = BatchDecoder(model, idx.size(0), use_cache, vocab_size)
+        self.decoder.add(self.request)
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return self.request.finish_reasons
+
+    @property
+    def steps(self) -> int:
+        return self.request.steps
 
     def finish(self, row: int, reason: str) -> None:
-        """End a row that is still running (a row that has ended keeps its first reason)."""
-        if self.finish_reasons[row] is None:
-            self.finish_reasons[row] = reason
+        self.request.finish(row, reason)
 
     @torch.inference_mode()
     def __iter__(self):
-        while self.steps < self.max_new_tokens and None in self.finish_reasons:
-            logits = self.decoder.logits()
-            if self.vocab_size and self.vocab_size < logits.size(-1):
-                logits = logits[:, :self.vocab_size]
-            column = sample_next(logits, self.temperature, self.top_k, self.top_p, self.generator)
-            self.decoder.append(column)
-            self.steps += 1
-            if self.stop_token is not None:  # the rows are only read back when a token can end them
-                for row, token in enumerate(column[:, 0].tolist()):
-                    if token == self.stop_token:
-                        self.finish(row, "eot")
-            yield column
-        for row in range(len(self.finish_reasons)):
-            self.finish(row, "length")
+        while not self.request.done:
+            yield self.decoder.step()[self.request]
+        self.decoder.retire()

@@ -79,18 +79,14 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if kv_cache is None and self.attention == "explicit":
             y = self.explicit_attention(q, k, v, dropout_p)
-        elif kv_cache is None or kv_cache.pos == 0:
+        elif kv_cache is None or kv_cache.empty:
             if kv_cache is not None:
                 kv_cache.update(self.layer_idx, k, v)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            past = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
-            if T == 1:  # one new token attends to everything before it
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-            else:  # a chunk after a filled cache: query i sees keys up to past + i
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:  # mask: None when one new token attends to everything before it; for a chunk after a filled
+            # cache, query i sees keys up to past + i; for rows at different lengths, each row its own keys
+            k, v, mask = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -168,20 +164,21 @@ class GPT(nn.Module):
 
         With targets: logits (B, T, vocab) and the mean cross-entropy (ignore_index -1).
         Without: logits for the last position only (B, 1, vocab), unless all_logits.
-        With a kv_cache, positions continue from the cache and the cache advances by T.
+        With a kv_cache, positions continue from each row's filled length and the cache advances by T.
         """
         device = idx.device
         b, t = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + t > self.config.block_size:
-            raise ValueError(f"sequence of length {start + t} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + t, dtype=torch.long, device=device)  # (t,)
+        # (t,), or (b, 1) when the cache's rows are at different lengths
+        pos = torch.arange(t, dtype=torch.long, device=device) if kv_cache is None else kv_cache.positions(t)
+        end = t if kv_cache is None else kv_cache.longest + t
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of length {end} is longer than block_size {self.config.block_size}")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, n_embd)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
-            kv_cache.pos += t
+            kv_cache.advance(t)
         if targets is not None:
             logits = self.lm_head(x)
             loss = ops.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

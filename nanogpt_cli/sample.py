@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nanogpt_cli.checkpoint import load_model
-from nanogpt_cli.config import SampleConfig
+from nanogpt_cli.config import SampleConfig, ServeConfig
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.generate import Generation
 from nanogpt_cli.limits import check_sampling_fits
@@ -107,28 +107,26 @@ class TextStream:
     """One sample's text, decoded token by token (O(1) work per token, not a decode of the whole text).
 
     `push` returns the text that is now final: a character whose bytes are still arriving is
-    held back, and so is a tail that could be the start of the stop string, so streamed text
-    never has to be taken back. The stop string is searched in the generated text only.
+    held back, and so is a tail that could be the start of a stop string, so streamed text
+    never has to be taken back. Stop strings (one, or a list) are searched in the generated text
+    only; the text ends before the first one to appear.
     """
 
-    def __init__(self, to_bytes, stop: str | None = None):
+    def __init__(self, to_bytes, stop: str | list[str] | None = None):
         self.to_bytes = to_bytes
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stop = stop or None
+        self.stops = [s for s in ([stop] if isinstance(stop, str) else stop or ()) if s]
         self.text = ""
         self.emitted = 0
         self.done = False
-        self.stopped = False  # the stop string was found
+        self.stopped = False  # a stop string was found
 
     def _add(self, piece: str) -> None:
-        if self.stop is None:
-            self.text += piece
-            return
-        search_from = max(0, len(self.text) - len(self.stop) + 1)
+        before = len(self.text)
         self.text += piece
-        hit = self.text.find(self.stop, search_from)
-        if hit >= 0:
-            self.text, self.done, self.stopped = self.text[:hit], True, True
+        hits = [hit for stop in self.stops if (hit := self.text.find(stop, max(0, before - len(stop) + 1))) >= 0]
+        if hits:
+            self.text, self.done, self.stopped = self.text[:min(hits)], True, True
 
     def _release(self, end: int) -> str:
         new = self.text[self.emitted:end] if end > self.emitted else ""
@@ -137,13 +135,14 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self._add(self.decoder.decode(self.to_bytes(token)))
-        if self.done or self.stop is None:
+        if self.done or not self.stops:
             return self._release(len(self.text))
-        held = 0  # the longest tail of the text that is a proper prefix of the stop string
-        for n in range(min(len(self.stop) - 1, len(self.text)), 0, -1):
-            if self.text.endswith(self.stop[:n]):
-                held = n
-                break
+        held = 0  # the longest tail of the text that is a proper prefix of a stop string
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.text)), held, -1):
+                if self.text.endswith(stop[:n]):
+                    held = n
+                    break
         return self._release(len(self.text) - held)
 
     def finish(self) -> str:
@@ -154,7 +153,41 @@ class TextStream:
         return self._release(len(self.text))
 
 
-def load_for_sampling(cfg: SampleConfig):
+class RequestText:
+    """The texts of a `Request`'s rows as its columns arrive: `take(column)` returns the (row, text) pieces that
+    are now final. A row whose text reaches a stop string is finished with "stop"; a row that sampled the stop
+    token ("eot") ends without that token's text. `tokens[row]` counts the tokens of the row's output."""
+
+    def __init__(self, request, to_bytes, stop: str | list[str] | None = None):
+        self.request = request
+        self.streams = [TextStream(to_bytes, stop) for _ in range(request.n)]
+        self.tokens = [0] * request.n
+
+    def take(self, column) -> list[tuple[int, str]]:
+        pieces = []
+        for row, token in enumerate(column[:, 0].tolist()):
+            stream = self.streams[row]
+            if stream.done:  # this row ended at an earlier step
+                continue
+            self.tokens[row] += 1
+            if self.request.finish_reasons[row] == "eot":  # ended at this token, which has no text
+                text = stream.finish()
+            else:
+                text = stream.push(token)
+                if stream.stopped:
+                    self.request.finish(row, "stop")
+            if text:
+                pieces.append((row, text))
+        return pieces
+
+    def finish(self) -> list[tuple[int, str]]:
+        """The text every row still holds back, once the request is done."""
+        return [(row, text) for row, stream in enumerate(self.streams) if (text := stream.finish())]
+
+
+def load_for_sampling(cfg: SampleConfig | ServeConfig):
+    """(model, tokenizer, device, dtype) for inference: the model of cfg.init_from / cfg.out_dir in eval mode on the
+    runtime's device, compiled if cfg.compile."""
     runtime = plan(cfg.device, cfg.dtype)
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
     model.eval().to(runtime.device)
@@ -192,33 +225,20 @@ def generate_samples(model, tokenizer, prompt: str, cfg: SampleConfig, device: t
     vocab = getattr(tokenizer, "vocab_size", None)  # the model's table may be padded (50257 -> 50304)
     generation = Generation(model, x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p, generator,
                             cfg.use_cache, stop_token=eot, vocab_size=vocab)
-    to_bytes = token_bytes(tokenizer)
-    streams = [TextStream(to_bytes, cfg.stop) for _ in range(n)]
+    texts = RequestText(generation.request, token_bytes(tokenizer), cfg.stop)
     emit = on_token or (lambda i, text: None)
     start = time.perf_counter()
     with torch.inference_mode(), autocast(device, dtype):
         for column in generation:
-            for i, token in enumerate(column[:, 0].tolist()):
-                stream = streams[i]
-                if stream.done:  # this sample ended at an earlier step
-                    continue
-                if generation.finish_reasons[i] == "eot":  # ended at this token, which has no text
-                    text = stream.finish()
-                else:
-                    text = stream.push(token)
-                    if stream.stopped:
-                        generation.finish(i, "stop")
-                if text:
-                    emit(i, text)
+            for i, text in texts.take(column):
+                emit(i, text)
             if on_step:
                 on_step(generation.steps)
     synchronize(device)
     seconds = time.perf_counter() - start
-    for i, stream in enumerate(streams):
-        text = stream.finish()
-        if text:
-            emit(i, text)
-    return SampleResult([prompt + s.text for s in streams], prompt, generation.steps * n, seconds,
+    for i, text in texts.finish():
+        emit(i, text)
+    return SampleResult([prompt + s.text for s in texts.streams], prompt, generation.steps * n, seconds,
                         generation.finish_reasons)
 
 

@@ -138,6 +138,18 @@ CASES = [
     ("sample-device-unknown", ["sample", "--out_dir={run}", "--device=gpu"], 2, "unknown device"),
     ("sample-preset-unknown", ["sample", "--preset", "no-such-preset"], 2, "unknown preset"),
     ("sample-init-from-unknown", ["sample", "--init_from=not-a-model", "--device=cpu"], 2, "unknown init_from"),
+    # ------------------------------------------------------------------ serve (all before the server starts)
+    ("serve-no-ckpt", ["serve", "--out_dir={root}/no_ckpt", "--device=cpu"], 1, "no checkpoint"),
+    ("serve-corrupt", ["serve", "--out_dir={root}/corrupt", "--device=cpu"], 1, "is corrupt"),
+    ("serve-init-from-unknown", ["serve", "--init_from=not-a-model", "--device=cpu"], 2, "unknown init_from"),
+    ("serve-port-range", ["serve", "--out_dir={run}", "--port=70000"], 2, "--port must be in"),
+    ("serve-port-ill-typed", ["serve", "--out_dir={run}", "--port=http"], 2, "expects int"),
+    ("serve-host-unknown", ["serve", "--out_dir={run}", "--device=cpu", "--host=no-such-host.invalid"], 1,
+     "cannot listen on no-such-host.invalid"),
+    ("serve-max-n-above-batch", ["serve", "--out_dir={run}", "--max_batch=2", "--max_n=3"], 2, "cannot exceed"),
+    ("serve-max-queue-zero", ["serve", "--out_dir={run}", "--max_queue=0"], 2, "must be positive"),
+    ("serve-api-key-empty", ["serve", "--out_dir={run}", "--api_key="], 2, "--api_key is empty"),
+    ("serve-device-unknown", ["serve", "--out_dir={run}", "--device=gpu"], 2, "unknown device"),
     # ------------------------------------------------------------------ eval
     ("eval-no-ckpt", ["eval", *T("--out_dir={root}/no_ckpt")], 1, "no checkpoint"),
     ("eval-corrupt", ["eval", *T("--out_dir={root}/corrupt")], 1, "is corrupt"),

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,7 @@ def test_python_dash_m_entry_point():
 
 
 def test_presets_ship_inside_the_wheel(tmp_path):
-    """A non-editable install into a fresh venv still finds the presets."""
+    """A non-editable install into a fresh venv still finds the presets (and the wheel holds the serve page)."""
     require_module("hatchling")  # the build backend, in the dev extra: the build below runs without isolation
     repo = Path(__file__).resolve().parent.parent
     wheel_dir = tmp_path / "wheel"
@@ -135,6 +136,7 @@ def test_presets_ship_inside_the_wheel(tmp_path):
                             str(wheel_dir), str(repo)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(wheel_dir.glob("*.whl"))
+    assert "nanogpt_cli/static/index.html" in zipfile.ZipFile(wheel).namelist()  # ngpt serve's playground page
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     py = venv / "bin" / "python"

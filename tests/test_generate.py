@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from nanogpt_cli.checkpoint import FORMAT
 from nanogpt_cli.cli import app
-from nanogpt_cli.generate import Decoder, Generation, KVCache, sample_next
+from nanogpt_cli.generate import BatchDecoder, Generation, KVCache, Request, sample_next
 from nanogpt_cli.model import GPT, GPTConfig
 from tests.test_model import tiny
 
@@ -40,23 +40,27 @@ def test_kv_cache_matches_full_forward_at_every_step():
 def test_cached_logits_equal_a_full_forward_at_every_step_across_rebuilds(prompt_len):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=True)).eval()
-    decoder = Decoder(model, torch.randint(50, (2, prompt_len)))
+    decoder = BatchDecoder(model, 2)
+    request = Request(torch.randint(50, (2, prompt_len)), 30)
+    decoder.add(request)
     windows = []
     with torch.inference_mode():
         for _ in range(30):  # far past block_size: the cache is rebuilt several times
-            logits = decoder.logits()
-            window = decoder.idx[:, decoder.start:]
-            assert 1 <= window.size(1) <= 8 and decoder.cache.pos == window.size(1)
+            logits = decoder.logits()[request]
+            window = request.idx[:, request.start:]
+            assert 1 <= window.size(1) <= 8 and decoder.cache.lengths.tolist() == [window.size(1)] * 2
             full, _ = model(window)  # a full forward over the same context window, no cache
             torch.testing.assert_close(logits, full[:, -1], atol=1e-5, rtol=1e-5)
             windows.append(window.size(1))
-            decoder.append(logits.argmax(-1, keepdim=True))
-    assert decoder.rebuilds >= 5 and decoder.idx.size(1) == prompt_len + 30
+            request.append(logits.argmax(-1, keepdim=True))
+    assert decoder.rebuilds >= 5 and request.idx.size(1) == prompt_len + 30
     assert 4 in windows and 8 in windows  # rebuilt from half a block, then grown to a full block
     with torch.inference_mode():  # without the cache: always the last block_size tokens
-        recompute = Decoder(model, decoder.idx, use_cache=False)
-        torch.testing.assert_close(recompute.logits(), model(decoder.idx[:, -8:])[0][:, -1])
-        assert recompute.start == decoder.idx.size(1) - 8
+        recompute = BatchDecoder(model, 2, use_cache=False)
+        again = Request(request.idx, 1)
+        recompute.add(again)
+        torch.testing.assert_close(recompute.logits()[again], model(request.idx[:, -8:])[0][:, -1])
+        assert again.start == request.idx.size(1) - 8
 
 
 def test_generation_with_and_without_cache_agree_greedily_past_block_size():
@@ -179,3 +183,89 @@ def test_the_loop_gives_what_ngpt_sample_prints_for_a_seed(tmp_path, use_cache):
                          use_cache=use_cache == "--use_cache", vocab_size=len(chars))
     tokens = torch.cat(list(columns), 1).tolist()
     assert printed == ["ab:" + "".join(chars[t] for t in row) for row in tokens]
+
+
+# ---------------------------------------------------------------- the batch: requests of their own lengths
+
+
+def test_rows_at_different_lengths_give_each_its_own_full_forward_logits():
+    model = tiny(block_size=32)
+    prompts = [torch.randint(50, (1, length)) for length in (2, 7, 4)]
+    cache = KVCache(model.config, 4, "cpu")  # row 3 stays free and sits the steps out
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):
+            model(prompt, kv_cache=cache.rows(slice(row, row + 1)))
+        assert cache.lengths.tolist() == [2, 7, 4, 0]
+        frozen = torch.tensor([False, False, False, True])
+        for _ in range(5):
+            nxt = torch.randint(50, (4, 1))
+            logits, _ = model(nxt, kv_cache=cache.rows(slice(0, 4), frozen))
+            for row in range(3):
+                prompts[row] = torch.cat([prompts[row], nxt[row:row + 1]], 1)
+                full, _ = model(prompts[row])
+                torch.testing.assert_close(logits[row], full[0], atol=1e-5, rtol=1e-5)
+        assert cache.lengths.tolist() == [7, 12, 9, 0]  # the frozen row kept its length
+
+
+def test_greedy_output_is_the_same_alone_and_in_a_batch_of_other_prompts():
+    """Prompts of different lengths (one longer than block_size) join a 5-slot batch at different steps, decode past
+    block_size (each request rebuilds its rows on its own) and leave when done."""
+    model = tiny(block_size=16)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(50, (1, length), generator=generator) for length in (3, 7, 20, 1, 11)]
+    lengths = [40, 25, 40, 33, 40]
+    alone = [torch.cat(list(Generation(model, p, n, temperature=0)), 1) for p, n in zip(prompts, lengths, strict=True)]
+    decoder = BatchDecoder(model, 5)
+    requests = [Request(p, n, temperature=0) for p, n in zip(prompts, lengths, strict=True)]
+    waiting, step, sizes = list(requests), 0, set()
+    while waiting or decoder.requests:
+        if waiting and step % 3 == 0:
+            assert decoder.add(waiting.pop(0))
+        sizes.add(len(decoder.step()))
+        decoder.retire()
+        step += 1
+    for prompt, request, expected in zip(prompts, requests, alone, strict=True):
+        assert torch.equal(request.idx[:, prompt.size(1):], expected)
+        assert request.finish_reasons == ["length"]
+    assert {1, 5} <= sizes and decoder.rebuilds >= 5 and all(decoder.free)
+
+
+def test_each_request_samples_with_its_own_parameters_and_generator():
+    model = tiny(block_size=16)
+    settings = [dict(temperature=1.0, top_k=5), dict(temperature=0.7, top_p=0.8), dict(temperature=1.3)]
+
+    def make(i, n):
+        return Request(torch.full((n, 2 + i), i), 20, generator=torch.Generator().manual_seed(i), **settings[i])
+
+    alone = []
+    for i, n in enumerate((2, 1, 3)):
+        decoder = BatchDecoder(model, n)
+        decoder.add(request := make(i, n))
+        while not request.done:
+            decoder.step()
+        alone.append(request.idx)
+    decoder = BatchDecoder(model, 6)
+    together = [make(i, n) for i, n in enumerate((2, 1, 3))]
+    for request in together:
+        assert decoder.add(request)
+    assert [r.rows for r in together] == [slice(0, 2), slice(2, 3), slice(3, 6)]
+    assert not decoder.add(make(0, 1))  # every row is taken
+    while decoder.requests:
+        decoder.step()
+        decoder.retire()
+    assert all(torch.equal(a, b.idx) for a, b in zip(alone, together, strict=True))
+
+
+def test_a_request_joins_the_first_free_rows_next_to_each_other():
+    decoder = BatchDecoder(tiny(), 4)
+    first, second, third = (Request(torch.zeros(n, 1, dtype=torch.long), 3) for n in (1, 2, 1))
+    assert decoder.add(first) and decoder.add(second) and decoder.add(third)
+    second.finish(0, "stop")
+    second.finish(1, "stop")
+    assert decoder.retire() == [second] and decoder.free == [False, True, True, False]
+    wide = Request(torch.zeros(3, 1, dtype=torch.long), 3)
+    assert not decoder.add(wide)  # two free rows, not three
+    pair = Request(torch.zeros(2, 1, dtype=torch.long), 3)
+    assert decoder.add(pair) and pair.rows == slice(1, 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        decoder.add(Request(torch.zeros(5, 1, dtype=torch.long), 3))
