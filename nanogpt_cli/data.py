@@ -19,11 +19,13 @@ the loader's state is the same on every rank and independent of W.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nanogpt_cli.atomic import file_in_folder
 from nanogpt_cli.config import resolve_data_dir
 from nanogpt_cli.errors import NgptError, UsageError
 
@@ -150,6 +152,9 @@ class Stream:
 class BatchLoader(Stream):
     """Random (x, y) windows from a split's token file, read through np.memmap.
 
+    The split files are opened once and held open: `ngpt prepare` renames new files over their names
+    when it re-prepares the dataset, and a run goes on reading the files it started with. A split file
+    must be a plain name of a regular file inside the dataset's folder (meta.json cannot point elsewhere).
     Every rank draws the same stream (seeded by `seed`) and keeps its own share of it: micro-batch
     `rank` of each group of `world_size`, so ranks see different data. The generator's state is
     the loader's whole state.
@@ -166,18 +171,20 @@ class BatchLoader(Stream):
         super().__init__(seed, rank, world_size, generator_state)
         self.files, self.lengths = {}, {}
         for split in SPLITS:
-            name = meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin")
-            path = folder / name
-            if not path.is_file():
-                raise NgptError(f"{path} is missing; prepare the dataset again with --force")
-            length = path.stat().st_size // self.dtype.itemsize
+            spec = meta.get("splits", {}).get(split, {})
+            path = file_in_folder(folder, spec.get("file", f"{split}.bin"), f"{folder / 'meta.json'} ({split})")
+            file = open(path, "rb")  # noqa: SIM115 (held for the loader's life, see the class docstring)
+            length = os.fstat(file.fileno()).st_size // self.dtype.itemsize
             if length <= block_size + 1:
                 raise NgptError(f"the {split} split of {folder.name!r} has {length} tokens, fewer than "
                                 f"block_size + 2 = {block_size + 2}; use a smaller --block_size")
-            self.files[split], self.lengths[split] = path, length
+            if spec.get("tokens") not in (None, length):  # cut short, or re-prepared as this loader opened it
+                raise NgptError(f"{path} holds {length} tokens where meta.json says {spec['tokens']}; "
+                                "prepare the dataset again with --force")
+            self.files[split], self.lengths[split] = file, length
 
     def tokens(self, split: str) -> np.memmap:
-        # A new memmap per batch: holding one open grows memory without bound (a numpy quirk).
+        # A new memmap per batch (of the file held open): holding one grows memory without bound (a numpy quirk).
         return np.memmap(self.files[split], dtype=self.dtype, mode="r")
 
     def pick(self, split: str) -> torch.Tensor:
