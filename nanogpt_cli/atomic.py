@@ -5,8 +5,9 @@ O_EXCL|O_NOFOLLOW (a symlink or file planted there makes the creation fail, neve
 elsewhere), and renamed into place when complete; a rename replaces a symlink at the target instead
 of following it. What a killed writer left is removed later (`remove_stale_temps`).
 
-Checkpoints (`checkpoint.atomic_save`), prepared datasets (`prepare.writer`), exports (`hf.export_hf`),
-traces (`bench`) and downloads (`download`) all follow this one rule. Also here: reading only regular
+Prepared datasets (`prepare.writer`), exports (`hf.export_hf`), traces (`bench`) and downloads
+(`download`) follow this rule; checkpoints (`checkpoint.atomic_save`) take their temporary names
+from `temp_sibling`. Also here: reading only regular
 files (`open_regular`: a FIFO or a device never blocks or streams forever), names from a data file that
 must stay in their folder (`file_in_folder`), writer locks (`exclusive_lock`), and signals that stop a
 write cleanly (`stop_on_signals`, `signals_deferred`). Light to import: no torch, no numpy.
@@ -48,9 +49,9 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(_temp_prefix(path) + secrets.token_hex(4))
 
 
-def new_file(path: Path) -> BinaryIO:
+def new_file(path: Path, buffering: int = -1) -> BinaryIO:
     """Open `path` for writing, creating it: fails if anything (a file, a symlink) is there already."""
-    return os.fdopen(os.open(path, _NEW_FILE_FLAGS, 0o666), "wb")
+    return os.fdopen(os.open(path, _NEW_FILE_FLAGS, 0o666), "wb", buffering=buffering)
 
 
 def _default_mode(mode: int) -> int:
@@ -83,8 +84,9 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     flushed, fsynced and renamed over `path` when the block ends; an error or a signal removes it."""
     path = Path(path)
     tmp = temp_sibling(path)
+    f = new_file(tmp)  # before the cleanup below: what was there already (planted) is no file of ours
     try:
-        with new_file(tmp) as f:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -151,7 +153,7 @@ _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device
           stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder", stat.S_IFLNK: "a symlink"}
 
 
-def file_kind(mode: int) -> str:
+def _file_kind(mode: int) -> str:
     """What a stat mode says the file is, in words ("a FIFO (named pipe)", "a character device", ...)."""
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
@@ -164,7 +166,7 @@ def check_regular(path: Path, what: str = "") -> None:
     except OSError as e:
         raise UsageError(f"{what or path}: {e.strerror or e}") from None
     if not stat.S_ISREG(mode):
-        raise UsageError(f"{what or path} is {file_kind(mode)}, not a regular file")
+        raise UsageError(f"{what or path} is {_file_kind(mode)}, not a regular file")
 
 
 def open_regular(path: Path) -> BinaryIO:
@@ -179,7 +181,7 @@ def open_regular(path: Path) -> BinaryIO:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise UsageError(f"{path} is {file_kind(mode)}, not a regular file")
+        raise UsageError(f"{path} is {_file_kind(mode)}, not a regular file")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
@@ -198,7 +200,7 @@ def file_in_folder(folder: Path, name: object, what: str) -> Path:
     except OSError as e:
         raise NgptError(f"cannot read {path}: {e.strerror or e}") from None
     if not stat.S_ISREG(mode):
-        raise NgptError(f"{what}: {path} is {file_kind(mode)}, not a regular file inside {folder}; "
+        raise NgptError(f"{what}: {path} is {_file_kind(mode)}, not a regular file inside {folder}; "
                         "prepare the dataset again")
     return path
 
@@ -235,7 +237,7 @@ def _open_lock_file(path: Path) -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise UsageError(f"{path} is {file_kind(mode)}, not the lock file it should be; remove it")
+        raise UsageError(f"{path} is {_file_kind(mode)}, not the lock file it should be; remove it")
     return fd
 
 
@@ -336,7 +338,7 @@ def _host(url: str) -> str:
     return urlsplit(url).hostname or url
 
 
-def _receive(response, f: BinaryIO, url: str) -> int:
+def _receive(response, f: BinaryIO, url: str, advice: str) -> int:
     """Copy the response body to `f`, failing if it stalls (nothing for DOWNLOAD_TIMEOUT_S seconds: the
     socket's timeout; or fewer than STALL_BYTES in that time: a trickle); returns the bytes received."""
     received = window_bytes = 0
@@ -349,7 +351,7 @@ def _receive(response, f: BinaryIO, url: str) -> int:
         if now - window_start >= DOWNLOAD_TIMEOUT_S:
             if window_bytes < STALL_BYTES:
                 raise NgptError(f"could not download {url}: {_host(url)} sent {window_bytes} bytes in "
-                                f"{now - window_start:.0f} s (stalled)")
+                                f"{now - window_start:.0f} s (stalled); try again, or {advice}")
             window_start, window_bytes = now, 0
     return received
 
@@ -375,7 +377,7 @@ def download(url: str, target: Path, option: str) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, atomic_file(target) as f:
             expected = response.headers.get("Content-Length")
-            received = _receive(response, f, url)
+            received = _receive(response, f, url, advice)
             if expected is not None and expected.isdigit() and received != int(expected):
                 raise NgptError(f"could not download {url}: {_host(url)} sent {received} of {expected} bytes "
                                 f"(cut short); try again, or {advice}")

@@ -376,7 +376,9 @@ def _fetch(source: str | None, default_url: str = SHAKESPEARE_URL) -> Path:
         target = cache_dir() / "tinyshakespeare" / "input.txt"
     else:
         digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-        target = cache_dir() / "downloads" / f"{digest}-{Path(source.split('?')[0]).name or 'download'}"
+        name = Path(source.split("?")[0]).name or "download"
+        suffix = "" if Path(name).suffix.lower() in TEXT_SUFFIXES else ".txt"  # read as text, whatever the URL says
+        target = cache_dir() / "downloads" / f"{digest}-{name}{suffix}"
     if not target.exists():
         download(source, target, "--source")
     return target

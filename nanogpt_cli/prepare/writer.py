@@ -197,7 +197,7 @@ class _SplitFile:
 
     def __init__(self, path: Path, dtype: str):
         self.path, self.dtype = path, np.dtype(dtype)
-        self.file = new_file(path)
+        self.file = new_file(path, buffering=1 << 20)
         self.tokens = 0
         self.last_document_at = 0  # token offset where the latest document began
 
@@ -350,14 +350,15 @@ def _visible_entries(folder: Path) -> list[str]:
 def _check_replacing(out: Path, meta: dict | None, corpus: Corpus, opts: PrepareOptions) -> None:
     """Refuse (unless --force) to replace what is at `out` with a dataset from other sources: a dataset
     prepared from other files, one whose meta.json cannot be read, or a folder that is no dataset."""
-    how = "pass --force to replace it, or --name NAME to prepare a dataset of another name"
+    other_name = "--name NAME to prepare a dataset of another name"
+    how = f"pass --force to replace it, or {other_name}"
     if meta is None and (out / "meta.json").exists():
         raise UsageError(f"{out / 'meta.json'} is unreadable, so what dataset {opts.name!r} holds is unknown; {how}")
     if meta is None:
         entries = _visible_entries(out) if out.is_dir() else []
         if entries:
             raise UsageError(f"{out} holds files ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) "
-                             f"but no dataset; {how}")
+                             f"but no dataset; pass --force to write the dataset among them, or {other_name}")
     elif meta.get("source") != corpus.source:
         raise UsageError(f"dataset {opts.name!r} in {out.parent} was prepared from {meta.get('source') or 'elsewhere'}"
                          f", not from {corpus.source}; {how}")
@@ -405,6 +406,7 @@ def _prepare(recipe: str, corpus: Corpus, opts: PrepareOptions, split_by_chars: 
     if split_by_chars is None:
         split_by_chars = corpus.single_document
     data_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # what killed prepares left beside the folder (earlier versions built there)
     with _writing(out, opts.name):
         build = out / "build"
         remove_stale_temps(build)  # the temporary folders of killed runs
