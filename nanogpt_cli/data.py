@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,8 @@ class BatchLoader(Stream):
         for split in SPLITS:
             spec = meta.get("splits", {}).get(split, {})
             path = file_in_folder(folder, spec.get("file", f"{split}.bin"), f"{folder / 'meta.json'} ({split})")
-            file = open(path, "rb")  # noqa: SIM115 (held for the loader's life, see the class docstring)
+            file = open(path, "rb")  # held for the loader's life (see the class docstring), closed with it
+            weakref.finalize(self, file.close)
             length = os.fstat(file.fileno()).st_size // self.dtype.itemsize
             if length <= block_size + 1:
                 raise NgptError(f"the {split} split of {folder.name!r} has {length} tokens, fewer than "

@@ -272,6 +272,7 @@ def test_a_second_writer_is_refused_naming_the_first_ones_pid(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert {k: v for k, v in snapshot(folder).items() if k != ".lock"} == before
     P.prepare_text([str(tmp_path / "projA" / "notes.txt")], opts(tmp_path, name="ds", force=True))  # a dead holder
     assert ".lock" not in snapshot(folder)
