@@ -384,6 +384,16 @@ def test_inputs_that_are_not_regular_files_are_refused_at_once(tmp_path, kind, w
     assert result.returncode == 2 and "not a regular file" in result.stderr
 
 
+def test_benchmark_files_that_are_not_regular_files_are_refused(tmp_path):
+    from nanogpt_cli import zeroshot
+
+    (tmp_path / "lambada.jsonl").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "hellaswag.jsonl")
+    for task in ("lambada", "hellaswag"):
+        with pytest.raises(UsageError, match=rf"^--{task}-file .*{task}\.jsonl is a (character device|FIFO)"):
+            zeroshot.benchmark_file(task, tmp_path / f"{task}.jsonl")
+
+
 def test_globs_and_folder_walks_end_on_symlink_cycles_and_skip_fifos(tmp_path):
     tree = tmp_path / "tree" / "a"
     tree.mkdir(parents=True)
