@@ -384,6 +384,16 @@ def test_inputs_that_are_not_regular_files_are_refused_at_once(tmp_path, kind, w
     assert result.returncode == 2 and "not a regular file" in result.stderr
 
 
+def test_a_fifo_as_meta_json_does_not_hang_data_list_or_info(tmp_path):
+    folder = prepared(tmp_path)
+    (folder / "meta.json").unlink()
+    os.mkfifo(folder / "meta.json")
+    info = ngpt_process(tmp_path, "data", "info", "ds", timeout=30)
+    assert info.returncode == 1 and "meta.json: unreadable" in info.stderr and "a FIFO" in info.stderr
+    listing = ngpt_process(tmp_path, "data", "list", "--json", timeout=30)
+    assert listing.returncode == 0 and json.loads(listing.stdout)[0]["error"] == "unreadable meta.json"
+
+
 def test_benchmark_files_that_are_not_regular_files_are_refused(tmp_path):
     from nanogpt_cli import zeroshot
 
