@@ -15,6 +15,7 @@ import gc
 import os
 import re
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -25,9 +26,10 @@ from pathlib import Path
 
 import torch
 
+from nanogpt_cli.atomic import open_regular, temp_folder
 from nanogpt_cli.config import TrainConfig
 from nanogpt_cli.distributed import cleanup_distributed, dist_env_from_environ
-from nanogpt_cli.errors import UsageError
+from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.runtime import synchronize
 from nanogpt_cli.train import build_trainer, lr_at
 
@@ -117,23 +119,61 @@ def default_trace_path(cfg: TrainConfig) -> Path:
     return Path(cfg.out_dir or ".").expanduser() / "bench-trace.json"
 
 
+def _is_trace(path: Path) -> bool:
+    """Whether `path` holds a Chrome trace (what an earlier --profile wrote): JSON that opens with its keys."""
+    import gzip
+
+    try:
+        with open_regular(path) as f:
+            head = f.read(4096)
+            if head.startswith(b"\x1f\x8b"):  # a .gz trace
+                f.seek(0)
+                head = gzip.GzipFile(fileobj=f).read(4096)
+    except (NgptError, OSError, EOFError):
+        return False
+    return head.lstrip().startswith(b"{") and (b'"schemaVersion"' in head or b'"traceEvents"' in head)
+
+
+def check_trace_path(path: Path, replace_any: bool) -> None:
+    """Before the run: refuse a trace path whose file an earlier --profile did not write (a checkpoint,
+    say), unless `replace_any` (--force). A previous trace is replaced."""
+    if path.is_dir() and not path.is_symlink():
+        raise UsageError(f"--trace {path} is a folder; give a file path")
+    if os.path.lexists(path) and not replace_any and not _is_trace(path):
+        raise UsageError(f"--trace {path} exists and is not a trace that --profile wrote; choose another path, "
+                         "or add --force to replace it")
+
+
+def trace_file(cfg: TrainConfig, trace_path: str | Path | None, rank: int | None) -> Path:
+    """Where the trace goes: trace_path (default out_dir/bench-trace.json), one file per rank under torchrun."""
+    path = Path(trace_path).expanduser() if trace_path else default_trace_path(cfg)
+    return path if rank is None else path.with_name(f"{path.stem}-rank{rank}{path.suffix}")
+
+
 def bench(cfg: TrainConfig, iters: int = 20, warmup: int = 5, profile: bool = False,
-          trace_path: str | Path | None = None, profile_iters: int = 5, top: int = 15) -> BenchResult:
+          trace_path: str | Path | None = None, profile_iters: int = 5, top: int = 15,
+          replace_any_trace: bool = False) -> BenchResult:
     """Run warmup + iters training steps and time the last iters; under torchrun every rank does,
     and the result has each rank's tokens/s and their sum. With profile, profile_iters more steps
     run under torch.profiler (after the timing, which the profiler would slow down): their Chrome
-    trace goes to trace_path (default out_dir/bench-trace.json) and the top operators into the result."""
+    trace goes to trace_path (default out_dir/bench-trace.json) and the top operators into the result.
+    An existing file at the trace path that is not a trace is refused before the run, unless
+    replace_any_trace."""
     done = False
+    env = dist_env_from_environ()
+    trace = trace_file(cfg, trace_path, env.rank if env.is_distributed else None) if profile else None
+    if trace is not None:
+        check_trace_path(trace, replace_any_trace)
     try:
-        result = _bench(replace(cfg, eval_only=False), iters, warmup, profile, trace_path, profile_iters, top)
+        result = _bench(replace(cfg, eval_only=False), iters, warmup, trace, profile_iters, top)
         done = True
         return result
     finally:
         cleanup_distributed(barrier=done)
 
 
-def _bench(cfg: TrainConfig, iters: int, warmup: int, profile: bool, trace_path: str | Path | None,
-           profile_iters: int, top: int) -> BenchResult:
+def _bench(cfg: TrainConfig, iters: int, warmup: int, trace: Path | None, profile_iters: int,
+           top: int) -> BenchResult:
     trainer = build_trainer(cfg)
     runtime, device, env = trainer.runtime, trainer.device, trainer.env
     trainer.thread_tuner.enabled = False  # bench times one configuration: the thread count chosen at the start
@@ -178,17 +218,15 @@ def _bench(cfg: TrainConfig, iters: int, warmup: int, profile: bool, trace_path:
         peak_flops_source=runtime.peak[1], memory_kind=memory.kind, warmup_seconds=start - t0,
         tokens_per_iter=trainer.tokens_per_iter,
     )
-    if profile:
-        path = Path(trace_path).expanduser() if trace_path else default_trace_path(cfg)
-        if env.is_distributed:
-            path = path.with_name(f"{path.stem}-rank{env.rank}{path.suffix}")
-        result.trace, result.top_ops = str(path), profile_steps(train_step, device, path, profile_iters, top)
+    if trace is not None:
+        result.trace, result.top_ops = str(trace), profile_steps(train_step, device, trace, profile_iters, top)
     return result
 
 
 def profile_steps(train_step, device: torch.device, path: Path, iters: int, top: int) -> list[dict]:
-    """Run `iters` steps under torch.profiler; write the Chrome trace to path; return the top operators
-    by self time (device time on cuda), per iteration."""
+    """Run `iters` steps under torch.profiler; write the Chrome trace to path (built in a new temporary
+    folder beside it and renamed over it, never through a symlink); return the top operators by self
+    time (device time on cuda), per iteration."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -199,7 +237,12 @@ def profile_steps(train_step, device: torch.device, path: Path, iters: int, top:
                 train_step()
             synchronize(device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(path))
+        folder = temp_folder(path)
+        try:
+            prof.export_chrome_trace(str(folder / path.name))
+            os.replace(folder / path.name, path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         events = prof.key_averages()
     on_gpu = device.type == "cuda"
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
@@ -255,18 +298,21 @@ def parse_compare(spec: str, field_names) -> tuple[str, list[str]]:
 
 
 def compare(configs: list[tuple[str, TrainConfig]], iters: int, warmup: int, profile: bool = False,
-            trace_path: str | Path | None = None, on_result=None) -> list[dict]:
+            trace_path: str | Path | None = None, on_result=None, replace_any_trace: bool = False) -> list[dict]:
     """Bench each (label, config) in turn in this process; each row is the result plus its label and its
     tokens/s ratio to the first configuration (> 1: faster). on_result(label, result) is called as each ends."""
     if dist_env_from_environ().is_distributed:
         raise UsageError("--compare runs in one process; run it without torchrun")
-    rows = []
+    paths = []
     for label, cfg in configs:
-        path = None
-        if profile:
-            base = Path(trace_path).expanduser() if trace_path else default_trace_path(cfg)
-            path = base.with_name(f"{base.stem}-{_file_name_safe(label)}{base.suffix or '.json'}")
-        result = bench(cfg, iters=iters, warmup=warmup, profile=profile, trace_path=path)
+        base = trace_file(cfg, trace_path, None)
+        paths.append(base.with_name(f"{base.stem}-{_file_name_safe(label)}{base.suffix or '.json'}"))
+        if profile:  # all checked before the first run
+            check_trace_path(paths[-1], replace_any_trace)
+    rows = []
+    for (label, cfg), path in zip(configs, paths, strict=True):
+        result = bench(cfg, iters=iters, warmup=warmup, profile=profile, trace_path=path,
+                       replace_any_trace=replace_any_trace)
         torch._dynamo.reset()  # compiled graphs of this configuration neither linger nor count against the next
         gc.collect()  # the previous configuration's model and optimizer go before the next one is built
         row = {"label": label, **result.as_dict()}

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanogpt_cli.atomic import new_temp_sibling, remove_stale_temps
+from nanogpt_cli.atomic import new_file, remove_stale_temps, temp_sibling
 from nanogpt_cli.errors import NgptError, UnknownInitFrom, UsageError, one_line
 from nanogpt_cli.limits import check_model_fits
 from nanogpt_cli.model import GPT, GPTConfig
@@ -37,9 +37,9 @@ def atomic_save(obj, path: Path) -> None:
     a crash at any moment leaves either the old checkpoint or the new one, never half of one.
     A failed write (full disk, I/O error) removes the temporary file and leaves the old checkpoint as it was."""
     path = Path(path)
-    fd, tmp = new_temp_sibling(path)  # exclusive, under a name no one can plant a link at in advance
+    tmp = temp_sibling(path)  # unguessable, and created exclusively: a planted link is never written through
     try:
-        with os.fdopen(fd, "wb") as f:
+        with new_file(tmp) as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from nanogpt_cli import __version__
+from nanogpt_cli.atomic import stop_on_signals
 from nanogpt_cli.cli_data import data_app, prepare_app
 from nanogpt_cli.config import (
     EVAL_KEYS,
@@ -310,6 +311,8 @@ def bench(
                           "operators")] = False,
     trace: Annotated[str | None, typer.Option(
         help="where --profile writes the trace (default: OUT_DIR/bench-trace.json)")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="let --profile replace a file at the trace path that is not a previous trace")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Time training steps: ms/iter, tokens/s, MFU against this device's peak, peak memory.
@@ -331,13 +334,15 @@ def bench(
     if compare:
         key, values = parse_compare(compare, {field.name for field in dataclasses.fields(TrainConfig)})
         configs = [(f"{key}={value}", bench_config(f"--{key}={value}")) for value in values]  # all validated first
-        rows = run_compare(configs, iters, warmup, profile, trace, on_result=None if as_json else print_top_operators)
+        rows = run_compare(configs, iters, warmup, profile, trace, on_result=None if as_json else print_top_operators,
+                           replace_any_trace=force)
         if as_json:
             echo(json.dumps({"compare": key, "results": rows}) + "\n")
         else:
             print_bench_compare(key, rows)
         return
-    result = run_bench(bench_config(), iters=iters, warmup=warmup, profile=profile, trace_path=trace)
+    result = run_bench(bench_config(), iters=iters, warmup=warmup, profile=profile, trace_path=trace,
+                       replace_any_trace=force)
     if as_json:
         echo(json.dumps(result.as_dict()) + "\n")
         return
@@ -347,12 +352,13 @@ def bench(
 
 @app.command()
 @report_errors
+@stop_on_signals()
 def export(
     out_dir: Annotated[str, typer.Argument(help="an ngpt out_dir (or checkpoint file), or gpt2* / a Hugging Face "
                                                  "folder to re-export")],
     dest: Annotated[str, typer.Argument(help="the folder to write")],
     to: Annotated[str, typer.Option("--to", help="export format: hf (a transformers GPT2LMHeadModel folder)")] = "hf",
-    force: Annotated[bool, typer.Option("--force", help="write into a non-empty DEST")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace the previous export at DEST, all its files")] = False,
 ) -> None:
     """Export a checkpoint to a Hugging Face folder that transformers' GPT2LMHeadModel loads.
 
@@ -361,19 +367,18 @@ def export(
     from pathlib import Path
 
     from nanogpt_cli.checkpoint import load_model
-    from nanogpt_cli.hf import export_hf
+    from nanogpt_cli.hf import check_export_destination, export_hf
 
     if to != "hf":
         raise UsageError(f"unknown export format {to!r}; the only one is hf")
     target = Path(dest).expanduser()
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not force)):
-        raise UsageError(f"{dest} exists and is not an empty folder; choose another DEST or add --force")
+    check_export_destination(target, force)  # before the model loads: bad input fails fast
     try:
         model, meta, _ = load_model(out_dir, out_dir)
     except UnknownInitFrom:  # its message names --init_from, the training key; here the source is an argument
         raise UsageError(f"cannot export {out_dir!r}: not an ngpt out_dir or checkpoint file, gpt2*, or a Hugging "
                          "Face folder or hub id") from None
-    path = export_hf(model, target, meta)
+    path = export_hf(model, target, meta, replace=force)
     console.print(f"wrote {path} (load it with transformers.GPT2LMHeadModel.from_pretrained({str(path)!r}))")
 
 

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from nanogpt_cli.atomic import stop_on_signals
 from nanogpt_cli.errors import report_errors
 from nanogpt_cli.hub import OPENWEBTEXT_ID, OPENWEBTEXT_REVISION  # defaults shown in --help (prepare loads later)
 from nanogpt_cli.progress import echo
@@ -25,7 +26,9 @@ DataDir = Annotated[Path | None, typer.Option(
     "--data-dir", envvar="NGPT_DATA_DIR", show_default=False,
     help="Where datasets live (default: $NGPT_DATA_DIR, else the per-user data folder).")]
 Name = Annotated[str | None, typer.Option("--name", help="Output folder under the data dir.")]
-Force = Annotated[bool, typer.Option("--force", help="Rebuild even when the sources and options are unchanged.")]
+Force = Annotated[bool, typer.Option(
+    "--force", help="Rebuild even when the sources and options are unchanged, or replace a dataset of the same name "
+                    "prepared from other sources.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for choosing the val documents.")]
 Tokenizer = Annotated[str, typer.Option("--tokenizer", help="char, gpt2 or any tiktoken encoding (cl100k_base, ...).")]
 Errors = Annotated[str, typer.Option("--errors", help="Invalid UTF-8: 'strict' stops, 'replace' substitutes U+FFFD.")]
@@ -49,6 +52,7 @@ def _prepare_options(**kwargs):
 
 @prepare_app.command("shakespeare-char")
 @report_errors
+@stop_on_signals()
 def shakespeare_char(source: Source = None, data_dir: DataDir = None, name: Name = None, force: Force = False,
                      val_fraction: ValFraction = 0.1, quiet: Quiet = False) -> None:
     """Tiny Shakespeare, one token per character (nanoGPT's shakespeare_char).
@@ -66,6 +70,7 @@ def shakespeare_char(source: Source = None, data_dir: DataDir = None, name: Name
 
 @prepare_app.command("shakespeare")
 @report_errors
+@stop_on_signals()
 def shakespeare(source: Source = None, data_dir: DataDir = None, name: Name = None, force: Force = False,
                 val_fraction: ValFraction = 0.1, tokenizer: Tokenizer = "gpt2",
                 quiet: Quiet = False) -> None:
@@ -84,6 +89,7 @@ def shakespeare(source: Source = None, data_dir: DataDir = None, name: Name = No
 
 @prepare_app.command("openwebtext")
 @report_errors
+@stop_on_signals()
 def openwebtext(
     dataset_id: Annotated[str, typer.Option(
         "--dataset-id", help="Hub id, or a local folder (save_to_disk output or data files).")] = OPENWEBTEXT_ID,
@@ -113,6 +119,7 @@ def openwebtext(
 
 @prepare_app.command("text")
 @report_errors
+@stop_on_signals()
 def text(
     paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or globs: .txt, .jsonl, .parquet.",
                                                show_default=False)],
@@ -138,6 +145,7 @@ def text(
 
 @prepare_app.command("hf")
 @report_errors
+@stop_on_signals()
 def hf(
     name_or_path: Annotated[str, typer.Argument(
         help="Hub id (streamed), a folder saved with save_to_disk, or a folder of data files.", show_default=False)],

@@ -13,12 +13,12 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from nanogpt_cli.atomic import atomic_file
 from nanogpt_cli.config import cache_dir
 from nanogpt_cli.errors import UsageError
 
@@ -430,23 +430,10 @@ def _remember(change) -> dict:
     _this_process.update(entry)
     everything[machine_key()] = entry
     with contextlib.suppress(OSError):  # a read-only cache: this process still remembers
-        _write_atomically(path, json.dumps(everything, indent=1, sort_keys=True) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as f:  # readers see the old file or the new one; a link at path is replaced
+            f.write((json.dumps(everything, indent=1, sort_keys=True) + "\n").encode())
     return entry
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """A new file in the same folder (created exclusively, so never through a planted link), renamed over
-    path: readers see the old file or the new one, and a link at path is replaced, not followed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _positive(value) -> float | None:

@@ -19,11 +19,14 @@ the loader's state is the same on every rank and independent of W.
 from __future__ import annotations
 
 import json
+import os
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nanogpt_cli.atomic import file_in_folder
 from nanogpt_cli.config import resolve_data_dir
 from nanogpt_cli.errors import NgptError, UsageError
 
@@ -148,36 +151,43 @@ class Stream:
 
 
 def split_files(folder: Path, meta: dict) -> dict[str, Path]:
-    """The token file of each split, checked to exist and to hold whole tokens."""
-    itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
-    files = {}
-    for split in SPLITS:
-        path = folder / meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin")
-        if not path.is_file():
-            raise NgptError(f"{path} is missing; prepare the dataset again with --force")
-        if path.stat().st_size % itemsize:
-            raise NgptError(f"{path} is truncated ({path.stat().st_size} bytes is not a whole number of "
-                            f"{itemsize}-byte tokens); prepare the dataset again with --force")
-        files[split] = path
-    return files
+    """The token file of each split: a plain name of a regular file inside the dataset's folder (meta.json
+    cannot point elsewhere)."""
+    return {split: file_in_folder(folder, meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin"),
+                                  f"{folder / 'meta.json'} ({split})") for split in SPLITS}
 
 
-def check_block_fits(folder: Path, meta: dict, block_size: int) -> dict[str, int]:
-    """The token count of each split, from the files' sizes; a usage error when a split is not longer than
-    a window of block_size + 1 tokens (checked before a model of that context is built)."""
+def split_length(folder: Path, meta: dict, split: str, size: int, block_size: int) -> int:
+    """The tokens of a split file of `size` bytes, checked: whole tokens, as many as meta.json says, and more
+    than a window of block_size + 1 (a usage error: the context asked for is longer than the data)."""
     itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
-    lengths = {}
+    path = folder / meta.get("splits", {}).get(split, {}).get("file", f"{split}.bin")
+    if size % itemsize:
+        raise NgptError(f"{path} is truncated ({size} bytes is not a whole number of {itemsize}-byte tokens); "
+                        "prepare the dataset again with --force")
+    length = size // itemsize
+    if length <= block_size + 1:
+        raise UsageError(f"the {split} split of {folder.name!r} has {length} tokens, fewer than "
+                         f"block_size + 2 = {block_size + 2}; use a smaller --block_size")
+    expected = meta.get("splits", {}).get(split, {}).get("tokens")
+    if expected not in (None, length):  # cut short, or re-prepared as this loader opened it
+        raise NgptError(f"{path} holds {length} tokens where meta.json says {expected}; prepare the dataset "
+                        "again with --force")
+    return length
+
+
+def check_block_fits(folder: Path, meta: dict, block_size: int) -> None:
+    """Refuse a context longer than the data from the files' sizes, before a model of that context is built."""
     for split, path in split_files(folder, meta).items():
-        lengths[split] = path.stat().st_size // itemsize
-        if lengths[split] <= block_size + 1:
-            raise UsageError(f"the {split} split of {folder.name!r} has {lengths[split]} tokens, fewer than "
-                             f"block_size + 2 = {block_size + 2}; use a smaller --block_size")
-    return lengths
+        split_length(folder, meta, split, path.stat().st_size, block_size)
 
 
 class BatchLoader(Stream):
     """Random (x, y) windows from a split's token file, read through np.memmap.
 
+    The split files are opened once and held open: `ngpt prepare` renames new files over their names
+    when it re-prepares the dataset, and a run goes on reading the files it started with. A split file
+    must be a plain name of a regular file inside the dataset's folder (meta.json cannot point elsewhere).
     Every rank draws the same stream (seeded by `seed`) and keeps its own share of it: micro-batch
     `rank` of each group of `world_size`, so ranks see different data. The generator's state is
     the loader's whole state.
@@ -192,12 +202,16 @@ class BatchLoader(Stream):
         self.block_size = block_size
         self.device = device
         super().__init__(seed, rank, world_size, generator_state)
-        self.files = split_files(folder, meta)
-        self.lengths = check_block_fits(folder, meta, block_size)
+        self.files, self.lengths = {}, {}
+        for split, path in split_files(folder, meta).items():
+            file = open(path, "rb")  # held for the loader's life (see the class docstring), closed with it
+            weakref.finalize(self, file.close)
+            self.files[split] = file
+            self.lengths[split] = split_length(folder, meta, split, os.fstat(file.fileno()).st_size, block_size)
         self.vocab_size = int(meta["vocab_size"])
 
     def tokens(self, split: str) -> np.memmap:
-        # A new memmap per batch: holding one open grows memory without bound (a numpy quirk).
+        # A new memmap per batch (of the file held open): holding one grows memory without bound (a numpy quirk).
         return np.memmap(self.files[split], dtype=self.dtype, mode="r")
 
     def pick(self, split: str) -> torch.Tensor:

@@ -3,7 +3,8 @@
 * `load_hf_gpt2` turns a `GPT2LMHeadModel` (a hub name like "gpt2-medium", a hub id "owner/name",
   or a local folder with config.json) into an ngpt `GPT`, Conv1D weights transposed.
 * `export_hf` writes an ngpt `GPT` as a folder that `GPT2LMHeadModel.from_pretrained` loads, with
-  the GPT-2 tokenizer files (`hf_tokenizer`) when the model speaks GPT-2 BPE.
+  the GPT-2 tokenizer files (`hf_tokenizer`) when the model speaks GPT-2 BPE. The folder is built
+  under a temporary name and renamed into place whole, replacing a previous export only when told to.
 
 `transformers` is an optional dependency (the `hf` extra) and is imported only inside functions.
 """
@@ -15,11 +16,13 @@ import inspect
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from nanogpt_cli import hub
+from nanogpt_cli.atomic import new_file, remove_stale_temps, replace_folder, temp_folder
 from nanogpt_cli.errors import NgptError, UsageError, one_line
 from nanogpt_cli.hf_tokenizer import write_gpt2_tokenizer
 from nanogpt_cli.model import GPT, GPTConfig
@@ -297,7 +300,29 @@ def _hf_state_dict(model: GPT, hf_keys: dict[str, torch.Size]) -> dict[str, torc
     return out
 
 
-def export_hf(model: GPT, dest: str | Path, meta: dict | None = None) -> Path:
+def _is_export(folder: Path) -> bool:
+    """A Hugging Face model folder (config.json), such as a previous export."""
+    return (folder / "config.json").is_file() or (folder / NGPT_META_FILE).is_file()
+
+
+def check_export_destination(dest: Path, replace: bool) -> None:
+    """Refuse a destination whose contents an export would lose: anything but a folder; a folder that
+    holds files, unless `replace` (--force) and they are a previous export, which is replaced whole."""
+    if dest.is_symlink() or (os.path.lexists(dest) and not dest.is_dir()):
+        raise UsageError(f"{dest} exists and is not a folder; choose another DEST")
+    entries = sorted(p.name for p in dest.iterdir()) if dest.is_dir() else []
+    if not entries:
+        return
+    if not replace:
+        raise UsageError(f"{dest} exists and is not an empty folder; choose another DEST, or add --force to replace "
+                         "the export in it")
+    if not _is_export(dest):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(f"{dest} holds files that are not a Hugging Face export ({shown}); --force replaces only "
+                         "a previous export: choose another DEST")
+
+
+def export_hf(model: GPT, dest: str | Path, meta: dict | None = None, replace: bool = False) -> Path:
     """Write `model` as a Hugging Face GPT-2 folder: config.json, generation_config.json,
     model.safetensors (lm_head tied to wte), ngpt_meta.json, and, for GPT-2 BPE models, the GPT-2
     tokenizer files (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json).
@@ -306,11 +331,12 @@ def export_hf(model: GPT, dest: str | Path, meta: dict | None = None) -> Path:
     A bias=False model is exported with all-zero biases, which GPT-2 always has: the outputs are
     exactly the same. A model whose tokenizer is not GPT-2 BPE (char-level, cl100k_base, ...) gets
     weights and config only; ngpt_meta.json keeps its tokenizer metadata for `load_hf_gpt2`.
-    Returns the folder.
+    The folder is built beside `dest` and renamed into place when complete, so an error or a signal
+    leaves nothing half-written; `replace` lets it take the place of a previous export (see
+    `check_export_destination`), whose files all go. Returns the folder.
     """
     dest = Path(dest).expanduser()
-    if dest.exists() and not dest.is_dir():
-        raise UsageError(f"{dest} is a file; the export destination must be a folder")
+    check_export_destination(dest, replace)
     transformers = _import_transformers()
     cfg = model.config
     if meta is None:
@@ -346,17 +372,27 @@ def export_hf(model: GPT, dest: str | Path, meta: dict | None = None) -> Path:
         hf_model.load_state_dict(state_dict, strict=True)
     hf_model.eval()
 
-    dest.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": "1000GB"}  # one model.safetensors file
     if "safe_serialization" in inspect.signature(hf_model.save_pretrained).parameters:  # transformers 4
         kwargs["safe_serialization"] = True
-    with _no_progress_bars(transformers):
-        hf_model.save_pretrained(str(dest), **kwargs)
-        (dest / NGPT_META_FILE).write_text(
-            json.dumps({"format": "nanogpt-cli", "bias": bool(cfg.bias), "meta": meta}, ensure_ascii=False, indent=1)
-            + "\n",
-            encoding="utf-8",
-        )
-        if bpe:
-            write_gpt2_tokenizer(dest, cfg.block_size)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest)  # what killed exports left
+        built = temp_folder(dest)
+    except OSError as e:
+        raise NgptError(f"could not write the export {dest}: {e.strerror or one_line(e)}") from None
+    try:
+        with _no_progress_bars(transformers):
+            hf_model.save_pretrained(str(built), **kwargs)
+            saved = {"format": "nanogpt-cli", "bias": bool(cfg.bias), "meta": meta}
+            with new_file(built / NGPT_META_FILE) as f:
+                f.write((json.dumps(saved, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+            if bpe:
+                write_gpt2_tokenizer(built, cfg.block_size)
+        replace_folder(built, dest)
+    except OSError as e:  # the disk (full, read-only): nothing is left half-written
+        raise NgptError(f"could not write the export {dest}: {e.strerror or one_line(e)}; "
+                        "nothing was changed") from None
+    finally:  # an error, Ctrl-C or SIGTERM: the half-built folder goes
+        shutil.rmtree(built, ignore_errors=True)
     return dest

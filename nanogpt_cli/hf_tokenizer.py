@@ -92,8 +92,8 @@ def write_gpt2_tokenizer(dest: Path, model_max_length: int) -> None:
             tok = Tok.from_pretrained("openai-community/gpt2")
         except (OSError, ValueError):
             raise NgptError(
-                f"wrote the weights to {dest} but not the tokenizer: tiktoken's GPT-2 files could not be loaded "
-                f"({type(tiktoken_error).__name__}) and the Hugging Face Hub could not be reached; point "
+                "could not export the GPT-2 tokenizer (nothing was written): tiktoken's GPT-2 files could not be "
+                f"loaded ({type(tiktoken_error).__name__}) and the Hugging Face Hub could not be reached; point "
                 "TIKTOKEN_CACHE_DIR at a folder holding tiktoken's gpt2 files and export again"
             ) from None
     else:
@@ -109,4 +109,4 @@ def write_gpt2_tokenizer(dest: Path, model_max_length: int) -> None:
         written = Tok.from_pretrained(str(dest))
         ids = written(_TOKENIZER_CHECK, add_special_tokens=False)["input_ids"]
         if ids != enc.encode_ordinary(_TOKENIZER_CHECK):
-            raise NgptError(f"the tokenizer written to {dest} does not encode like tiktoken's gpt2")
+            raise NgptError("the tokenizer written for the export does not encode like tiktoken's gpt2")

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from nanogpt_cli.atomic import open_append_nofollow, write_atomic
+from nanogpt_cli.atomic import atomic_file, open_append_nofollow
 from nanogpt_cli.config import TrainConfig, to_dict
 from nanogpt_cli.errors import NgptError, one_line
 from nanogpt_cli.progress import console, debug, is_verbose
@@ -35,11 +35,13 @@ class MetricsLog:
             # A resumed run repeats the steps after its checkpoint: drop the ones logged past it.
             kept = [record for record in read_jsonl(self.path) if record.get("iter", 0) < resume_from
                     or (record.get("iter") == resume_from and "val_loss" in record)]
-            write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept).encode())
+            with atomic_file(self.path) as f:
+                f.write("".join(json.dumps(record) + "\n" for record in kept).encode())
             self.records = kept
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, b"")
+            with atomic_file(self.path):
+                pass  # a new, empty log (replacing a link at its name, never writing through it)
         try:
             self.file = open_append_nofollow(self.path)
         except OSError as e:

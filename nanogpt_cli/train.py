@@ -27,7 +27,7 @@ import torch
 
 from nanogpt_cli import checkpoint as ckpt_io
 from nanogpt_cli import lora
-from nanogpt_cli.atomic import new_temp_sibling, write_atomic
+from nanogpt_cli.atomic import atomic_file, new_file, temp_sibling
 from nanogpt_cli.config import FINETUNE_DEFAULTS, TrainConfig, build, parse_overrides, to_dict, to_toml
 from nanogpt_cli.cpu_tuning import thread_tuner
 from nanogpt_cli.data import (
@@ -570,8 +570,8 @@ def check_out_dir(out_dir: Path) -> None:
     probe = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = new_temp_sibling(out_dir / ".write-test")  # exclusive: never a file planted in the folder
-        with os.fdopen(fd, "wb") as f:  # written through to the disk: a full disk fails here, not hours later
+        probe = temp_sibling(out_dir / ".write-test")
+        with new_file(probe) as f:  # exclusive; written through to the disk: a full disk fails here, not hours later
             f.write(b"0" * 65536)
             f.flush()
             os.fsync(f.fileno())
@@ -664,7 +664,8 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
                         shutil.rmtree(path)
                     else:
                         path.unlink(missing_ok=True)
-            write_atomic(out_dir / "config.toml", to_toml(trainer.cfg).encode())
+            with atomic_file(out_dir / "config.toml") as f:
+                f.write(to_toml(trainer.cfg).encode())
         result = trainer.run()
         del trainer  # the DDP/FSDP wrappers go before the process group (see cleanup_distributed)
         done = True

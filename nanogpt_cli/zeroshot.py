@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from nanogpt_cli.atomic import check_regular
 from nanogpt_cli.errors import NgptError, UsageError
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -86,8 +87,9 @@ def benchmark_file(task: str, path: str | os.PathLike | None = None) -> Path:
         file = Path(path).expanduser()
         if file.is_dir():
             raise UsageError(f"{bench.option} {path} is a folder; it needs the {bench.filename} file")
-        if not file.is_file():
+        if not file.exists():
             raise UsageError(f"no such file: {path} ({bench.option})")
+        check_regular(file, f"{bench.option} {path}")  # a FIFO would block, a device never end
         return file
     from nanogpt_cli.atomic import download
     from nanogpt_cli.config import cache_dir

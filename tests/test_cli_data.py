@@ -116,11 +116,11 @@ def test_bad_input_fails_cleanly_and_keeps_the_dataset(ngpt, tmp_path):
     common = ("--tokenizer", "char", "--name", "ds", "--force")
     cases = [
         (("prepare", "text", tmp_path / "missing.txt", *common), 2, r"no such file or folder: .*missing\.txt"),
-        (("prepare", "text", tmp_path / "empty.txt", *common), 1, r"empty corpus"),
-        (("prepare", "text", tmp_path / "bad.txt", *common), 1,
+        (("prepare", "text", tmp_path / "empty.txt", *common), 2, r"empty corpus"),
+        (("prepare", "text", tmp_path / "bad.txt", *common), 2,
          r"bad\.txt: invalid UTF-8 at byte 36 .*--errors replace"),
-        (("prepare", "text", tmp_path / "nofield.jsonl", *common), 1, r"nofield\.jsonl:2: no 'text' field"),
-        (("prepare", "text", tmp_path / "broken.jsonl", *common), 1, r"broken\.jsonl:2: bad JSON"),
+        (("prepare", "text", tmp_path / "nofield.jsonl", *common), 2, r"nofield\.jsonl:2: no 'text' field"),
+        (("prepare", "text", tmp_path / "broken.jsonl", *common), 2, r"broken\.jsonl:2: bad JSON"),
         (("prepare", "text", good, "--tokenizer", "bogus", "--name", "ds", "--force"), 2, r"unknown tokenizer 'bogus'"),
         (("prepare", "text", good, "--errors", "ignore", "--name", "ds"), 2, r"--errors must be"),
         (("prepare", "text", good, "--val-fraction", "1.5", "--name", "ds"), 2, r"--val-fraction"),

@@ -395,7 +395,9 @@ def test_download_into_the_cache_atomically_and_once(tmp_path, monkeypatch):
 
     def fake_urlopen(url, timeout=None):
         calls.append((url, timeout))
-        return io.BytesIO(json.dumps(LAMBADA[2]).encode() + b"\n")
+        response = io.BytesIO(json.dumps(LAMBADA[2]).encode() + b"\n")
+        response.headers = {}  # what a download reads of urlopen's response: the body and its headers
+        return response
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     path = zeroshot.benchmark_file("lambada")

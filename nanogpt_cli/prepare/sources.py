@@ -8,7 +8,6 @@ incremental: a text file a MiB at a time, JSONL a line at a time, parquet and da
 from __future__ import annotations
 
 import codecs
-import glob
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from nanogpt_cli.atomic import download
+from nanogpt_cli.atomic import check_regular, download, open_regular
 from nanogpt_cli.config import cache_dir
 from nanogpt_cli.errors import NgptError, UsageError, one_line
 from nanogpt_cli.hub import hub_error, offline_unless_reachable, quiet_hub_logs
@@ -61,15 +60,15 @@ def read_text_chunks(path: Path, errors: str = "strict", chunk_bytes: int = 0) -
     """Decode a UTF-8 file a chunk at a time, yielding (text, bytes consumed); a character split
     across two chunks is carried over, and a bad byte is reported with its offset in the file."""
     pending, offset = b"", 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while True:
             raw = f.read(chunk_bytes or READ_BYTES)
             data = pending + raw
             try:
                 text, consumed = codecs.utf_8_decode(data, errors, not raw)
             except UnicodeDecodeError as e:
-                raise NgptError(f"{path}: invalid UTF-8 at byte {offset + e.start} ({e.reason}); "
-                                "pass --errors replace to replace bad bytes and go on") from None
+                raise UsageError(f"{path}: invalid UTF-8 at byte {offset + e.start} ({e.reason}); "
+                                 "pass --errors replace to replace bad bytes and go on") from None
             pending, offset = data[consumed:], offset + consumed
             if text or not raw:
                 yield text, consumed
@@ -79,27 +78,27 @@ def read_text_chunks(path: Path, errors: str = "strict", chunk_bytes: int = 0) -
 
 def _jsonl_documents(path: Path, text_field: str, errors: str) -> Iterator[Document]:
     offset = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8", errors)
             except UnicodeDecodeError as e:
-                raise NgptError(f"{path}:{lineno}: invalid UTF-8 at byte {offset + e.start} ({e.reason}); "
-                                "pass --errors replace to replace bad bytes and go on") from None
+                raise UsageError(f"{path}:{lineno}: invalid UTF-8 at byte {offset + e.start} ({e.reason}); "
+                                 "pass --errors replace to replace bad bytes and go on") from None
             offset += len(raw)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise NgptError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+                raise UsageError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict) or text_field not in record:
                 fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise NgptError(f"{path}:{lineno}: no {text_field!r} field (found: {fields}); "
-                                "choose the field with --text-field")
+                raise UsageError(f"{path}:{lineno}: no {text_field!r} field (found: {fields}); "
+                                 "choose the field with --text-field")
             text = record[text_field]
             if text is not None and not isinstance(text, str):
-                raise NgptError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, not text")
+                raise UsageError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, not text")
             yield Document([(text or "", len(raw))])
 
 
@@ -107,21 +106,22 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise NgptError(f"{path}: not a readable parquet file ({one_line(e)})") from None
-    names = pf.schema_arrow.names
-    if text_field not in names:
-        raise NgptError(f"{path}: no {text_field!r} column (found: {', '.join(names)}); "
-                        "choose the column with --text-field")
-    rows = max(pf.metadata.num_rows, 1)
-    per_row = path.stat().st_size / rows  # progress is in bytes: share the file size among the rows
-    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            if text is not None and not isinstance(text, str):
-                raise NgptError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text")
-            yield Document([(text or "", per_row)])
+    with open_regular(path) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as e:
+            raise UsageError(f"{path}: not a readable parquet file ({one_line(e)})") from None
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            raise UsageError(f"{path}: no {text_field!r} column (found: {', '.join(names)}); "
+                             "choose the column with --text-field")
+        rows = max(pf.metadata.num_rows, 1)
+        per_row = os.fstat(f.fileno()).st_size / rows  # progress is in bytes: share the file size among the rows
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                if text is not None and not isinstance(text, str):
+                    raise UsageError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text")
+                yield Document([(text or "", per_row)])
 
 
 def _absolute(arg: str) -> str:
@@ -133,14 +133,36 @@ def _looks_like_glob(arg: str) -> bool:
     return any(c in arg for c in "*?[")
 
 
+def _hidden(parts: Iterable[str]) -> bool:
+    return any(part.startswith(".") for part in parts)
+
+
+def _glob(arg: str) -> list[Path]:
+    """The files a glob matches, `**` spanning folders. Symlinked folders are not entered on the way
+    down (a link back up would make the walk endless), and hidden entries are skipped unless the
+    pattern names them, as with shell globs."""
+    parts = Path(os.path.expanduser(arg)).parts
+    first = next(i for i, part in enumerate(parts) if _looks_like_glob(part))
+    root = Path(*parts[:first]) if first else Path(".")
+    pattern = parts[first:]
+    return [p for p in root.glob("/".join(pattern)) if _hidden(pattern) or not _hidden(p.relative_to(root).parts)]
+
+
+def _wanted(path: Path) -> bool:
+    """A regular file (through symlinks) of a supported type: FIFOs and devices found in a walk are skipped."""
+    return path.is_file() and path.suffix.lower() in FILE_SUFFIXES
+
+
 def resolve_paths(args: Iterable[str]) -> list[Path]:
-    """Files from paths, folders (recursive; hidden entries skipped) and glob patterns, in a stable order."""
+    """Files from paths, folders (recursive; hidden entries and symlinked folders skipped) and glob
+    patterns, in a stable order. A named file that is not a regular file (a FIFO, a device, a socket)
+    is refused: it would block or never end."""
     files: list[Path] = []
     for arg in args:
         path = Path(arg).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            # rglob does not enter symlinked folders, so a symlink cycle cannot make the walk endless
+            found = sorted(p for p in path.rglob("*") if _wanted(p) and not _hidden(p.relative_to(path).parts))
             if not found:
                 raise UsageError(f"no .txt, .jsonl or .parquet files in folder {arg}")
             files += found
@@ -148,10 +170,10 @@ def resolve_paths(args: Iterable[str]) -> list[Path]:
             if path.suffix.lower() not in FILE_SUFFIXES:
                 raise UsageError(f"{arg}: unsupported file type {path.suffix or '(none)'!r}; "
                                  "use .txt (or .md), .jsonl or .parquet files")
+            check_regular(path, arg)
             files.append(path)
         elif _looks_like_glob(arg):
-            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(arg), recursive=True))
-            found = [p for p in found if p.is_file() and p.suffix.lower() in FILE_SUFFIXES]
+            found = sorted(p for p in _glob(arg) if _wanted(p))
             if not found:
                 raise UsageError(f"no .txt, .jsonl or .parquet files match {arg}")
             files += found
@@ -192,19 +214,19 @@ def _dataset_documents(ds, text_field: str, where: str, split: str | None = None
     """Documents from a `datasets` Dataset or IterableDataset, a batch of rows at a time."""
     names = ds.column_names
     if names is not None and text_field not in names:
-        raise NgptError(f"{where} has no {text_field!r} column (found: {', '.join(names)}); "
-                        "choose the column with --text-field")
+        raise UsageError(f"{where} has no {text_field!r} column (found: {', '.join(names)}); "
+                         "choose the column with --text-field")
     try:
         with quiet_hub_logs():
             for batch in ds.select_columns([text_field]).iter(batch_size=1000):
                 for text in batch[text_field]:
                     if text is not None and not isinstance(text, str):
-                        raise NgptError(f"{where}: column {text_field!r} holds {type(text).__name__}, not text")
+                        raise UsageError(f"{where}: column {text_field!r} holds {type(text).__name__}, not text")
                     yield Document([(text or "", 1)], split)
     except (NgptError, KeyboardInterrupt):
         raise
     except KeyError:
-        raise NgptError(f"{where} has no {text_field!r} column; choose the column with --text-field") from None
+        raise UsageError(f"{where} has no {text_field!r} column; choose the column with --text-field") from None
     except Exception as e:  # network and format errors surface while streaming
         raise NgptError(f"could not read {where}: {one_line(e)}") from None
 
@@ -321,7 +343,7 @@ class OpenWebTextCorpus(Corpus):
                               "pass --dataset-id FOLDER (saved with save_to_disk, or of data files) or --data-files "
                               "FILES instead") from None
         if len(ds) < 2:
-            raise NgptError(f"{self.source}: {len(ds)} document(s); need at least 2 to split into train and val")
+            raise UsageError(f"{self.source}: {len(ds)} document(s); need at least 2 to split into train and val")
         # the shuffled indices (8 bytes a row) go to the scratch folder, not next to the user's data
         parts = ds.train_test_split(test_size=self.val_fraction, seed=self.seed, shuffle=True,
                                     train_indices_cache_file_name=str(workdir / "train-indices.arrow"),
@@ -348,12 +370,15 @@ def _fetch(source: str | None, default_url: str = SHAKESPEARE_URL) -> Path:
             raise UsageError(f"--source {source} is a folder; it needs a text file")
         if not path.exists():
             raise UsageError(f"no such file: {source}")
+        check_regular(path, f"--source {source}")
         return path
     if source == SHAKESPEARE_URL:
         target = cache_dir() / "tinyshakespeare" / "input.txt"
     else:
         digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-        target = cache_dir() / "downloads" / f"{digest}-{Path(source.split('?')[0]).name or 'download'}"
+        name = Path(source.split("?")[0]).name or "download"
+        suffix = "" if Path(name).suffix.lower() in TEXT_SUFFIXES else ".txt"  # read as text, whatever the URL says
+        target = cache_dir() / "downloads" / f"{digest}-{name}{suffix}"
     if not target.exists():
         download(source, target, "--source")
     return target

@@ -3,12 +3,16 @@ the tokens to train.bin / val.bin in a temporary folder, and move the finished f
 (meta.json last), so an error, a Ctrl-C or a crash leaves the previous dataset as it was.
 
 `_prepare` is the entry point for the recipes; it also checks whether the same sources and
-options were prepared already (the fingerprint), and `_read_meta` / `_is_complete` read back
-what it wrote.
+options were prepared already (the fingerprint), refuses to replace a dataset made from other
+sources unless forced, and locks the dataset against a second writer; `_read_meta` /
+`_is_complete` read back what it wrote. A training run reading the dataset is not disturbed by a
+re-prepare: the new files are renamed over the old names, and the run's loader keeps the old files
+open (data.BatchLoader), so it reads the data it started with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +30,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nanogpt_cli.atomic import remove_stale_temps, temp_sibling
+from nanogpt_cli.atomic import (
+    LOCK_NAME,
+    exclusive_lock,
+    file_in_folder,
+    fsync_folder,
+    new_file,
+    open_regular,
+    remove_stale_temps,
+    signals_deferred,
+    temp_folder,
+)
 from nanogpt_cli.config import resolve_data_dir
 from nanogpt_cli.errors import NgptError, UsageError, one_line
 from nanogpt_cli.prepare.progress import Progress
@@ -34,6 +48,7 @@ from nanogpt_cli.prepare.sources import Corpus
 from nanogpt_cli.tokenizer import CharTokenizer, get_tokenizer
 
 FORMAT = 1
+SPLIT_FILES = ("train.bin", "val.bin")
 PIECE_CHARS = 1 << 20  # text is tokenized in pieces of about a million characters
 UNIT_CHARS = 1 << 20  # small documents are grouped into work units of about this size for the threads
 
@@ -182,7 +197,7 @@ class _SplitFile:
 
     def __init__(self, path: Path, dtype: str):
         self.path, self.dtype = path, np.dtype(dtype)
-        self.file = open(path, "wb", buffering=1 << 20)
+        self.file = new_file(path, buffering=1 << 20)
         self.tokens = 0
         self.last_document_at = 0  # token offset where the latest document began
 
@@ -286,20 +301,23 @@ def _fingerprint(recipe: str, corpus: Corpus, opts: PrepareOptions) -> str:
 
 
 def _read_meta(folder: Path) -> dict:
+    meta_file = folder / "meta.json"
+    if not os.path.lexists(meta_file):
+        raise UsageError(f"{folder} is not a prepared dataset (no meta.json)")
     try:
-        return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{folder} is not a prepared dataset (no meta.json)") from None
-    except (OSError, ValueError) as e:
-        raise NgptError(f"{folder / 'meta.json'}: unreadable ({one_line(e)})") from None
+        with open_regular(meta_file) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (NgptError, OSError, ValueError) as e:
+        raise NgptError(f"{meta_file}: unreadable ({one_line(e)})") from None
 
 
 def _is_complete(folder: Path, meta: dict) -> bool:
-    """The files meta.json lists exist with the sizes its token counts imply."""
+    """The files meta.json lists are regular files inside the folder, with the sizes its token counts imply."""
     try:
         itemsize = np.dtype(meta["dtype"]).itemsize
-        return all((folder / s["file"]).stat().st_size == s["tokens"] * itemsize for s in meta["splits"].values())
-    except (OSError, KeyError, TypeError, ValueError):
+        return all(file_in_folder(folder, s["file"], "meta.json").stat().st_size == s["tokens"] * itemsize
+                   for s in meta["splits"].values())
+    except (NgptError, OSError, KeyError, TypeError, ValueError, AttributeError):
         return False
 
 
@@ -313,53 +331,101 @@ def _summary(meta: dict, folder: Path, status: str) -> dict:
 
 
 def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished files into place; meta.json goes last, so a folder with a meta.json
-    always holds the bins it describes."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)
-    for name in ("train.bin", "val.bin"):
-        os.replace(tmp / name, out / name)
-    os.replace(tmp / "meta.json", out / "meta.json")
+    """Rename the finished files over the old ones: the bins, then meta.json last (the old one is never
+    deleted first), with Ctrl-C and SIGTERM held off between the renames. A reader with the old files
+    open goes on reading them."""
+    for name in (*SPLIT_FILES, "meta.json"):
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            raise UsageError(f"{out / name} is a folder; move it away and prepare again")
+    with signals_deferred():
+        for name in (*SPLIT_FILES, "meta.json"):
+            os.replace(tmp / name, out / name)
+    fsync_folder(out)
+
+
+def _visible_entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _check_replacing(out: Path, meta: dict | None, corpus: Corpus, opts: PrepareOptions) -> None:
+    """Refuse (unless --force) to replace what is at `out` with a dataset from other sources: a dataset
+    prepared from other files, one whose meta.json cannot be read, or a folder that is no dataset."""
+    other_name = "--name NAME to prepare a dataset of another name"
+    how = f"pass --force to replace it, or {other_name}"
+    if meta is None and (out / "meta.json").exists():
+        raise UsageError(f"{out / 'meta.json'} is unreadable, so what dataset {opts.name!r} holds is unknown; {how}")
+    if meta is None:
+        entries = _visible_entries(out) if out.is_dir() else []
+        if entries:
+            raise UsageError(f"{out} holds files ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) "
+                             f"but no dataset; pass --force to write the dataset among them, or {other_name}")
+    elif meta.get("source") != corpus.source:
+        raise UsageError(f"dataset {opts.name!r} in {out.parent} was prepared from {meta.get('source') or 'elsewhere'}"
+                         f", not from {corpus.source}; {how}")
+
+
+@contextlib.contextmanager
+def _writing(out: Path, name: str):
+    """The dataset folder, created if need be and locked against a second writer while the block runs;
+    a folder this prepare created is removed again if it fails."""
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    try:
+        with exclusive_lock(out / LOCK_NAME, f"dataset {name!r}",
+                            "wait for it to finish, or prepare under another --name"):
+            yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
 
 
 def _prepare(recipe: str, corpus: Corpus, opts: PrepareOptions, split_by_chars: bool | None = None) -> dict:
     """Stream `corpus` into `<data_dir>/<name>/`; returns a summary (also when already up to date).
 
-    Everything is written into a hidden sibling folder first and moved into place at the end, so
-    an error, a Ctrl-C or a crash leaves the previous dataset as it was."""
+    Everything is written into a hidden temporary folder inside the dataset folder first and renamed
+    into place at the end, so an error, a Ctrl-C or a crash leaves the previous dataset as it was."""
     started = time.time()
     _check_options(opts)
     data_dir = resolve_data_dir(opts.data_dir)
     out = data_dir / opts.name
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
     fingerprint = _fingerprint(recipe, corpus, opts)
-    if not opts.force and (out / "meta.json").exists():
-        try:
+    meta = None
+    if (out / "meta.json").exists():
+        with contextlib.suppress(NgptError):
             meta = _read_meta(out)
-        except NgptError:
-            meta = {}
-        if meta.get("fingerprint") == fingerprint and _is_complete(out, meta):
+    if not opts.force:
+        if meta is not None and meta.get("fingerprint") == fingerprint and _is_complete(out, meta):
             return _summary(meta, out, "up to date")
+        _check_replacing(out, meta, corpus, opts)
     tokenizer = None if opts.tokenizer == "char" else get_tokenizer(opts.tokenizer)  # fail before reading
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)  # the temporary folders of killed runs
-    tmp = temp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     if split_by_chars is None:
         split_by_chars = corpus.single_document
-    try:
-        meta = _build(corpus, opts, tokenizer, tmp, split_by_chars)
-        meta.update(fingerprint=fingerprint, created=datetime.now(UTC).isoformat(timespec="seconds"),
-                    seconds=round(time.time() - started, 2), recipe=recipe,
-                    options={"val_fraction": opts.val_fraction, "seed": opts.seed, "errors": opts.errors,
-                             "append_eot": opts.append_eot and tokenizer is not None})
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        _commit(tmp, out)
-    finally:  # success, error, Ctrl-C: the temporary folder goes
-        shutil.rmtree(tmp, ignore_errors=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # what killed prepares left beside the folder (earlier versions built there)
+    with _writing(out, opts.name):
+        build = out / "build"
+        remove_stale_temps(build)  # the temporary folders of killed runs
+        tmp = temp_folder(build)
+        try:
+            meta = _build(corpus, opts, tokenizer, tmp, split_by_chars)
+            meta.update(fingerprint=fingerprint, created=datetime.now(UTC).isoformat(timespec="seconds"),
+                        seconds=round(time.time() - started, 2), recipe=recipe,
+                        options={"val_fraction": opts.val_fraction, "seed": opts.seed, "errors": opts.errors,
+                                 "append_eot": opts.append_eot and tokenizer is not None})
+            with new_file(tmp / "meta.json") as f:
+                f.write((json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+            _commit(tmp, out)
+        except OSError as e:  # the disk (full, read-only, failing): name the path
+            where = f"{e.filename}: " if e.filename else ""
+            raise NgptError(f"could not prepare the dataset {out}: {where}{e.strerror or one_line(e)}; "
+                            "nothing was changed") from None
+        finally:  # success, error, Ctrl-C: the temporary folder goes
+            shutil.rmtree(tmp, ignore_errors=True)
     return _summary(meta, out, "prepared")
 
 
@@ -371,12 +437,12 @@ def _build(corpus: Corpus, opts: PrepareOptions, tokenizer, tmp: Path, split_by_
     if char or split_by_chars:
         scan = _scan(corpus, opts, collect_chars=char)
         if not scan.documents:
-            raise NgptError(f"no text in {corpus.source} (empty corpus)")
+            raise UsageError(f"no text in {corpus.source} (empty corpus)")
         if char:
             tokenizer = CharTokenizer(sorted(scan.chars))
         if split_by_chars:
             if scan.n_chars < 2:
-                raise NgptError(f"{corpus.source}: too little text to split into train and val")
+                raise UsageError(f"{corpus.source}: too little text to split into train and val")
             split_at = max(int(scan.n_chars * (1 - opts.val_fraction)), 1)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     eot = None
@@ -396,12 +462,12 @@ def _build(corpus: Corpus, opts: PrepareOptions, tokenizer, tmp: Path, split_by_
             f.file.close()
     train, val = files["train"], files["val"]
     if not counts["documents"]:
-        raise NgptError(f"no text in {corpus.source} (empty corpus)")
+        raise UsageError(f"no text in {corpus.source} (empty corpus)")
     if not val.tokens:  # val must not be empty: hold out the last document, or the end of the only one
         if counts["documents"] > 1:
             _move_tail(train, val, train.last_document_at)
         elif train.tokens < 2:
-            raise NgptError(f"{corpus.source}: too little text to split into train and val")
+            raise UsageError(f"{corpus.source}: too little text to split into train and val")
         else:
             _move_tail(train, val, max(int(train.tokens * (1 - opts.val_fraction)), 1))
     return {"format": FORMAT, "name": opts.name, **tokenizer.meta(), "dtype": dtype,
