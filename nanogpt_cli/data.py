@@ -18,6 +18,8 @@ the loader's state is the same on every rank and independent of W.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -68,7 +70,23 @@ def load_meta(folder: Path) -> dict:
         raise NgptError(f"{meta_file} is corrupt ({e}); prepare the dataset again with --force") from None
     if "vocab_size" not in meta:
         raise NgptError(f"{meta_file} has no vocab_size; prepare the dataset again with --force")
+    if meta.get("tokenizer") == "bpe":
+        meta["tokenizer_json"] = read_tokenizer_json(folder, meta)
     return meta
+
+
+def read_tokenizer_json(folder: Path, meta: dict) -> str:
+    """The text of a trained-BPE dataset's tokenizer.json, checked against the sha256 meta.json names: the
+    tokens in the bins are that tokenizer's (checkpoints then carry the text itself)."""
+    path = folder / meta.get("tokenizer_file", "tokenizer.json")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise NgptError(f"{path} is missing ({e.strerror}); prepare the dataset again with --force") from None
+    if hashlib.sha256(data).hexdigest() != meta.get("tokenizer_sha256"):
+        raise NgptError(f"{path} changed since the dataset was prepared (its sha256 is not the one meta.json "
+                        "names), so it no longer describes the tokens; prepare the dataset again with --force")
+    return data.decode("utf-8")
 
 
 def check_vocabulary(data_meta: dict, model_meta: dict, model_vocab_size: int, dataset: str) -> None:
@@ -81,6 +99,11 @@ def check_vocabulary(data_meta: dict, model_meta: dict, model_vocab_size: int, d
     if data_tok == "char" and data_meta.get("itos") != model_meta.get("itos"):
         raise UsageError(f"the dataset {dataset!r} has a different character vocabulary from the model's; prepare "
                         "it with the same characters, or train a new model")
+    if data_tok == "bpe" and data_meta.get("tokenizer_sha256") != model_meta.get("tokenizer_sha256"):
+        raise UsageError(f"the dataset {dataset!r} has another BPE tokenizer (sha256 "
+                         f"{str(data_meta.get('tokenizer_sha256'))[:12]}) than the model was trained with "
+                         f"({str(model_meta.get('tokenizer_sha256'))[:12]}); prepare it with --tokenizer naming the "
+                         "tokenizer.json of the model's dataset")
     if data_meta["vocab_size"] > model_vocab_size:
         raise UsageError(f"the dataset's vocabulary ({data_meta['vocab_size']}) is larger than the model's "
                         f"({model_vocab_size})")
@@ -116,6 +139,8 @@ class Stream:
     """What both loaders share: a generator whose state is the loader's whole state, drawn alike on every
     rank. A subclass says what picks a micro-batch (`pick`: window starts, or synthetic tokens) and what
     batch a pick makes (`batch`)."""
+
+    token_bytes: torch.Tensor | None = None  # bytes of text per token id, for bits per byte; None: not known
 
     def __init__(self, seed: int, rank: int, world_size: int, generator_state: torch.Tensor | None):
         self.rank, self.world_size = rank, world_size
@@ -175,6 +200,20 @@ class BatchLoader(Stream):
                 raise NgptError(f"the {split} split of {folder.name!r} has {length} tokens, fewer than "
                                 f"block_size + 2 = {block_size + 2}; use a smaller --block_size")
             self.files[split], self.lengths[split] = path, length
+
+    @functools.cached_property
+    def token_bytes(self) -> torch.Tensor | None:
+        """How many bytes of text each token id stands for (an evaluation's bits per byte divide by their sum
+        over the targets); None, with a warning, when the tokenizer's files cannot be loaded."""
+        from nanogpt_cli.progress import console
+        from nanogpt_cli.tokenizer import from_meta
+
+        try:
+            lengths = from_meta(self.meta).token_byte_lengths()
+        except NgptError as e:
+            console.print(f"[yellow]bits per byte are not reported: {e}[/yellow]", highlight=False)
+            return None
+        return torch.tensor(lengths, dtype=torch.int64)
 
     def tokens(self, split: str) -> np.memmap:
         # A new memmap per batch: holding one open grows memory without bound (a numpy quirk).
