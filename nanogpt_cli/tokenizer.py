@@ -73,7 +73,6 @@ class _TiktokenEncoding:
     special token is plain text), decoding, and each token's bytes."""
 
     kind = "bpe"
-    enc = None
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)

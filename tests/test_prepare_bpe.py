@@ -160,6 +160,8 @@ def test_bad_sizes_are_usage_errors():
 def test_bad_input_is_one_error_line_and_the_dataset_is_kept(tmp_path, corpus):
     data = tmp_path / "data"
     ngpt("prepare", "text", corpus, "--tokenizer", "bpe:300", "--data-dir", data, "--quiet")
+    again = ngpt("prepare", "text", corpus, "--tokenizer", "bpe:300", "--data-dir", data, "--quiet")
+    assert "up to date" in again.stdout  # the same corpus, N and sample: nothing to do
     before = {p.name: p.read_bytes() for p in (data / "plays").iterdir()}
     garbage, wordlevel = tmp_path / "garbage.json", tmp_path / "wordlevel.json"
     garbage.write_text("{ this is not json")
@@ -175,6 +177,11 @@ def test_bad_input_is_one_error_line_and_the_dataset_is_kept(tmp_path, corpus):
     for args, code, message in cases:
         result = ngpt("prepare", "text", corpus, *args, "--data-dir", data, "--force", "--quiet", code=code)
         assert message in one_error_line(result), (args, result.stderr)
+    bad = tmp_path / "bad" / "plays.txt"  # an error met while the trainer reads (in its own thread)
+    bad.parent.mkdir()
+    bad.write_bytes(b"to be or not " * 1000 + b"\xff")
+    result = ngpt("prepare", "text", bad, "--tokenizer", "bpe:300", "--data-dir", data, "--force", "--quiet", code=1)
+    assert "invalid UTF-8 at byte 13000" in one_error_line(result)
     assert {p.name: p.read_bytes() for p in (data / "plays").iterdir()} == before
     assert not [p for p in data.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
