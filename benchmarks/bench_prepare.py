@@ -1,13 +1,21 @@
-"""Benchmark `ngpt prepare text`: tokens/s against a plain tiktoken loop, and peak memory at 1 GB.
+"""Benchmark `ngpt prepare text`: tokens/s against a plain tiktoken loop, peak memory at 1 GB, and training
+a BPE of one's own (`--tokenizer bpe:N`): its time and peak memory, and its encoding against GPT-2's.
 
     python benchmarks/bench_prepare.py                 # 100 MB of JSONL documents: throughput and ratio
     python benchmarks/bench_prepare.py --size-gb 1     # also: one 1 GB .txt file, peak RSS of the run
+    python benchmarks/bench_prepare.py --bpe 8192      # 100 MB of Shakespeare: train bpe:8192, encode vs gpt2
+    python benchmarks/bench_prepare.py --bpe 8192 --size-mb 1000 --tokenizer-sample 100MB --no-gpt2
 
 Both sides read the same generated corpus. The baseline is the simplest correct loop, one process,
 `enc.encode_ordinary(doc)` per document (reading and JSON parsing included, writing not); `ngpt
 prepare text` runs in a subprocess, start-up, the val split and writing train.bin/val.bin included.
 The subprocess reports its own peak RSS (getrusage, all threads) as it exits. Needs the GPT-2 BPE files
 (they download on first use, or set TIKTOKEN_CACHE_DIR).
+
+--bpe N writes --size-mb of text made from Tiny Shakespeare (its speeches shuffled, over and over; the
+corpus from NGPT_TEST_SHAKESPEARE or --shakespeare) into the temporary folder and runs three
+`ngpt prepare text` on it: with gpt2 (today's encoding), with bpe:N (training, then encoding), and
+with the trained tokenizer.json (encoding only). Training takes the difference of the last two.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -94,11 +103,22 @@ def baseline(path: Path) -> tuple[int, float, float]:
     return tokens, time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_prepare(path: Path, data_dir: Path, name: str) -> tuple[dict, float, float, float]:
+def write_shakespeare(path: Path, source: Path, size_bytes: int, seed: int = 0) -> None:
+    """Tiny Shakespeare's speeches (blocks between blank lines) in a new random order each pass, until
+    `size_bytes`: a large corpus with Shakespeare's words and their frequencies."""
+    rng = random.Random(seed)
+    speeches = [s.strip("\n") + "\n\n" for s in re.split(r"\n\s*\n", source.read_text(encoding="utf-8")) if s.strip()]
+    with open(path, "w", encoding="utf-8") as f:
+        while f.tell() < size_bytes:
+            rng.shuffle(speeches)
+            f.write("".join(speeches))
+
+
+def run_prepare(path: Path, data_dir: Path, name: str, *options: str) -> tuple[dict, float, float, float]:
     """`ngpt prepare text PATH` in a subprocess: (meta.json, seconds, CPU seconds, peak RSS in GiB)."""
     start = time.perf_counter()
     done = subprocess.run([*PREPARE, "text", str(path), "--data-dir", str(data_dir), "--name", name, "--force",
-                           "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                           "--quiet", *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"ngpt prepare text failed:\n{done.stderr}")
@@ -108,13 +128,51 @@ def run_prepare(path: Path, data_dir: Path, name: str) -> tuple[dict, float, flo
     return meta, seconds, cpu, peak_kb * 1024 / 2**30
 
 
+def bench_bpe(args: argparse.Namespace, tmp: Path) -> None:
+    """Train bpe:N on --size-mb of Shakespeare text, then compare its encoding with GPT-2's on the same file."""
+    source = Path(args.shakespeare or os.environ.get("NGPT_TEST_SHAKESPEARE", ""))
+    if not source.is_file():
+        sys.exit("--bpe needs Tiny Shakespeare's input.txt: --shakespeare PATH or NGPT_TEST_SHAKESPEARE")
+    corpus = tmp / "shakespeare.txt"
+    write_shakespeare(corpus, source, int(args.size_mb * 1e6))
+    size = corpus.stat().st_size
+    print(f"corpus: {size / 1e6:.0f} MB of shuffled Tiny Shakespeare; {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}")
+
+    def report(label: str, seconds: float, cpu: float, rss: float, meta: dict | None = None) -> None:
+        tokens = f", {sum(s['tokens'] for s in meta['splits'].values()):,} tokens" if meta else ""
+        print(f"{label:<44} {seconds:7.1f} s (CPU {cpu:6.1f} s) {size / seconds / 1e6:6.2f} MB/s of text, "
+              f"peak RSS {rss:.2f} GiB{tokens}")
+
+    if not args.no_gpt2:
+        meta, seconds, cpu, rss = run_prepare(corpus, tmp / "data", "gpt2")
+        report("prepare --tokenizer gpt2 (today's encoding)", seconds, cpu, rss, meta)
+    sample = ["--tokenizer-sample", args.tokenizer_sample] if args.tokenizer_sample else []
+    meta, trained_seconds, trained_cpu, rss = run_prepare(corpus, tmp / "data", "bpe", "--tokenizer",
+                                                          f"bpe:{args.bpe}", *sample)
+    report(f"prepare --tokenizer bpe:{args.bpe} {' '.join(sample)}".strip(), trained_seconds, trained_cpu, rss, meta)
+    tokenizer = tmp / "data" / "bpe" / "tokenizer.json"
+    meta, seconds, cpu, rss = run_prepare(corpus, tmp / "data", "reuse", "--tokenizer", str(tokenizer))
+    report("prepare --tokenizer tokenizer.json (encode)", seconds, cpu, rss, meta)
+    print(f"training bpe:{args.bpe}{' ' * bool(sample)}{' '.join(sample)}: about {trained_seconds - seconds:.1f} s "
+          f"(CPU {trained_cpu - cpu:.1f} s), the difference of the last two")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=float, default=100, help="JSONL corpus for the throughput comparison")
+    parser.add_argument("--size-mb", type=float, default=100, help="corpus for the throughput comparison")
     parser.add_argument("--size-gb", type=float, default=0, help="also prepare one .txt file this big, for peak RSS")
+    parser.add_argument("--bpe", type=int, default=0, metavar="N", help="benchmark training bpe:N instead")
+    parser.add_argument("--tokenizer-sample", default=None, help="with --bpe: train on this much, e.g. 100MB")
+    parser.add_argument("--no-gpt2", action="store_true", help="with --bpe: skip the gpt2 encoding run")
+    parser.add_argument("--shakespeare", default=None, help="with --bpe: Tiny Shakespeare's input.txt")
     parser.add_argument("--workdir", default=None, help="where to generate (default: a temporary folder)")
     args = parser.parse_args()
 
+    if args.bpe:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            bench_bpe(args, Path(tmp))
+        return
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         corpus = tmp / "docs.jsonl"

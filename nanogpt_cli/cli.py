@@ -440,14 +440,18 @@ def plot(
     = "loss.png",
     title: Annotated[str | None, typer.Option(help="the chart's title")] = None,
     log_y: Annotated[bool, typer.Option("--log-y", help="a logarithmic loss axis")] = False,
+    metric: Annotated[str, typer.Option(
+        "--metric", help="loss, or bpb: the evaluations' bits per byte, which compare runs with different "
+                         "tokenizers")] = "loss",
 ) -> None:
     """Draw train and val loss curves of one or more runs to an image (needs the `plot` extra).
 
     Example: ngpt plot out/shakespeare-char out/other-run --output loss.png
+    Across tokenizers: ngpt plot out/char out/gpt2 out/bpe2k --metric bpb -o bpb.png
     """
     from nanogpt_cli.plot import plot_runs
 
-    path = plot_runs(out_dirs, output, title=title, log_scale=log_y)
+    path = plot_runs(out_dirs, output, title=title, log_scale=log_y, metric=metric)
     console.print(f"wrote {path}", markup=False)
 
 

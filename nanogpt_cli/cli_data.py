@@ -2,6 +2,7 @@
 
     ngpt prepare shakespeare-char
     ngpt prepare text notes/ books/*.txt --tokenizer gpt2 --name mybooks
+    ngpt prepare text code/ --tokenizer bpe:8192 --tokenizer-sample 200MB
     ngpt data list
 """
 
@@ -30,7 +31,12 @@ Force = Annotated[bool, typer.Option(
     "--force", help="Rebuild even when the sources and options are unchanged, or replace a dataset of the same name "
                     "prepared from other sources.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for choosing the val documents.")]
-Tokenizer = Annotated[str, typer.Option("--tokenizer", help="char, gpt2 or any tiktoken encoding (cl100k_base, ...).")]
+Tokenizer = Annotated[str, typer.Option(
+    "--tokenizer", help="char, gpt2, any tiktoken encoding (cl100k_base, ...), bpe:N to train an N-token byte-level "
+                        "BPE on the train split, or a tokenizer.json (or a dataset folder) whose BPE to reuse.")]
+TokenizerSample = Annotated[str | None, typer.Option(
+    "--tokenizer-sample", metavar="BYTES", show_default=False,
+    help="bpe:N trains on the first BYTES of the train split (e.g. 100MB); default: all of it.")]
 Errors = Annotated[str, typer.Option("--errors", help="Invalid UTF-8: 'strict' stops, 'replace' substitutes U+FFFD.")]
 TextField = Annotated[str, typer.Option("--text-field", help="JSONL field or parquet/dataset column with the text.")]
 NumProc = Annotated[int, typer.Option("--num-proc", help="Tokenizer threads, 0 = one per core.")]
@@ -44,10 +50,10 @@ ValFraction = Annotated[float, typer.Option(
     "--val-fraction", help="Share of documents held out for val (of a single document: its last characters).")]
 
 
-def _prepare_options(**kwargs):
-    from nanogpt_cli.prepare import PrepareOptions
+def _prepare_options(tokenizer_sample: str | None = None, **kwargs):
+    from nanogpt_cli.prepare import PrepareOptions, parse_byte_size
 
-    return PrepareOptions(**kwargs)
+    return PrepareOptions(tokenizer_sample=parse_byte_size(tokenizer_sample) if tokenizer_sample else 0, **kwargs)
 
 
 @prepare_app.command("shakespeare-char")
@@ -73,17 +79,18 @@ def shakespeare_char(source: Source = None, data_dir: DataDir = None, name: Name
 @stop_on_signals()
 def shakespeare(source: Source = None, data_dir: DataDir = None, name: Name = None, force: Force = False,
                 val_fraction: ValFraction = 0.1, tokenizer: Tokenizer = "gpt2",
-                quiet: Quiet = False) -> None:
+                tokenizer_sample: TokenizerSample = None, quiet: Quiet = False) -> None:
     """Tiny Shakespeare in GPT-2 BPE (nanoGPT's shakespeare).
 
     Split 90/10 by characters like shakespeare-char, each part encoded on its own, no EOT.
 
     Example: ngpt prepare shakespeare --data-dir ./data
+    Its own 2k BPE: ngpt prepare shakespeare --tokenizer bpe:2048 --name shakespeare_bpe2k
     """
     from nanogpt_cli.prepare import prepare_shakespeare
 
     options = _prepare_options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction,
-                               tokenizer=tokenizer, quiet=quiet)
+                               tokenizer=tokenizer, tokenizer_sample=tokenizer_sample, quiet=quiet)
     print_prepared(prepare_shakespeare(options, source))
 
 
@@ -99,7 +106,7 @@ def openwebtext(
         "--data-files", help="Local .parquet/.jsonl files or globs to use instead of the Hub (repeatable).")] = None,
     num_proc: NumProc = 0, data_dir: DataDir = None, name: Name = None, force: Force = False,
     val_fraction: ValFraction = 0.0005, seed: Seed = 2357, tokenizer: Tokenizer = "gpt2",
-    text_field: TextField = "text", quiet: Quiet = False,
+    tokenizer_sample: TokenizerSample = None, text_field: TextField = "text", quiet: Quiet = False,
 ) -> None:
     """OpenWebText, the nanoGPT recipe (about 9B train tokens, 17 GB; the download is about 55 GB).
 
@@ -113,7 +120,8 @@ def openwebtext(
     from nanogpt_cli.prepare import prepare_openwebtext
 
     options = _prepare_options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, seed=seed,
-                               tokenizer=tokenizer, num_threads=num_proc, quiet=quiet)
+                               tokenizer=tokenizer, tokenizer_sample=tokenizer_sample, num_threads=num_proc,
+                               quiet=quiet)
     print_prepared(prepare_openwebtext(options, dataset_id, revision, data_files, num_proc or None, text_field))
 
 
@@ -123,9 +131,9 @@ def openwebtext(
 def text(
     paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or globs: .txt, .jsonl, .parquet.",
                                                show_default=False)],
-    text_field: TextField = "text", tokenizer: Tokenizer = "gpt2", data_dir: DataDir = None, name: Name = None,
-    force: Force = False, val_fraction: ValFraction = 0.1, seed: Seed = 2357,
-    errors: Errors = "strict", eot: Eot = True, num_proc: NumProc = 0, quiet: Quiet = False,
+    text_field: TextField = "text", tokenizer: Tokenizer = "gpt2", tokenizer_sample: TokenizerSample = None,
+    data_dir: DataDir = None, name: Name = None, force: Force = False, val_fraction: ValFraction = 0.1,
+    seed: Seed = 2357, errors: Errors = "strict", eot: Eot = True, num_proc: NumProc = 0, quiet: Quiet = False,
 ) -> None:
     """Local .txt, .jsonl and .parquet files, folders (recursive) and globs.
 
@@ -135,11 +143,13 @@ def text(
     The output folder is --name, else the first path's name.
 
     Example: ngpt prepare text corpus/ extra/*.jsonl --tokenizer gpt2 --name mycorpus
+    A vocabulary of its own: ngpt prepare text corpus/ --tokenizer bpe:16384 --tokenizer-sample 100MB
     """
     from nanogpt_cli.prepare import prepare_text
 
     options = _prepare_options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, seed=seed,
-                               tokenizer=tokenizer, errors=errors, append_eot=eot, num_threads=num_proc, quiet=quiet)
+                               tokenizer=tokenizer, tokenizer_sample=tokenizer_sample, errors=errors,
+                               append_eot=eot, num_threads=num_proc, quiet=quiet)
     print_prepared(prepare_text(paths, options, text_field))
 
 
@@ -152,9 +162,9 @@ def hf(
     config: Annotated[str | None, typer.Option("--config", help="Dataset configuration (subset).")] = None,
     split: Annotated[str, typer.Option("--split", help="Which split to read.")] = "train",
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
-    text_field: TextField = "text", tokenizer: Tokenizer = "gpt2", data_dir: DataDir = None, name: Name = None,
-    force: Force = False, val_fraction: ValFraction = 0.1, seed: Seed = 2357, eot: Eot = True,
-    num_proc: NumProc = 0, quiet: Quiet = False,
+    text_field: TextField = "text", tokenizer: Tokenizer = "gpt2", tokenizer_sample: TokenizerSample = None,
+    data_dir: DataDir = None, name: Name = None, force: Force = False, val_fraction: ValFraction = 0.1,
+    seed: Seed = 2357, eot: Eot = True, num_proc: NumProc = 0, quiet: Quiet = False,
 ) -> None:
     """Any Hugging Face dataset: a Hub id (streamed), a save_to_disk folder, or a folder of data files.
 
@@ -166,7 +176,8 @@ def hf(
     from nanogpt_cli.prepare import prepare_hf
 
     options = _prepare_options(name=name, data_dir=data_dir, force=force, val_fraction=val_fraction, seed=seed,
-                               tokenizer=tokenizer, append_eot=eot, num_threads=num_proc, quiet=quiet)
+                               tokenizer=tokenizer, tokenizer_sample=tokenizer_sample, append_eot=eot,
+                               num_threads=num_proc, quiet=quiet)
     print_prepared(prepare_hf(name_or_path, options, config, split, text_field, revision))
 
 

@@ -18,6 +18,8 @@ the loader's state is the same on every rank and independent of W.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import weakref
@@ -71,7 +73,23 @@ def load_meta(folder: Path) -> dict:
         raise NgptError(f"{meta_file} is corrupt ({e}); prepare the dataset again with --force") from None
     if "vocab_size" not in meta:
         raise NgptError(f"{meta_file} has no vocab_size; prepare the dataset again with --force")
+    if meta.get("tokenizer") == "bpe":
+        meta["tokenizer_json"] = read_tokenizer_json(folder, meta)
     return meta
+
+
+def read_tokenizer_json(folder: Path, meta: dict) -> str:
+    """The text of a trained-BPE dataset's tokenizer.json, checked against the sha256 meta.json names: the
+    tokens in the bins are that tokenizer's (checkpoints then carry the text itself)."""
+    path = folder / meta.get("tokenizer_file", "tokenizer.json")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise NgptError(f"{path} is missing ({e.strerror}); prepare the dataset again with --force") from None
+    if hashlib.sha256(data).hexdigest() != meta.get("tokenizer_sha256"):
+        raise NgptError(f"{path} changed since the dataset was prepared (its sha256 is not the one meta.json "
+                        "names), so it no longer describes the tokens; prepare the dataset again with --force")
+    return data.decode("utf-8")
 
 
 def check_vocabulary(data_meta: dict, model_meta: dict, model_vocab_size: int, dataset: str) -> None:
@@ -84,6 +102,11 @@ def check_vocabulary(data_meta: dict, model_meta: dict, model_vocab_size: int, d
     if data_tok == "char" and data_meta.get("itos") != model_meta.get("itos"):
         raise UsageError(f"the dataset {dataset!r} has a different character vocabulary from the model's; prepare "
                         "it with the same characters, or train a new model")
+    if data_tok == "bpe" and data_meta.get("tokenizer_sha256") != model_meta.get("tokenizer_sha256"):
+        raise UsageError(f"the dataset {dataset!r} has another BPE tokenizer (sha256 "
+                         f"{str(data_meta.get('tokenizer_sha256'))[:12]}) than the model was trained with "
+                         f"({str(model_meta.get('tokenizer_sha256'))[:12]}); prepare it with --tokenizer naming the "
+                         "tokenizer.json of the model's dataset")
     if data_meta["vocab_size"] > model_vocab_size:
         raise UsageError(f"the dataset's vocabulary ({data_meta['vocab_size']}) is larger than the model's "
                         f"({model_vocab_size})")
@@ -119,6 +142,8 @@ class Stream:
     """What both loaders share: a generator whose state is the loader's whole state, drawn alike on every
     rank. A subclass says what picks a micro-batch (`pick`: window starts, or synthetic tokens) and what
     batch a pick makes (`batch`)."""
+
+    token_bytes: torch.Tensor | None = None  # bytes of text per token id, for bits per byte; None: not known
 
     def __init__(self, seed: int, rank: int, world_size: int, generator_state: torch.Tensor | None):
         self.rank, self.world_size = rank, world_size
@@ -209,6 +234,20 @@ class BatchLoader(Stream):
             self.files[split] = file
             self.lengths[split] = split_length(folder, meta, split, os.fstat(file.fileno()).st_size, block_size)
         self.vocab_size = int(meta["vocab_size"])
+
+    @functools.cached_property
+    def token_bytes(self) -> torch.Tensor | None:
+        """How many bytes of text each token id stands for (an evaluation's bits per byte divide by their sum
+        over the targets); None, with a warning, when the tokenizer's files cannot be loaded."""
+        from nanogpt_cli.progress import console
+        from nanogpt_cli.tokenizer import from_meta
+
+        try:
+            lengths = from_meta(self.meta).token_byte_lengths()
+        except NgptError as e:
+            console.print(f"[yellow]bits per byte are not reported: {e}[/yellow]", highlight=False)
+            return None
+        return torch.tensor(lengths, dtype=torch.int64)
 
     def tokens(self, split: str) -> np.memmap:
         # A new memmap per batch (of the file held open): holding one grows memory without bound (a numpy quirk).

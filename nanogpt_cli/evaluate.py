@@ -1,4 +1,10 @@
-"""Loss and perplexity of a model on the splits of a prepared dataset, and the `ngpt eval` command's run.
+"""Loss, perplexity and bits per byte of a model on the splits of a prepared dataset, and the `ngpt eval`
+command's run.
+
+Bits per byte compare models whatever their tokenizers: the summed cross-entropy of the targets, in bits,
+over the UTF-8 bytes of the text those targets stand for (the loader's `token_bytes`; <|endoftext|> stands
+for none, though predicting it costs bits). A char-level model of ASCII text has one byte per token, so its
+bits per byte are its loss / ln 2.
 
     ngpt eval --init_from=resume --out_dir=out/shakespeare-char --dataset=shakespeare_char
     ngpt eval --preset eval-gpt2
@@ -13,6 +19,7 @@ import math
 import torch
 
 from nanogpt_cli.config import TrainConfig
+from nanogpt_cli.data import SPLITS
 from nanogpt_cli.distributed import DistEnv, any_rank
 from nanogpt_cli.runtime import autocast, plan
 
@@ -20,22 +27,25 @@ from nanogpt_cli.runtime import autocast, plan
 @torch.no_grad()
 def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: str, seed: int | None,
                   env: DistEnv | None = None, splits=("train", "val"), should_stop=None) -> dict[str, float] | None:
-    """Mean loss over eval_iters batches per split: the next ones of the loader's stream (training evaluates
-    on its own stream, as nanoGPT does) or, with a seed, of a generator seeded by it (the loader's state is
-    restored afterwards). Every process draws all eval_iters; process r evaluates those r, r + W, ... and the
-    sums are added up. Every process runs the same number of forwards (FSDP's are collectives): one without
-    a batch of its own in the last group runs the group's first and does not count it. `should_stop()` is asked
-    before each batch (all ranks agree on its answer): True ends the evaluation at once, returning None."""
+    """Mean loss over eval_iters batches per split ({"train": ..., "val": ...}), and each split's bits per byte
+    ("train_bpb", "val_bpb") when the loader knows its tokens' bytes: the batches are the next ones of the
+    loader's stream (training evaluates on its own stream, as nanoGPT does) or, with a seed, of a generator
+    seeded by it (the loader's state is restored afterwards). Every process draws all eval_iters; process r
+    evaluates those r, r + W, ... and the sums are added up. Every process runs the same number of forwards
+    (FSDP's are collectives): one without a batch of its own in the last group runs the group's first and does
+    not count it. `should_stop()` is asked before each batch (all ranks agree on its answer): True ends the
+    evaluation at once, returning None."""
     env = env or DistEnv()
     was_training = model.training
     model.eval()
     state = loader.state_dict()
     sum_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # mps has no float64
+    token_bytes = loader.token_bytes.to(device) if loader.token_bytes is not None else None
     losses = {}
     for i, split in enumerate(splits):
         if seed is not None:
             loader.generator.manual_seed(seed + 104729 * i)
-        total = torch.zeros(2, device=device, dtype=sum_dtype)  # (sum of losses, count)
+        total = torch.zeros(4, device=device, dtype=sum_dtype)  # (sum of mean losses, batches, nats, bytes)
         for first in range(0, eval_iters, env.world_size):
             if should_stop is not None and any_rank(should_stop(), env, device):
                 model.train(was_training)
@@ -48,11 +58,16 @@ def evaluate_loss(model, loader, eval_iters: int, device: torch.device, dtype: s
             if mine:
                 total[0] += loss.to(sum_dtype)
                 total[1] += 1
+                if token_bytes is not None:
+                    total[2] += loss.to(sum_dtype) * Y.numel()  # the batch's summed cross-entropy
+                    total[3] += token_bytes[Y].sum()
         if env.is_distributed:
             import torch.distributed as dist
 
             dist.all_reduce(total)
         losses[split] = (total[0] / total[1]).item()
+        if token_bytes is not None and total[3] > 0:
+            losses[f"{split}_bpb"] = (total[2] / (total[3] * math.log(2))).item()
     if seed is not None:
         loader.load_state_dict(state)
     model.train(was_training)
@@ -88,8 +103,9 @@ def evaluate(cfg: TrainConfig, loaded: tuple | None = None, dataset_named: bool 
         "dataset": cfg.dataset,
         "block_size": block_size,
         "tokens_per_split": cfg.eval_iters * cfg.batch_size * block_size,
-        **{f"{split}_loss": loss for split, loss in losses.items()},
-        **{f"{split}_perplexity": math.exp(loss) for split, loss in losses.items()},
+        **{f"{split}_loss": losses[split] for split in SPLITS},
+        **{f"{split}_perplexity": math.exp(losses[split]) for split in SPLITS},
+        **{f"{split}_bpb": losses[f"{split}_bpb"] for split in SPLITS if f"{split}_bpb" in losses},
     }
 
 

@@ -3,8 +3,9 @@
 * `load_hf_gpt2` turns a `GPT2LMHeadModel` (a hub name like "gpt2-medium", a hub id "owner/name",
   or a local folder with config.json) into an ngpt `GPT`, Conv1D weights transposed.
 * `export_hf` writes an ngpt `GPT` as a folder that `GPT2LMHeadModel.from_pretrained` loads, with
-  the GPT-2 tokenizer files (`hf_tokenizer`) when the model speaks GPT-2 BPE. The folder is built
-  under a temporary name and renamed into place whole, replacing a previous export only when told to.
+  tokenizer files (`hf_tokenizer`) that `AutoTokenizer` loads: GPT-2's BPE, a BPE trained by ngpt, or
+  a char-level vocabulary. The folder is built under a temporary name and renamed into place whole,
+  replacing a previous export only when told to.
 
 `transformers` is an optional dependency (the `hf` extra) and is imported only inside functions.
 """
@@ -24,9 +25,9 @@ import torch
 from nanogpt_cli import hub
 from nanogpt_cli.atomic import new_file, remove_stale_temps, replace_folder, temp_folder
 from nanogpt_cli.errors import NgptError, UsageError, one_line
-from nanogpt_cli.hf_tokenizer import write_gpt2_tokenizer
+from nanogpt_cli.hf_tokenizer import write_bpe_tokenizer, write_char_tokenizer, write_gpt2_tokenizer
 from nanogpt_cli.model import GPT, GPTConfig
-from nanogpt_cli.tokenizer import GPT2_EOT, GPT2_META, GPT2_VOCAB_SIZE
+from nanogpt_cli.tokenizer import GPT2_EOT, GPT2_META, GPT2_VOCAB_SIZE, from_meta
 
 PRETRAINED = {
     "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},  # 124M
@@ -324,13 +325,14 @@ def check_export_destination(dest: Path, replace: bool) -> None:
 
 def export_hf(model: GPT, dest: str | Path, meta: dict | None = None, replace: bool = False) -> Path:
     """Write `model` as a Hugging Face GPT-2 folder: config.json, generation_config.json,
-    model.safetensors (lm_head tied to wte), ngpt_meta.json, and, for GPT-2 BPE models, the GPT-2
-    tokenizer files (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json).
+    model.safetensors (lm_head tied to wte), ngpt_meta.json, and the tokenizer files: GPT-2's (vocab.json,
+    merges.txt, tokenizer.json, tokenizer_config.json) for GPT-2 BPE models, tokenizer.json and
+    tokenizer_config.json for a trained BPE or a char-level vocabulary.
 
     `meta` is the model's tokenizer metadata (None: GPT-2 BPE when the vocabulary is big enough).
     A bias=False model is exported with all-zero biases, which GPT-2 always has: the outputs are
-    exactly the same. A model whose tokenizer is not GPT-2 BPE (char-level, cl100k_base, ...) gets
-    weights and config only; ngpt_meta.json keeps its tokenizer metadata for `load_hf_gpt2`.
+    exactly the same. A model with another tokenizer (cl100k_base, ...) gets weights and config only;
+    ngpt_meta.json keeps its tokenizer metadata for `load_hf_gpt2` in every case.
     The folder is built beside `dest` and renamed into place when complete, so an error or a signal
     leaves nothing half-written; `replace` lets it take the place of a previous export (see
     `check_export_destination`), whose files all go. Returns the folder.
@@ -342,8 +344,10 @@ def export_hf(model: GPT, dest: str | Path, meta: dict | None = None, replace: b
     if meta is None:
         bpe_sized = cfg.vocab_size >= GPT2_VOCAB_SIZE
         meta = dict(GPT2_META) if bpe_sized else {"tokenizer": None, "vocab_size": cfg.vocab_size}
-    bpe = meta.get("tokenizer") in GPT2_BPE_NAMES and cfg.vocab_size >= GPT2_VOCAB_SIZE
-    eot = GPT2_EOT if bpe else None
+    kind = meta.get("tokenizer")
+    gpt2_bpe = kind in GPT2_BPE_NAMES and cfg.vocab_size >= GPT2_VOCAB_SIZE
+    tokenizer = from_meta(meta) if kind in ("bpe", "char") else None  # before anything is written
+    eot = GPT2_EOT if gpt2_bpe else getattr(tokenizer, "eot_token", None)
     hf_config = transformers.GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.block_size,
@@ -387,8 +391,12 @@ def export_hf(model: GPT, dest: str | Path, meta: dict | None = None, replace: b
             saved = {"format": "nanogpt-cli", "bias": bool(cfg.bias), "meta": meta}
             with new_file(built / NGPT_META_FILE) as f:
                 f.write((json.dumps(saved, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
-            if bpe:
+            if gpt2_bpe:
                 write_gpt2_tokenizer(built, cfg.block_size)
+            elif kind == "bpe":
+                write_bpe_tokenizer(built, tokenizer, cfg.block_size)
+            elif kind == "char":
+                write_char_tokenizer(built, tokenizer, cfg.block_size)
         replace_folder(built, dest)
     except OSError as e:  # the disk (full, read-only): nothing is left half-written
         raise NgptError(f"could not write the export {dest}: {e.strerror or one_line(e)}; "

@@ -1,8 +1,10 @@
-"""GPT-2's byte-level BPE as Hugging Face tokenizer files, rebuilt from tiktoken's "gpt2" encoding.
+"""ngpt's tokenizers as Hugging Face tokenizer files, each checked to encode exactly as ngpt does.
 
-tiktoken keeps only the ranks of GPT-2's tokens; transformers wants `vocab.json` (token -> id, in
-GPT-2's printable spelling of bytes) and `merges.txt` (the merges in rank order). Both are rebuilt
-here, exactly OpenAI's files, and the written tokenizer is checked to encode as tiktoken does.
+* GPT-2's byte-level BPE, rebuilt from tiktoken's "gpt2" encoding: tiktoken keeps only the ranks of
+  GPT-2's tokens; transformers wants `vocab.json` (token -> id, in GPT-2's printable spelling of bytes)
+  and `merges.txt` (the merges in rank order). Both are rebuilt here, exactly OpenAI's files.
+* A BPE trained by `ngpt prepare --tokenizer bpe:N`: its tokenizer.json is already Hugging Face's format.
+* A char-level vocabulary: a WordLevel model over single characters (`tokenizers`).
 """
 
 from __future__ import annotations
@@ -12,19 +14,7 @@ import json
 from pathlib import Path
 
 from nanogpt_cli.errors import NgptError
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map of the 256 bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+from nanogpt_cli.tokenizer import EOT_TEXT, BPETokenizer, CharTokenizer, bytes_to_unicode
 
 
 def _merge_pair(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:
@@ -55,7 +45,7 @@ def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 
     enc = tiktoken.get_encoding("gpt2")
     ranks: dict[bytes, int] = enc._mergeable_ranks
-    byte_encoder = _bytes_to_unicode()
+    byte_encoder = bytes_to_unicode()
 
     def to_str(b: bytes) -> str:
         return "".join(byte_encoder[x] for x in b)
@@ -110,3 +100,41 @@ def write_gpt2_tokenizer(dest: Path, model_max_length: int) -> None:
         ids = written(_TOKENIZER_CHECK, add_special_tokens=False)["input_ids"]
         if ids != enc.encode_ordinary(_TOKENIZER_CHECK):
             raise NgptError("the tokenizer written for the export does not encode like tiktoken's gpt2")
+
+
+def _save_tokenizer(dest: Path, tokenizer_object, model_max_length: int, encode, check_text: str,
+                    **special_tokens) -> None:
+    """transformers' files (tokenizer.json, tokenizer_config.json) for a `tokenizers.Tokenizer`, then
+    checked: AutoTokenizer must read them back and give `encode`'s ids for `check_text`."""
+    import transformers
+
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer_object, model_max_length=model_max_length,
+                                                clean_up_tokenization_spaces=False, **special_tokens)
+    fast.save_pretrained(str(dest))
+    written = transformers.AutoTokenizer.from_pretrained(str(dest))
+    ids = written(check_text, verbose=False)["input_ids"]  # verbose: the check may be longer than the context
+    if ids != encode(check_text) or written.decode(ids) != check_text:
+        raise NgptError("the tokenizer written for the export does not encode like ngpt's")
+
+
+def write_bpe_tokenizer(dest: Path, tokenizer: BPETokenizer, model_max_length: int) -> None:
+    """A trained BPE's tokenizer files, <|endoftext|> as bos, eos and unk token (as GPT-2's)."""
+    import tokenizers
+
+    specials = {name: EOT_TEXT for name in ("bos_token", "eos_token", "unk_token")} \
+        if tokenizer.eot_token is not None else {}
+    _save_tokenizer(dest, tokenizers.Tokenizer.from_str(tokenizer.json), model_max_length, tokenizer.encode,
+                    _TOKENIZER_CHECK, **specials)
+
+
+def write_char_tokenizer(dest: Path, tokenizer: CharTokenizer, model_max_length: int) -> None:
+    """A char-level vocabulary as a WordLevel model: every character its own pre-token, looked up whole,
+    and decoded by joining the characters (not with spaces, WordLevel's default). A character outside the
+    vocabulary fails in transformers as it does in ngpt."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = Tokenizer(models.WordLevel(tokenizer.stoi, unk_token=None))
+    chars.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    chars.decoder = decoders.Fuse()
+    check = "".join(tokenizer.itos) + "".join(reversed(tokenizer.itos))
+    _save_tokenizer(dest, chars, model_max_length, tokenizer.encode, check)

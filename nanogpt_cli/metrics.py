@@ -1,7 +1,8 @@
 """Run metrics, always on: metrics.jsonl in out_dir, and Weights & Biases when asked.
 
 Each line of metrics.jsonl is one JSON object: training steps carry iter, loss, lr,
-tokens_per_s, mfu and ms; evaluations carry iter, train_loss and val_loss.
+tokens_per_s, mfu and ms; evaluations carry iter, train_loss and val_loss, and train_bpb and val_bpb
+(bits per byte, evaluate.py) when the dataset's tokenizer says how many bytes each token stands for.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class MetricsLog:
                     "mfu": None if mfu is None else round(mfu, 5), "ms": round(ms, 2)})
 
     def eval(self, it: int, losses: dict, lr: float) -> None:
-        self.write({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+        bpb = {f"{split}_bpb": losses[f"{split}_bpb"] for split in ("train", "val") if f"{split}_bpb" in losses}
+        self.write({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], **bpb, "lr": lr})
 
     def history(self) -> list[dict]:
         return self.records

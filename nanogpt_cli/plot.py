@@ -1,9 +1,11 @@
 """Loss curves from runs' metrics.jsonl, drawn to a PNG with matplotlib (the `plot` extra).
 
     ngpt plot out/run-a out/run-b --output loss.png
+    ngpt plot out/char out/gpt2 out/bpe2k --metric bpb -o bpb.png   # runs with different tokenizers
 
 Each run gets one colour: its per-step training loss as a thin line, and its evaluations
 (train and val loss at each eval_interval) as markers joined by lines, labelled by run folder.
+`--metric bpb` draws the evaluations' bits per byte instead, which compare across tokenizers.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from pathlib import Path
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.metrics import read_jsonl
 
+METRICS = {"loss": "loss (cross-entropy, nats)", "bpb": "bits per byte"}
 
-def load_run(out_dir: str | Path) -> dict:
-    """{'steps': [(iter, loss)], 'train': [(iter, train_loss)], 'val': [(iter, val_loss)]} from metrics.jsonl."""
+
+def load_run(out_dir: str | Path, metric: str = "loss") -> dict:
+    """{'steps': [(iter, loss)], 'train': [(iter, train_loss)], 'val': [(iter, val_loss)]} from metrics.jsonl;
+    for metric "bpb", the evaluations' train_bpb and val_bpb (and no steps: those log only their loss)."""
     folder = Path(out_dir).expanduser()
     path = folder / "metrics.jsonl" if folder.is_dir() or not folder.name.endswith(".jsonl") else folder
     if not path.is_file():
@@ -26,14 +31,15 @@ def load_run(out_dir: str | Path) -> dict:
     for record in records:
         if "iter" not in record:
             continue
-        if _finite(record.get("loss")):
+        if metric == "loss" and _finite(record.get("loss")):
             run["steps"].append((record["iter"], record["loss"]))
-        if _finite(record.get("train_loss")):
-            run["train"].append((record["iter"], record["train_loss"]))
-        if _finite(record.get("val_loss")):
-            run["val"].append((record["iter"], record["val_loss"]))
+        for split in ("train", "val"):
+            if _finite(record.get(f"{split}_{metric}")):
+                run[split].append((record["iter"], record[f"{split}_{metric}"]))
     if not any(run.values()):
-        raise NgptError(f"{path}: no losses logged yet")
+        raise NgptError(f"{path}: no losses logged yet" if metric == "loss" else
+                        f"{path}: no bits per byte logged (evaluations write them when the dataset's tokenizer "
+                        "can be loaded; runs of older ngpt versions have none)")
     return run
 
 
@@ -57,11 +63,14 @@ def run_labels(out_dirs: list[str | Path]) -> list[str]:
 
 
 def plot_runs(out_dirs: list[str | Path], output: str | Path = "loss.png", title: str | None = None,
-              log_scale: bool = False) -> Path:
-    """Draw the loss curves of one or more runs to `output` (PNG, or any format matplotlib knows by suffix)."""
+              log_scale: bool = False, metric: str = "loss") -> Path:
+    """Draw the loss (or bits per byte, metric "bpb") curves of one or more runs to `output` (PNG, or any
+    format matplotlib knows by suffix)."""
     if not out_dirs:
         raise UsageError("give at least one run folder (an out_dir with metrics.jsonl)")
-    runs = [load_run(out_dir) for out_dir in out_dirs]  # every folder checked before anything is drawn
+    if metric not in METRICS:
+        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    runs = [load_run(out_dir, metric) for out_dir in out_dirs]  # every folder checked before anything is drawn
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -85,10 +94,11 @@ def plot_runs(out_dirs: list[str | Path], output: str | Path = "loss.png", title
             x, y = _iters_and_losses(run["val"])
             ax.plot(x, y, color=color, linestyle="-", marker="s", markersize=4, linewidth=2, label=f"{label} val")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (cross-entropy, nats)")
+    ax.set_ylabel(METRICS[metric])
     if log_scale:
         ax.set_yscale("log")
-    ax.set_title(title or ("loss" if len(runs) == 1 else f"loss, {len(runs)} runs"))
+    name = METRICS[metric].split(" (")[0]
+    ax.set_title(title or (name if len(runs) == 1 else f"{name}, {len(runs)} runs"))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     target = Path(output).expanduser()

@@ -149,7 +149,8 @@ class TrainProgress:
 
     def eval(self, it: int, losses: dict) -> None:
         self.last_eval = f"val {losses['val']:.4f}"
-        console.print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        bpb = f" ({losses['val_bpb']:.4f} bits per byte)" if "val_bpb" in losses else ""
+        console.print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
 
     def step(self, it: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None, ms: float) -> None:
         mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a"

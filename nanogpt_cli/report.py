@@ -78,10 +78,12 @@ def print_eval(report: dict) -> None:
     """The loss table (when a dataset was evaluated) and the zero-shot table (when benchmarks were run)."""
     if "dataset" in report:
         table = Table(title=f"{report['model']} on {report['dataset']}")
-        for column in ("split", "loss", "perplexity"):
+        bpb = "val_bpb" in report
+        for column in ("split", "loss", "perplexity", *(["bits/byte"] if bpb else [])):
             table.add_column(column)
         for split in ("train", "val"):
-            table.add_row(split, f"{report[f'{split}_loss']:.4f}", f"{report[f'{split}_perplexity']:.2f}")
+            table.add_row(split, f"{report[f'{split}_loss']:.4f}", f"{report[f'{split}_perplexity']:.2f}",
+                          *([f"{report[f'{split}_bpb']:.4f}"] if bpb else []))
         out.print(table)
     tasks = {name: result for name, result in report.items() if isinstance(result, dict)}
     if tasks:

@@ -1,5 +1,5 @@
 """`ngpt eval` (loss and perplexity per split) and `ngpt finetune` from pretrained weights, with a tiny
-GPT-2 saved as a Hugging Face folder and Tiny Shakespeare prepared in GPT-2 BPE."""
+GPT-2 saved as a Hugging Face folder and Tiny Shakespeare prepared in GPT-2 BPE; bits per byte."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from nanogpt_cli.config import TrainConfig, build
 from nanogpt_cli.data import BatchLoader, load_meta
 from nanogpt_cli.errors import UsageError
 from nanogpt_cli.evaluate import evaluate_loss, run_eval
+from nanogpt_cli.model import GPT, GPTConfig
+from nanogpt_cli.tokenizer import from_meta
 from tests.conftest import require_module, shared_file
 
 transformers = require_module("transformers")
@@ -165,3 +167,47 @@ def test_eval_of_a_run_uses_the_runs_own_dataset(tmp_path, data_dir):
 def test_sampling_a_hugging_face_folder_as_a_run_points_at_init_from(hf_folder):
     result = ngpt("sample", f"--out_dir={hf_folder}", "--device=cpu", code=2)
     assert f"is a Hugging Face model folder, not an ngpt run: load it with --init_from={hf_folder}" in result.stderr
+
+
+def tiny_model(vocab_size: int) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+
+
+def test_bits_per_byte_of_a_char_model_of_ascii_text_are_its_loss_over_ln2(data_dir):
+    folder = data_dir / "tiny_char"  # conftest's TEXT: ASCII, one byte per character
+    meta = load_meta(folder)
+    loader = BatchLoader(folder, meta, 4, 16, CPU, seed=1)
+    result = evaluate_loss(tiny_model(meta["vocab_size"]), loader, 3, CPU, "float32", seed=7)
+    for split in ("train", "val"):
+        assert result[f"{split}_bpb"] == pytest.approx(result[split] / math.log(2), rel=1e-12)
+
+
+def test_bits_per_byte_of_a_bpe_model_divide_by_the_bytes_the_targets_stand_for(tmp_path):
+    """The summed cross-entropy in bits over the UTF-8 bytes of the target tokens (<|endoftext|>: none),
+    worked out here from the logits and each token's bytes."""
+    from nanogpt_cli.prepare import PrepareOptions, prepare_text
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"Doc {i}: naïve café, {w} 🤖 the end."}) + "\n"
+                            for i, w in enumerate(["alpha", "beta", "gamma", "delta"] * 60)), encoding="utf-8")
+    prepare_text([str(docs)], PrepareOptions(data_dir=tmp_path, tokenizer="bpe:300", quiet=True, val_fraction=0.2))
+    folder = tmp_path / "docs"
+    meta = load_meta(folder)
+    tokenizer = from_meta(meta)
+    model = tiny_model(320)
+    result = evaluate_loss(model, BatchLoader(folder, meta, 4, 16, CPU), 3, CPU, "float32", seed=7)
+
+    loader = BatchLoader(folder, meta, 4, 16, CPU)
+    for i, split in enumerate(("train", "val")):
+        loader.generator.manual_seed(7 + 104729 * i)  # evaluate_loss's batches for this seed
+        nats = n_bytes = 0.0
+        for _ in range(3):
+            X, Y = loader.batch(split, loader.pick(split))
+            with torch.no_grad():
+                logits = model(X, all_logits=True)[0]
+            nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum").item()
+            n_bytes += sum(0 if t == tokenizer.eot_token else len(tokenizer.enc.decode_single_token_bytes(t))
+                           for t in Y.flatten().tolist())
+        assert result[f"{split}_bpb"] == pytest.approx(nats / n_bytes / math.log(2), rel=1e-6)
+        assert result[f"{split}_bpb"] < result[split] / math.log(2) / 1.5  # a token stands for several bytes

@@ -12,6 +12,7 @@ import torch
 from nanogpt_cli import hf, hub
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.model import GPT, GPTConfig
+from nanogpt_cli.tokenizer import CharTokenizer, from_meta
 from tests.conftest import needs_bpe, require_module
 
 transformers = require_module("transformers")
@@ -135,7 +136,11 @@ def test_export_no_bias_model_loads_in_transformers(tmp_path):
     dest = hf.export_hf(model, tmp_path / "out", meta)
 
     assert (dest / "model.safetensors").is_file() and (dest / "config.json").is_file()
-    assert not (dest / "vocab.json").exists() and not (dest / "tokenizer.json").exists()  # char-level: no tokenizer
+    assert not (dest / "vocab.json").exists()  # not GPT-2's files: a character tokenizer of its own
+    tok = transformers.AutoTokenizer.from_pretrained(str(dest))
+    text = "HELLO, WORLD! 'QUOTED'  SPACED   OUT: " + "".join(itos)  # characters 32-96 only
+    ids = tok(text)["input_ids"]
+    assert ids == CharTokenizer(itos).encode(text) and tok.decode(ids) == text
     ref = transformers.GPT2LMHeadModel.from_pretrained(str(dest)).eval()
     assert all(not t.any() for k, t in ref.state_dict().items() if k.endswith(".bias"))  # zero = no bias
     idx = torch.randint(0, 65, (2, 16))
@@ -219,6 +224,27 @@ def test_export_writes_gpt2_tokenizer(tmp_path):
 
     back, meta = hf.load_hf_gpt2(str(dest))
     assert back.config.vocab_size == 50304 and meta["tokenizer"] == "gpt2"
+
+
+def test_export_writes_a_trained_bpe_that_autotokenizer_encodes_as_ngpt(tmp_path):
+    """A model of a `--tokenizer bpe:N` dataset exports its tokenizer.json: AutoTokenizer gives ngpt's ids, and the
+    folder comes back with the same tokenizer (the same sha256), so it trains on the same datasets."""
+    from nanogpt_cli.prepare.bpe import train_bpe
+
+    text = "".join(f"{w} the quick brown fox, naïve café {i} 🤖 jumps over the lazy dog\n"
+                   for i, w in enumerate(["ROMEO:", "JULIET:", "日本語:"] * 300))
+    bpe = train_bpe(iter([text]), 400, "text")
+    model = GPT(GPTConfig(block_size=16, vocab_size=448, n_layer=1, n_head=2, n_embd=8)).eval()
+    dest = hf.export_hf(model, tmp_path / "bpe", bpe.meta())
+    tok = transformers.AutoTokenizer.from_pretrained(str(dest))
+    assert tok.eos_token_id == bpe.eot_token == 399 and tok.model_max_length == 16
+    assert json.loads((dest / "config.json").read_text())["eos_token_id"] == 399
+    for sample in (text[:500], "Unseen: Ελληνικά, русский, 12345 'll 've\r\n\u00a0 ok  ", "x" * 40):
+        ids = tok(sample)["input_ids"]
+        assert ids == bpe.encode(sample) and tok.decode(ids) == sample
+    back, meta = hf.load_hf_gpt2(str(dest))
+    assert back.config.vocab_size == 448 and meta["tokenizer_sha256"] == bpe.sha256
+    assert from_meta(meta).encode(text[:200]) == bpe.encode(text[:200])
 
 
 # --------------------------------------------------------------------------- errors

@@ -9,18 +9,10 @@ import json
 import pytest
 
 from nanogpt_cli.errors import NgptError
-from nanogpt_cli.hf_tokenizer import _bytes_to_unicode, _merge_pair, write_gpt2_tokenizer
+from nanogpt_cli.hf_tokenizer import _merge_pair, write_gpt2_tokenizer
 from tests.conftest import require_module
 
 OPENAI_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-
-
-def test_byte_alphabet_is_gpt2s():
-    alphabet = _bytes_to_unicode()
-    assert sorted(alphabet) == list(range(256)) and len(set(alphabet.values())) == 256
-    assert all(alphabet[b] == chr(b) for b in b"azAZ09!~")  # printable ASCII stands for itself
-    assert (alphabet[ord(" ")], alphabet[ord("\n")], alphabet[0]) == ("Ġ", "Ċ", "Ā")
-    assert not any(c.isspace() for c in alphabet.values())
 
 
 def test_merge_pair_follows_the_ranks():

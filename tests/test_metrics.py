@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import tomllib
@@ -32,6 +33,8 @@ def test_every_run_writes_metrics_jsonl_and_its_config(tiny_cfg):
         assert r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
     assert [r["iter"] for r in evals] == [0, 3, 6]
     assert all(r["train_loss"] > 0 and r["val_loss"] > 0 for r in evals)
+    # bits per byte beside the loss: the tiny char dataset is ASCII, one byte per token
+    assert all(r[f"{s}_bpb"] == pytest.approx(r[f"{s}_loss"] / math.log(2)) for r in evals for s in ("train", "val"))
 
     saved = tomllib.loads((out / "config.toml").read_text(encoding="utf-8"))
     assert saved["n_layer"] == 2 and saved["n_embd"] == 32 and saved["max_iters"] == 6

@@ -1,8 +1,10 @@
-"""`ngpt plot`: loss curves of one or more runs to a PNG; clear errors without data or matplotlib."""
+"""`ngpt plot`: loss (or bits per byte) curves of one or more runs to a PNG; clear errors without data or
+matplotlib."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -10,10 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from nanogpt_cli.cli import app
+from nanogpt_cli.config import TrainConfig, build
 from nanogpt_cli.errors import NgptError
 from nanogpt_cli.plot import load_run, plot_runs, run_labels
+from nanogpt_cli.prepare import PrepareOptions, prepare_text
 from nanogpt_cli.train import train
-from tests.conftest import require_module
+from tests.conftest import TINY, require_module
 
 runner = CliRunner()
 
@@ -77,3 +81,34 @@ def test_missing_matplotlib_names_the_plot_extra(tmp_path, monkeypatch):
         plot_runs([run], tmp_path / "loss.png")
     result = runner.invoke(app, ["plot", str(run), "-o", str(tmp_path / "loss.png")])
     assert result.exit_code == 1 and "nanogpt-cli[plot]" in result.stderr
+
+
+def test_char_gpt2_and_trained_bpe_runs_of_one_corpus_compare_in_bits_per_byte(tmp_path, shakespeare, bpe_files):
+    require_module("matplotlib")
+    require_module("tokenizers")
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text(shakespeare.read_text(encoding="utf-8")[:100_000], encoding="utf-8")  # ASCII
+    runs = []
+    for name, tokenizer in (("char", "char"), ("gpt2", "gpt2"), ("bpe", "bpe:512")):
+        prepare_text([str(corpus)], PrepareOptions(name=name, data_dir=tmp_path / "data", tokenizer=tokenizer,
+                                                   quiet=True))
+        runs.append(tmp_path / "runs" / name)
+        train(build(TrainConfig, None, [*TINY, f"--dataset={name}", f"--data_dir={tmp_path / 'data'}",
+                                        f"--out_dir={runs[-1]}", "--max_iters=2", "--eval_interval=2"]))
+    curves = {run.name: load_run(run, "bpb") for run in runs}
+    assert all(len(c["val"]) == 2 and all(0 < bpb < 20 for _, bpb in c["val"]) for c in curves.values())
+    assert not any(c["steps"] for c in curves.values())  # per-step records carry loss only
+    char_losses = load_run(runs[0])["val"]
+    assert [bpb for _, bpb in curves["char"]["val"]] == pytest.approx([loss / math.log(2) for _, loss in char_losses])
+
+    result = runner.invoke(app, ["plot", *map(str, runs), "--metric", "bpb", "-o", str(tmp_path / "bpb.png")])
+    assert result.exit_code == 0, result.stderr
+    assert is_png(tmp_path / "bpb.png")
+
+
+def test_bits_per_byte_of_a_run_without_them_is_a_one_line_error(tmp_path):
+    run = fake_run(tmp_path / "old")
+    with pytest.raises(NgptError, match="no bits per byte logged"):
+        load_run(run, "bpb")
+    result = runner.invoke(app, ["plot", str(run), "--metric", "perplexity", "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "--metric must be one of loss, bpb" in result.stderr

@@ -58,6 +58,7 @@ def test_eval_prints_a_table_for_what_was_evaluated(capsys):
     print_eval(LOSSES)
     text = capsys.readouterr().out
     assert "out/run on tiny" in text and "1.2346" in text and "12.18" in text and "zero-shot" not in text
+    assert "bits/byte" not in text  # a dataset whose tokens' bytes are unknown
 
     print_eval(ZERO_SHOT)
     text = capsys.readouterr().out
@@ -65,6 +66,10 @@ def test_eval_prints_a_table_for_what_was_evaluated(capsys):
     hellaswag, lambada = (next(line for line in text.splitlines() if name in line) for name in ("hellaswag", "lambada"))
     assert "0.3000" in hellaswag and "0.4000" in hellaswag
     assert "42.12" in lambada and "-" in lambada  # lambada has no acc_norm
+
+    print_eval({**LOSSES, "train_bpb": 1.78125, "val_bpb": 3.6})
+    text = capsys.readouterr().out
+    assert "bits/byte" in text and "1.7812" in text and "3.6000" in text
 
     print_eval({**LOSSES, **ZERO_SHOT, "model": "out/run"})
     text = capsys.readouterr().out

@@ -1,11 +1,23 @@
-"""Tokenizers: char-level round trips and errors; tiktoken BPE through TIKTOKEN_CACHE_DIR."""
+"""Tokenizers: char-level round trips and errors; tiktoken BPE through TIKTOKEN_CACHE_DIR; a trained BPE's
+tokenizer.json in ngpt's layout; the bytes each token stands for."""
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import pytest
 
 from nanogpt_cli.errors import NgptError, UsageError
-from nanogpt_cli.tokenizer import CharTokenizer, TiktokenTokenizer, from_meta, get_tokenizer
+from nanogpt_cli.tokenizer import (
+    EOT_TEXT,
+    BPETokenizer,
+    CharTokenizer,
+    TiktokenTokenizer,
+    bytes_to_unicode,
+    from_meta,
+    get_tokenizer,
+)
 
 
 def test_char_vocabulary_is_the_sorted_characters_and_round_trips():
@@ -47,3 +59,57 @@ def test_gpt2_bpe_round_trip_and_end_of_text(bpe_files):
     assert tok.encode_batch(["a b", "c"], num_threads=2) == [tok.encode("a b"), tok.encode("c")]
     assert from_meta({"tokenizer": "gpt2", "vocab_size": 50257}).encode("Hello") == tok.encode("Hello")
     assert from_meta({}).name == "gpt2"  # metadata without a tokenizer: GPT-2's, as nanoGPT assumes
+
+
+def test_byte_alphabet_is_gpt2s():
+    alphabet = bytes_to_unicode()
+    assert sorted(alphabet) == list(range(256)) and len(set(alphabet.values())) == 256
+    assert all(alphabet[b] == chr(b) for b in b"azAZ09!~")  # printable ASCII stands for itself
+    assert (alphabet[ord(" ")], alphabet[ord("\n")], alphabet[0]) == ("Ġ", "Ċ", "Ā")
+    assert not any(c.isspace() for c in alphabet.values())
+
+
+def test_token_byte_lengths_count_utf8_bytes_and_none_for_special_tokens(bpe_files):
+    assert CharTokenizer(["\n", "a", "é", "€", "🤖"]).token_byte_lengths() == [1, 1, 2, 3, 4]
+    gpt2 = get_tokenizer("gpt2")
+    lengths = gpt2.token_byte_lengths()
+    assert len(lengths) == 50257 and lengths[50256] == 0  # <|endoftext|> stands for no text
+    hello = gpt2.encode("Hello, naïve world")
+    assert sum(lengths[i] for i in hello) == len("Hello, naïve world".encode())
+
+
+def tiny_bpe_json(merges: list[str], specials=(EOT_TEXT,), **model) -> str:
+    """A tokenizer.json in ngpt's layout, written by hand: the bytes, one token per merge, the specials."""
+    alphabet = bytes_to_unicode()
+    tokens = [alphabet[b] for b in range(256)] + [m.replace(" ", "") for m in merges]
+    return json.dumps({
+        "added_tokens": [{"id": len(tokens) + i, "content": s, "special": True} for i, s in enumerate(specials)],
+        "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "model": {"type": "BPE", "ignore_merges": True, "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": merges, **model}})
+
+
+def test_bpe_tokenizer_reads_ngpts_layout_and_round_trips_through_meta():
+    tok = BPETokenizer(tiny_bpe_json(["t h", "th e", "Ġ the"]))
+    assert (tok.vocab_size, tok.eot_token) == (260, 259)
+    assert tok.encode("the then") == [257, 258, 110]  # "the", " the", "n"
+    assert tok.decode(tok.encode("naïve 🤖 the")) == "naïve 🤖 the"
+    assert tok.encode(EOT_TEXT) != [259] and tok.decode([259]) == EOT_TEXT  # its text is text
+    assert tok.token_byte_lengths()[255:] == [1, 2, 3, 4, 0]
+    meta = tok.meta()
+    assert meta["tokenizer"] == "bpe" and meta["tokenizer_sha256"] == hashlib.sha256(meta["tokenizer_json"].encode()
+                                                                                     ).hexdigest()
+    assert from_meta(meta).encode("the then") == tok.encode("the then")
+    with pytest.raises(NgptError, match="without its tokenizer"):
+        from_meta({"tokenizer": "bpe", "vocab_size": 260})
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("{not json", "does not parse as a tokenizer.json"),
+    (json.dumps({"model": {"type": "WordLevel", "vocab": {}, "merges": []}}), "a BPE model with ignore_merges"),
+    (tiny_bpe_json(["t h"]).replace('"use_regex": true', '"use_regex": false'), "GPT-2's ByteLevel"),
+    (tiny_bpe_json(["t h", "h e"]).replace('"h e"', '"e h"'), "merge i must make token 256 \\+ i"),
+])
+def test_bpe_tokenizer_refuses_other_files_in_one_line(text, reason):
+    with pytest.raises(UsageError, match=reason):
+        BPETokenizer(text, "x/tokenizer.json")

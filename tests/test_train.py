@@ -145,7 +145,7 @@ def test_lr_schedule():
 
 def test_eval_only_writes_nothing(tiny_cfg, tmp_path):
     result = train(tiny_cfg("--eval_only=True"))
-    assert set(result.last_eval) == {"train", "val"}
+    assert set(result.last_eval) == {"train", "val", "train_bpb", "val_bpb"}  # bits per byte beside the loss
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 

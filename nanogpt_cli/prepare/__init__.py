@@ -2,9 +2,10 @@
 
 The plain functions behind `ngpt prepare ...`: `prepare_shakespeare_char`, `prepare_shakespeare`,
 `prepare_openwebtext`, `prepare_text` and `prepare_hf` each describe a corpus (`sources`) and hand
-it to one engine, `writer._prepare`, which streams documents in pieces, tokenizes them on a thread
-pool, appends the tokens to files in a temporary folder and moves them into place when complete
-(meta.json last). `list_datasets` and `dataset_info` read what was written, for `ngpt data`.
+it to one engine, `writer._prepare`, which streams documents in pieces (first through a BPE trainer,
+`bpe`, for `--tokenizer bpe:N`), tokenizes them on a thread pool, appends the tokens to files in a
+temporary folder and moves them into place when complete (meta.json last). `list_datasets` and
+`dataset_info` read what was written, for `ngpt data`.
 
 The tunables (READ_BYTES in `sources`; PIECE_CHARS and UNIT_CHARS in `writer`) live, and are
 patched, in the module that reads them.
@@ -20,6 +21,7 @@ from pathlib import Path
 from nanogpt_cli.config import resolve_data_dir
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.hub import OPENWEBTEXT_ID, OPENWEBTEXT_REVISION
+from nanogpt_cli.prepare.bpe import parse_byte_size
 from nanogpt_cli.prepare.sources import (
     SHAKESPEARE_URL,
     Corpus,
@@ -47,8 +49,8 @@ from nanogpt_cli.prepare.writer import (
 __all__ = [
     "FORMAT", "OPENWEBTEXT_ID", "OPENWEBTEXT_REVISION", "SHAKESPEARE_URL", "Corpus", "Document", "FileCorpus",
     "HFCorpus", "OpenWebTextCorpus", "PrepareOptions", "Segment", "dataset_info", "default_name",
-    "dtype_for_vocab", "list_datasets", "pieces", "prepare_hf", "prepare_openwebtext", "prepare_shakespeare",
-    "prepare_shakespeare_char", "prepare_text", "read_text_chunks", "resolve_paths",
+    "dtype_for_vocab", "list_datasets", "parse_byte_size", "pieces", "prepare_hf", "prepare_openwebtext",
+    "prepare_shakespeare", "prepare_shakespeare_char", "prepare_text", "read_text_chunks", "resolve_paths",
 ]
 
 

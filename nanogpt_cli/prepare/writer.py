@@ -43,14 +43,16 @@ from nanogpt_cli.atomic import (
 )
 from nanogpt_cli.config import resolve_data_dir
 from nanogpt_cli.errors import NgptError, UsageError, one_line
+from nanogpt_cli.prepare.bpe import parse_bpe_spec, read_tokenizer_file, train_bpe
 from nanogpt_cli.prepare.progress import Progress
 from nanogpt_cli.prepare.sources import Corpus
-from nanogpt_cli.tokenizer import CharTokenizer, get_tokenizer
+from nanogpt_cli.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, get_tokenizer
 
 FORMAT = 1
 SPLIT_FILES = ("train.bin", "val.bin")
 PIECE_CHARS = 1 << 20  # text is tokenized in pieces of about a million characters
 UNIT_CHARS = 1 << 20  # small documents are grouped into work units of about this size for the threads
+TRAIN_PIECE_CHARS = 1 << 16  # the BPE trainer holds 256 texts in its buffer: small pieces keep that small
 
 
 @dataclass
@@ -59,7 +61,9 @@ class PrepareOptions:
 
     name: str | None = None  # output folder under the data dir; each recipe has its default
     data_dir: str | os.PathLike | None = None  # None: $NGPT_DATA_DIR, else the per-user data folder
-    tokenizer: str = "gpt2"  # "char", "gpt2" or any tiktoken encoding name
+    tokenizer: str = "gpt2"  # "char", "gpt2", any tiktoken encoding name, "bpe:N" (an N-token byte-level BPE
+    # trained on the train split) or a tokenizer.json to reuse (a path, or a dataset folder holding one)
+    tokenizer_sample: int = 0  # bpe:N trains on the first this many bytes of the train split; 0: all of it
     val_fraction: float | None = None  # share of documents (of a single document's characters) held out for
     # val; None: the recipe's default, 0.0005 for openwebtext (nanoGPT's), 0.1 otherwise
     seed: int = 2357  # which documents go to val (nanoGPT's seed)
@@ -230,10 +234,49 @@ def _make_encoder(tokenizer, dtype: str):
                 ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
                 return ids.astype(dtype, copy=False)
             return np.asarray(enc.encode_ordinary(text), dtype=dtype)
-        except UnicodeEncodeError:  # lone surrogates (JSON can escape them): replaced, as tiktoken does
-            return encode(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+        except UnicodeEncodeError:
+            return encode(_replace_lone_surrogates(text))
 
     return encode
+
+
+def _replace_lone_surrogates(text: str) -> str:
+    """Lone surrogates (JSON can escape them) have no UTF-8: replaced by U+FFFD, as tiktoken does."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _train_tokenizer(corpus: Corpus, opts: PrepareOptions, split_at: int | None, vocab_size: int) -> BPETokenizer:
+    """bpe:N: a byte-level BPE trained on the text of the train split (val stays unseen, so its bits per byte
+    are not flattered), or on its first `tokenizer_sample` bytes, read as a stream in pieces."""
+    limit = opts.tokenizer_sample
+    progress = Progress("training the tokenizer", None if limit else corpus.total, corpus.unit, opts.quiet)
+    taken = 0
+
+    def train_text() -> Iterator[str]:
+        nonlocal taken
+        for seg in _segments(corpus, opts, split_at, {"documents": 0, "train_documents": 0, "val_documents": 0}):
+            progress.advance(seg.progress)
+            if seg.split != "train" or not seg.text:
+                continue
+            try:
+                data = seg.text.encode("utf-8")
+                text = seg.text
+            except UnicodeEncodeError:
+                text = _replace_lone_surrogates(seg.text)
+                data = text.encode("utf-8")
+            if limit and taken + len(data) >= limit:  # the sample ends inside this piece, at a character
+                text = data[:limit - taken].decode("utf-8", "ignore")
+            taken += len(data)
+            for piece, _ in pieces([(text, 0.0)], TRAIN_PIECE_CHARS):  # cut per segment: never across documents
+                yield piece
+            if limit and taken >= limit:
+                return
+
+    sample = f" (at most the first {limit:,} bytes of its train split, --tokenizer-sample)" if limit else ""
+    try:
+        return train_bpe(train_text(), vocab_size, f"{corpus.source}{sample}")
+    finally:
+        progress.close()
 
 
 def _encode_and_write(units: Iterator[list[Segment]], encode, files: dict, eot: np.ndarray | None,
@@ -291,12 +334,38 @@ def _check_options(opts: PrepareOptions) -> None:
         raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {opts.val_fraction}")
     if opts.errors not in ("strict", "replace"):
         raise UsageError(f"--errors must be 'strict' or 'replace', got {opts.errors!r}")
+    if opts.tokenizer_sample and parse_bpe_spec(opts.tokenizer) is None:
+        raise UsageError(f"--tokenizer-sample is the training text of --tokenizer bpe:N, not of {opts.tokenizer}")
+    if opts.tokenizer_sample < 0:
+        raise UsageError(f"--tokenizer-sample must be a positive size, got {opts.tokenizer_sample}")
+
+
+def _names_a_file(spec: str) -> bool:
+    """--tokenizer FILE: a .json, or a path (a dataset folder); never a bare word like gpt2, which may also
+    be the name of a folder in the current one."""
+    return spec.endswith(".json") or any(sep in spec for sep in "/\\")
+
+
+def _open_tokenizer(spec: str):
+    """The tokenizer --tokenizer names, loaded before any reading; None for those built from the corpus
+    (char, bpe:N)."""
+    if spec == "char" or parse_bpe_spec(spec) is not None:
+        return None
+    if _names_a_file(spec):
+        return read_tokenizer_file(spec)
+    return get_tokenizer(spec)
 
 
 def _fingerprint(recipe: str, corpus: Corpus, opts: PrepareOptions) -> str:
     key = {"format": FORMAT, "recipe": recipe, "sources": corpus.identity(), "tokenizer": opts.tokenizer,
            "val_fraction": opts.val_fraction, "seed": opts.seed, "errors": opts.errors,
            "append_eot": opts.append_eot}
+    if parse_bpe_spec(opts.tokenizer) is not None:
+        key["tokenizer_sample"] = opts.tokenizer_sample
+    elif _names_a_file(opts.tokenizer):  # the file's content, not its name: an edited file prepares again
+        file = Path(opts.tokenizer).expanduser()
+        file = file / TOKENIZER_FILE if file.is_dir() else file
+        key["tokenizer"] = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else str(file)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -326,7 +395,9 @@ def _summary(meta: dict, folder: Path, status: str) -> dict:
     return {"status": status, "name": meta["name"], "path": str(folder), "tokenizer": meta["tokenizer"],
             "vocab_size": meta["vocab_size"], "dtype": meta["dtype"], "documents": meta.get("documents"),
             "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
-            "files": [str(folder / s["file"]) for s in splits.values()] + [str(folder / "meta.json")],
+            "files": [str(folder / name) for name in [*(s["file"] for s in splits.values()),
+                                                      *([meta["tokenizer_file"]] if "tokenizer_file" in meta else []),
+                                                      "meta.json"]],
             "seconds": meta.get("seconds"), "source": meta.get("source")}
 
 
@@ -338,8 +409,13 @@ def _commit(tmp: Path, out: Path) -> None:
         if (out / name).is_dir() and not (out / name).is_symlink():
             raise UsageError(f"{out / name} is a folder; move it away and prepare again")
     with signals_deferred():
-        for name in (*SPLIT_FILES, "meta.json"):
+        for name in SPLIT_FILES:
             os.replace(tmp / name, out / name)
+        if (tmp / TOKENIZER_FILE).exists():
+            os.replace(tmp / TOKENIZER_FILE, out / TOKENIZER_FILE)
+        else:  # the folder was a trained-BPE dataset before: its tokenizer no longer describes it
+            (out / TOKENIZER_FILE).unlink(missing_ok=True)
+        os.replace(tmp / "meta.json", out / "meta.json")
     fsync_folder(out)
 
 
@@ -401,7 +477,7 @@ def _prepare(recipe: str, corpus: Corpus, opts: PrepareOptions, split_by_chars: 
         if meta is not None and meta.get("fingerprint") == fingerprint and _is_complete(out, meta):
             return _summary(meta, out, "up to date")
         _check_replacing(out, meta, corpus, opts)
-    tokenizer = None if opts.tokenizer == "char" else get_tokenizer(opts.tokenizer)  # fail before reading
+    tokenizer = _open_tokenizer(opts.tokenizer)  # fail before reading
 
     if split_by_chars is None:
         split_by_chars = corpus.single_document
@@ -416,7 +492,7 @@ def _prepare(recipe: str, corpus: Corpus, opts: PrepareOptions, split_by_chars: 
             meta.update(fingerprint=fingerprint, created=datetime.now(UTC).isoformat(timespec="seconds"),
                         seconds=round(time.time() - started, 2), recipe=recipe,
                         options={"val_fraction": opts.val_fraction, "seed": opts.seed, "errors": opts.errors,
-                                 "append_eot": opts.append_eot and tokenizer is not None})
+                                 "append_eot": opts.append_eot and opts.tokenizer != "char"})
             with new_file(tmp / "meta.json") as f:
                 f.write((json.dumps(meta, indent=1) + "\n").encode("utf-8"))
             _commit(tmp, out)
@@ -430,8 +506,10 @@ def _prepare(recipe: str, corpus: Corpus, opts: PrepareOptions, split_by_chars: 
 
 
 def _build(corpus: Corpus, opts: PrepareOptions, tokenizer, tmp: Path, split_by_chars: bool) -> dict:
-    """Read, tokenize and write train.bin / val.bin into `tmp`; returns the meta.json fields."""
-    char = tokenizer is None
+    """Read, tokenize and write train.bin / val.bin (and a BPE's tokenizer.json) into `tmp`; returns the
+    meta.json fields."""
+    char = opts.tokenizer == "char"
+    bpe_size = parse_bpe_spec(opts.tokenizer)
     corpus.load(tmp)
     split_at = None
     if char or split_by_chars:
@@ -444,6 +522,8 @@ def _build(corpus: Corpus, opts: PrepareOptions, tokenizer, tmp: Path, split_by_
             if scan.n_chars < 2:
                 raise UsageError(f"{corpus.source}: too little text to split into train and val")
             split_at = max(int(scan.n_chars * (1 - opts.val_fraction)), 1)
+    if bpe_size is not None:
+        tokenizer = _train_tokenizer(corpus, opts, split_at, bpe_size)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     eot = None
     if not char and opts.append_eot and tokenizer.eot_token is not None:
@@ -470,7 +550,10 @@ def _build(corpus: Corpus, opts: PrepareOptions, tokenizer, tmp: Path, split_by_
             raise UsageError(f"{corpus.source}: too little text to split into train and val")
         else:
             _move_tail(train, val, max(int(train.tokens * (1 - opts.val_fraction)), 1))
-    return {"format": FORMAT, "name": opts.name, **tokenizer.meta(), "dtype": dtype,
+    tokenizer_meta = tokenizer.meta()
+    if isinstance(tokenizer, BPETokenizer):  # the file, named and fingerprinted in meta.json (as bytes: no \r\n)
+        (tmp / TOKENIZER_FILE).write_bytes(tokenizer_meta.pop("tokenizer_json").encode("utf-8"))
+    return {"format": FORMAT, "name": opts.name, **tokenizer_meta, "dtype": dtype,
             "eot_token": None if char else tokenizer.eot_token,
             "splits": {s: {"file": f"{s}.bin", "tokens": f.tokens} for s, f in files.items()},
             "documents": counts["documents"], "source": corpus.source}
