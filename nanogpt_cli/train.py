@@ -11,12 +11,9 @@ training that starts from weights.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import math
-import os
-import shutil
 import signal
 import threading
 import time
@@ -27,7 +24,7 @@ import torch
 
 from nanogpt_cli import checkpoint as ckpt_io
 from nanogpt_cli import lora
-from nanogpt_cli.atomic import atomic_file, new_file, temp_sibling
+from nanogpt_cli.atomic import atomic_file
 from nanogpt_cli.config import FINETUNE_DEFAULTS, TrainConfig, build, parse_overrides, to_dict, to_toml
 from nanogpt_cli.cpu_tuning import thread_tuner
 from nanogpt_cli.data import (
@@ -59,6 +56,7 @@ from nanogpt_cli.model import GPT
 from nanogpt_cli.nonfinite import NonfiniteGuard
 from nanogpt_cli.progress import TrainProgress, console
 from nanogpt_cli.report import print_training_start
+from nanogpt_cli.run_folder import RunLock, check_no_run_to_replace, check_out_dir, remove_run
 from nanogpt_cli.runtime import Runtime, plan
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "block_size")  # what a model's weights fix
@@ -555,89 +553,6 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     return Trainer(cfg, runtime, model, train_model, optimizer, loader, built, accum_steps)
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """Fail before training, not at the first checkpoint, when out_dir cannot be written.
-
-    Leaves the disk as it found it: the probe file and the folders made for it are removed again,
-    so a run refused later (a missing dataset, a checkpoint that does not fit) changes nothing."""
-    created = []  # the folders this check makes, deepest first
-    for parent in (out_dir, *out_dir.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise NgptError(f"cannot use out_dir {out_dir}: {parent} is a file, not a folder")
-            break
-        created.append(parent)
-    probe = None
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = temp_sibling(out_dir / ".write-test")
-        with new_file(probe) as f:  # exclusive; written through to the disk: a full disk fails here, not hours later
-            f.write(b"0" * 65536)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise NgptError(f"cannot write to out_dir {out_dir}: {e.strerror or e}") from None
-    finally:
-        if probe is not None:
-            with contextlib.suppress(OSError):
-                probe.unlink()
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
-RUN_FILES = (ckpt_io.CKPT_NAME, "metrics.jsonl", "config.toml", lora.ADAPTER_DIR)  # what a run leaves in out_dir
-
-
-def check_no_run_to_replace(out_dir: Path, cfg: TrainConfig, overwrite: bool) -> None:
-    """A new run (not a resume) into a folder that holds a run is refused unless told to replace it."""
-    if cfg.init_from == "resume" or overwrite or not any((out_dir / name).exists() for name in RUN_FILES):
-        return
-    held = (f"a checkpoint at iteration {ckpt_io.peek_iteration(out_dir)}" if (out_dir / ckpt_io.CKPT_NAME).exists()
-            else "a run's files")
-    raise UsageError(f"out_dir {out_dir} holds {held}: continue it with --init_from=resume, replace it with "
-                     "--overwrite, or choose another --out_dir")
-
-
-class RunLock:
-    """The run folder's lock, held while a run writes there (fcntl.flock on `.ngpt-lock`, which names the
-    holder's pid, and is removed when the run ends): a second run into the same folder is refused instead of
-    interleaving its files."""
-
-    NAME = ".ngpt-lock"
-
-    def __init__(self, out_dir: Path):
-        self.path, self.fd = out_dir / self.NAME, None
-
-    def acquire(self) -> None:
-        import fcntl
-
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise UsageError(f"out_dir {self.path.parent} is in use by a running training (pid {holder}); "
-                                 "wait for it to end, or choose another --out_dir") from None
-            try:
-                if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)  # the holder removed the file as we opened it: take the lock on the current one
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # removed while held, so no one can lock the removed file
-            os.close(self.fd)
-            self.fd = None
-
-
 def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     """Run training (or finetuning) as `cfg` says; under torchrun each process calls this. A folder that holds
     a run is replaced only with `overwrite`; an evaluation only (eval_only) writes nothing."""
@@ -648,7 +563,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     out_dir = Path(cfg.out_dir).expanduser()
     writes = env.is_main and not cfg.eval_only
     if writes:
-        check_no_run_to_replace(out_dir, cfg, overwrite)
+        check_no_run_to_replace(out_dir, cfg.init_from == "resume", overwrite)
         check_out_dir(out_dir)
     lock = RunLock(out_dir)
     done = False
@@ -658,12 +573,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
             out_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             if overwrite and cfg.init_from != "resume":
-                for name in RUN_FILES:
-                    path = out_dir / name
-                    if path.is_dir() and not path.is_symlink():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink(missing_ok=True)
+                remove_run(out_dir)
             with atomic_file(out_dir / "config.toml") as f:
                 f.write(to_toml(trainer.cfg).encode())
         result = trainer.run()

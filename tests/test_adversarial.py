@@ -18,7 +18,8 @@ from nanogpt_cli.checkpoint import load_checkpoint
 from nanogpt_cli.cli import app
 from nanogpt_cli.config import SampleConfig, TrainConfig, build
 from nanogpt_cli.errors import NgptError, UsageError
-from nanogpt_cli.train import RunLock, train
+from nanogpt_cli.run_folder import RunLock
+from nanogpt_cli.train import train
 from tests.conftest import TINY
 
 runner = CliRunner()

@@ -21,7 +21,8 @@ from nanogpt_cli import checkpoint as ckpt_io
 from nanogpt_cli.checkpoint import atomic_save, load_checkpoint, load_model, rng_state, set_rng_state
 from nanogpt_cli.cli import app
 from nanogpt_cli.errors import NgptError
-from nanogpt_cli.train import check_out_dir, train
+from nanogpt_cli.run_folder import check_out_dir
+from nanogpt_cli.train import train
 from tests.conftest import TINY, poison_training_from
 
 runner = CliRunner()
