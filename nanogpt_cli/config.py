@@ -87,6 +87,19 @@ class TrainConfig:
     bias: bool = opt(False, "bias in Linear and LayerNorm layers (GPT-2 has them)", "Model")
     vocab_size: int | None = opt(None, "vocabulary size (auto: the dataset's, padded to a multiple of 64 for BPE)",
                                  "Model")
+    activation: str = opt("gelu", "MLP activation: gelu (exact, nanoGPT's), gelu_new (tanh, OpenAI's GPT-2) or relu2 "
+                          "(ReLU squared, modded-nanogpt's)", "Model", ("gelu", "gelu_new", "relu2"))
+    position: str = opt("learned", "positions: learned (GPT-2's table) or rope (rotary embeddings)", "Model",
+                        ("learned", "rope"))
+    rope_base: float = opt(10000.0, "rotary base (position=rope): larger turns the slow channels more slowly",
+                           "Model")
+    norm: str = opt("layernorm", "normalisation: layernorm (GPT-2's) or rmsnorm", "Model", ("layernorm", "rmsnorm"))
+    qk_norm: bool = opt(False, "RMS-normalise queries and keys per head before attention", "Model")
+    embedding_norm: bool = opt(False, "normalise the embedding before the first block", "Model")
+    tie_embeddings: bool = opt(True, "the token embedding is the output head (GPT-2); --no-tie_embeddings unties "
+                               "them", "Model")
+    logit_softcap: float | None = opt(None, "cap the logits smoothly: cap * tanh(logits / cap) (none: off)", "Model")
+    zero_init_proj: bool = opt(False, "start attention's and the MLP's output projections at zero", "Model")
     # LoRA
     lora_rank: int = opt(0, "train rank-R low-rank adapters (LoRA) on frozen pretrained weights instead of the "
                          "weights themselves; 0: off (needs the lora extra: pip install 'nanogpt-cli[lora]')", "LoRA")
@@ -95,7 +108,10 @@ class TrainConfig:
     lora_targets: str = opt("attn,proj,mlp", "the layers that get adapters, a comma list of attn (attention's "
                             "q,k,v projection), proj (attention's output projection), mlp (both MLP layers)", "LoRA")
     # optimizer
-    learning_rate: float = opt(6e-4, "peak learning rate", "Optimizer")
+    optimizer: str = opt("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest", "Optimizer",
+                         ("adamw", "muon"))
+    learning_rate: float = opt(6e-4, "peak learning rate (AdamW's; under muon, the schedule every group follows)",
+                               "Optimizer")
     max_iters: int = opt(600000, "total optimizer steps", "Optimizer")
     weight_decay: float = opt(1e-1, "AdamW weight decay (matrices only)", "Optimizer")
     beta1: float = opt(0.9, "AdamW beta1", "Optimizer")
@@ -105,6 +121,20 @@ class TrainConfig:
     warmup_iters: int = opt(2000, "linear warmup steps", "Optimizer")
     lr_decay_iters: int = opt(600000, "steps until the learning rate reaches min_lr (about max_iters)", "Optimizer")
     min_lr: float = opt(6e-5, "final learning rate (about learning_rate / 10)", "Optimizer")
+    lr_schedule: str = opt("cosine", "after warmup: cosine decay to min_lr, or wsd (constant, then a linear "
+                           "cool-down to min_lr over the last cooldown_frac of lr_decay_iters)", "Optimizer",
+                           ("cosine", "wsd"))
+    cooldown_frac: float = opt(0.4, "wsd: the fraction of lr_decay_iters spent cooling down", "Optimizer")
+    muon_lr: float = opt(0.02, "muon: peak learning rate of the blocks' matrices", "Optimizer")
+    muon_momentum: float = opt(0.95, "muon: momentum", "Optimizer")
+    muon_nesterov: bool = opt(True, "muon: Nesterov momentum", "Optimizer")
+    muon_ns_steps: int = opt(5, "muon: Newton-Schulz iterations per step", "Optimizer")
+    embedding_lr: float | None = opt(None, "muon: AdamW's peak rate for the embeddings (auto: learning_rate)",
+                                     "Optimizer")
+    head_lr: float | None = opt(None, "muon: AdamW's peak rate for the output head, and a tied embedding (auto: "
+                                "learning_rate)", "Optimizer")
+    scalar_lr: float | None = opt(None, "muon: AdamW's peak rate for norm gains and biases (auto: learning_rate)",
+                                  "Optimizer")
     # system
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps", "System")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (autocast precision)", "System",
@@ -138,6 +168,7 @@ class TrainConfig:
             raise UsageError(f"--vocab_size must be positive, got {self.vocab_size}")
         if self.backend == "nccl" and self.device == "cpu":
             raise UsageError("--backend=nccl needs CUDA GPUs; on --device=cpu use gloo (or auto)")
+        self.validate_recipe()
         validate_text(self, ("out_dir", "init_from", "dataset"))
         validate_lora(self)
         validate_seed(self.seed)
@@ -150,8 +181,37 @@ class TrainConfig:
 
         return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
                          block_size=SCRATCH_BLOCK_SIZE if self.block_size is None else self.block_size,
-                         bias=self.bias, dropout=self.dropout, vocab_size=vocab_size,
-                         activation="gelu")  # nanoGPT's exact GELU (pretrained GPT-2 uses the tanh one)
+                         bias=self.bias, dropout=self.dropout, vocab_size=vocab_size, activation=self.activation,
+                         position=self.position, rope_base=self.rope_base, norm=self.norm, qk_norm=self.qk_norm,
+                         embedding_norm=self.embedding_norm, tie_embeddings=self.tie_embeddings,
+                         logit_softcap=self.logit_softcap, zero_init_proj=self.zero_init_proj)
+
+
+    def validate_recipe(self) -> None:
+        """The model options and the optimizer keys: values the model or the optimizer cannot take, and
+        combinations that cannot work."""
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise UsageError(f"--position=rope rotates pairs of channels: the head size n_embd / n_head = "
+                             f"{self.n_embd // self.n_head} must be even")
+        if self.rope_base <= 0:
+            raise UsageError(f"--rope_base must be positive, got {self.rope_base}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise UsageError(f"--logit_softcap must be positive (or none to turn it off), got {self.logit_softcap}")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise UsageError(f"--cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
+        for name in ("muon_lr", "embedding_lr", "head_lr", "scalar_lr"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise UsageError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise UsageError(f"--muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 1 <= self.muon_ns_steps < 100:
+            raise UsageError(f"--muon_ns_steps must be between 1 and 99, got {self.muon_ns_steps}")
+        if self.optimizer == "muon" and self.strategy == "fsdp":
+            raise UsageError("--optimizer=muon cannot run with --strategy=fsdp: Muon orthogonalises whole matrices, "
+                             "which FSDP shards across the processes; use --strategy=ddp")
+        if self.optimizer == "muon" and self.learning_rate <= 0:
+            raise UsageError("--optimizer=muon scales every group's rate by the schedule of --learning_rate, which "
+                             f"must be positive, got {self.learning_rate}")
 
 
 SCRATCH_BLOCK_SIZE = 1024  # a new model's context when block_size is auto: GPT-2's

@@ -99,7 +99,7 @@ def _read_json(path: Path) -> dict:
 
 
 # transformers' activation_function -> GPTConfig.activation (gelu_pytorch_tanh is gelu_new's formula, fused)
-HF_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
+HF_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu2": "relu2"}
 
 
 def _check_gpt2_config(cfg, source: str) -> None:
@@ -113,7 +113,7 @@ def _check_gpt2_config(cfg, source: str) -> None:
     problems = []
     act = get("activation_function", "gelu_new")
     if act not in HF_ACTIVATIONS:
-        problems.append(f"activation_function={act!r} (ngpt has GPT-2's gelu_new and the exact gelu)")
+        problems.append(f"activation_function={act!r} (ngpt has GPT-2's gelu_new, the exact gelu and relu2)")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if get(flag, False):
             problems.append(f"{flag}=True")
@@ -160,7 +160,8 @@ def _gpt_on_meta(config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    model.transformer.wte.weight = model.lm_head.weight  # assign=True made two Parameters: tie again
+    if config.tie_embeddings:
+        model.transformer.wte.weight = model.lm_head.weight  # assign=True made two Parameters: tie again
     return model
 
 
@@ -195,7 +196,8 @@ def load_hf_gpt2(name_or_path: str, dropout: float | None = None) -> tuple[GPT, 
     "eot_token": 50256} for GPT-2 BPE; a folder written by `export_hf` gives back the ngpt metadata
     it was exported with (e.g. a char-level vocabulary); "tokenizer" is None when unknown.
     The model has bias=True (GPT-2 always has biases), except a folder that `export_hf` wrote
-    from a bias=False model, whose biases are all zero: it comes back with bias=False.
+    from a bias=False model, whose biases are all zero: it comes back with bias=False. An output layer
+    of its own (tie_word_embeddings=false) comes back untied.
     `dropout` overrides the dropout (default 0.0, as nanoGPT does for pretrained weights).
     """
     source, folder = _resolve_source(name_or_path)
@@ -236,15 +238,14 @@ def _load_hf_gpt2(name_or_path: str, source: str, folder: Path | None, transform
     if mismatched:
         raise NgptError(f"{name_or_path}: weights do not fit its config.json: {'; '.join(mismatched[:3])}"
                         f"{' ...' if len(mismatched) > 3 else ''}")
+    tied = getattr(hf_config, "tie_word_embeddings", True)  # a tied model's file has no lm_head of its own
     missing = sorted(k for k in info.get("missing_keys") or []
-                     if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias")))
+                     if (k != "lm_head.weight" or not tied) and not k.endswith((".attn.bias", ".attn.masked_bias")))
     if missing:
         raise NgptError(f"{name_or_path} lacks weights ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''});"
                         " is it a complete GPT2LMHeadModel?")
     hf_sd = hf_model.state_dict()
     vocab_size, n_embd = hf_sd["transformer.wte.weight"].shape
-    if not torch.equal(hf_sd["lm_head.weight"], hf_sd["transformer.wte.weight"]):
-        raise UsageError(f"{name_or_path} has an output layer separate from its token embedding; ngpt ties them")
 
     saved = _read_ngpt_meta(folder)
     config = GPTConfig(
@@ -256,6 +257,7 @@ def _load_hf_gpt2(name_or_path: str, source: str, folder: Path | None, transform
         dropout=0.0 if dropout is None else float(dropout),
         bias=True,
         activation=HF_ACTIVATIONS[getattr(hf_config, "activation_function", "gelu_new")],
+        tie_embeddings=tied,
     )
     bias_keys = [k for k in hf_sd if k.endswith(".bias") and k.startswith("transformer.")]
     if saved is not None and saved.get("bias") is False and all(not hf_sd[k].any() for k in bias_keys):
@@ -265,7 +267,7 @@ def _load_hf_gpt2(name_or_path: str, source: str, folder: Path | None, transform
     with torch.device("meta"):
         wanted = GPT(config).state_dict().keys()
     for key in wanted:
-        hf_key = "transformer.wte.weight" if key == "lm_head.weight" else key
+        hf_key = "transformer.wte.weight" if key == "lm_head.weight" and tied else key
         if hf_key not in hf_sd:
             raise NgptError(f"{name_or_path} has no weight {hf_key!r}; is it a GPT2LMHeadModel?")
         t = hf_sd[hf_key].detach().to(torch.float32)
@@ -323,24 +325,48 @@ def check_export_destination(dest: Path, replace: bool) -> None:
                          "a previous export: choose another DEST")
 
 
+# The model options transformers' GPT2LMHeadModel cannot compute, with what it has instead.
+UNEXPORTABLE = (
+    ("position", "rope", "a learned position table"),
+    ("norm", "rmsnorm", "LayerNorm"),
+    ("qk_norm", True, "no norm on queries and keys"),
+    ("embedding_norm", True, "no norm after the embedding"),
+)
+
+
+def check_exportable(config: GPTConfig) -> None:
+    """A usage error naming the first option of `config` that GPT-2 in transformers cannot compute exactly."""
+    for key, value, gpt2_has in UNEXPORTABLE:
+        if getattr(config, key) == value:
+            raise UsageError(f"cannot export to Hugging Face GPT-2: the model has {key}={value} and "
+                             f"GPT2LMHeadModel has {gpt2_has}")
+    if config.logit_softcap is not None:
+        raise UsageError(f"cannot export to Hugging Face GPT-2: the model has logit_softcap={config.logit_softcap} "
+                         "and GPT2LMHeadModel does not cap its logits")
+
+
 def export_hf(model: GPT, dest: str | Path, meta: dict | None = None, replace: bool = False) -> Path:
     """Write `model` as a Hugging Face GPT-2 folder: config.json, generation_config.json,
-    model.safetensors (lm_head tied to wte), ngpt_meta.json, and the tokenizer files: GPT-2's (vocab.json,
-    merges.txt, tokenizer.json, tokenizer_config.json) for GPT-2 BPE models, tokenizer.json and
-    tokenizer_config.json for a trained BPE or a char-level vocabulary.
+    model.safetensors (lm_head tied to wte, unless the model unties them), ngpt_meta.json, and the tokenizer
+    files: GPT-2's (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json) for GPT-2 BPE models,
+    tokenizer.json and tokenizer_config.json for a trained BPE or a char-level vocabulary.
 
-    `meta` is the model's tokenizer metadata (None: GPT-2 BPE when the vocabulary is big enough).
-    A bias=False model is exported with all-zero biases, which GPT-2 always has: the outputs are
-    exactly the same. A model with another tokenizer (cl100k_base, ...) gets weights and config only;
-    ngpt_meta.json keeps its tokenizer metadata for `load_hf_gpt2` in every case.
+    GPT2LMHeadModel computes the GPT-2 path and, of the modern options, relu2 (its activation_function),
+    an untied head (tie_word_embeddings=False) and zero-initialised projections (an init only); a model
+    with rotary positions, RMSNorm, QK-norm, a norm after the embedding or soft-capped logits is refused
+    (`check_exportable`). `meta` is the model's tokenizer metadata (None: GPT-2 BPE when the vocabulary
+    is big enough). A bias=False model is exported with all-zero biases, which GPT-2 always has: the
+    outputs are exactly the same. A model with another tokenizer (cl100k_base, ...) gets weights and
+    config only; ngpt_meta.json keeps its tokenizer metadata for `load_hf_gpt2` in every case.
     The folder is built beside `dest` and renamed into place when complete, so an error or a signal
     leaves nothing half-written; `replace` lets it take the place of a previous export (see
     `check_export_destination`), whose files all go. Returns the folder.
     """
     dest = Path(dest).expanduser()
     check_export_destination(dest, replace)
-    transformers = _import_transformers()
     cfg = model.config
+    check_exportable(cfg)
+    transformers = _import_transformers()
     if meta is None:
         bpe_sized = cfg.vocab_size >= GPT2_VOCAB_SIZE
         meta = dict(GPT2_META) if bpe_sized else {"tokenizer": None, "vocab_size": cfg.vocab_size}
@@ -362,7 +388,7 @@ def export_hf(model: GPT, dest: str | Path, meta: dict | None = None, replace: b
         layer_norm_epsilon=1e-5,
         bos_token_id=eot,
         eos_token_id=eot,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_embeddings,
     )
     hf_config.architectures = ["GPT2LMHeadModel"]
     with torch.device("meta"):  # no random init: every tensor is replaced below
@@ -370,7 +396,8 @@ def export_hf(model: GPT, dest: str | Path, meta: dict | None = None, replace: b
     hf_keys = {k: v.shape for k, v in hf_model.state_dict().items()}
     state_dict = _hf_state_dict(model, hf_keys)
     hf_model.load_state_dict(state_dict, strict=True, assign=True)
-    hf_model.lm_head.weight = hf_model.transformer.wte.weight  # tied, saved once
+    if cfg.tie_embeddings:
+        hf_model.lm_head.weight = hf_model.transformer.wte.weight  # tied, saved once
     if any(t.is_meta for t in hf_model.buffers()):  # transformers 4's causal-mask buffers: build it for real
         hf_model = transformers.GPT2LMHeadModel(hf_config)
         hf_model.load_state_dict(state_dict, strict=True)

@@ -1,14 +1,15 @@
-"""The GPT-2 language model, top to bottom: config, norm, attention, MLP, block, GPT.
+"""The GPT language model, top to bottom: config, norms, rotary, attention, MLP, block, GPT.
 
-Parameter names and shapes follow nanoGPT (and so, after transposing Conv1D weights,
-OpenAI's GPT-2 in Hugging Face `transformers`). This module depends only on torch and on
-`nanogpt_cli.ops` (the CPU loss kernel, itself torch only). Decoding with a KV cache and
-sampling live in `nanogpt_cli.generate`.
+The defaults are GPT-2 exactly. Parameter names and shapes follow nanoGPT (and so, after transposing
+Conv1D weights, OpenAI's GPT-2 in Hugging Face `transformers`). The config's other options are the
+modern recipe of modded-nanogpt and nanochat: rotary positions, RMSNorm, QK-norm, a norm after the
+embedding, ReLU², an untied output head, logit soft-capping and zero-initialised output projections.
+This module depends only on torch and on `nanogpt_cli.ops` (the CPU loss kernel, itself torch only).
+Decoding with a KV cache and sampling live in `nanogpt_cli.generate`; the optimizers in `nanogpt_cli.optim`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,9 +33,23 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
-    # The MLP's GELU, by its Hugging Face name: "gelu_new" (the tanh approximation, OpenAI's GPT-2) or "gelu"
-    # (exact, erf: nanoGPT's, which models trained from scratch use; 2x faster forward and backward on CPU).
+    # The MLP's activation, by its Hugging Face name: "gelu_new" (GELU's tanh approximation, OpenAI's GPT-2),
+    # "gelu" (exact, erf: nanoGPT's, which models trained from scratch use; 2x faster forward and backward on
+    # CPU than gelu_new) or "relu2" (ReLU squared, max(x, 0)^2: modded-nanogpt's and nanochat's; cheaper still).
     activation: str = "gelu_new"
+    position: str = "learned"  # "learned" (GPT-2's table, wpe) or "rope" (rotary: RoFormer, Llama; no table)
+    rope_base: float = 10000.0  # rotary's base: the slowest pair of channels turns once in 2*pi*base positions
+    norm: str = "layernorm"  # "layernorm" (GPT-2's, with a bias when bias=True) or "rmsnorm" (no centring, no bias)
+    qk_norm: bool = False  # queries and keys RMS-normalised per head before attention (bounded attention logits)
+    embedding_norm: bool = False  # a norm right after the embedding (modded-nanogpt, nanochat)
+    tie_embeddings: bool = True  # the token embedding is the output head (GPT-2); False: two separate matrices
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); None: off
+    zero_init_proj: bool = False  # attention's and the MLP's output projections start at zero: each block the identity
+
+
+ACTIVATIONS = ("gelu_new", "gelu", "relu2")
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
 
 
 class LayerNorm(nn.Module):
@@ -49,6 +64,36 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019, as in Llama): no mean subtracted, no bias."""
+
+    def __init__(self, ndim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, 1e-6)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary_tables(head_size: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (length, head_size // 2) of the angle position * base^(-2i / head_size) for channel pair i."""
+    inverse_frequency = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inverse_frequency)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each pair of channels (i, i + hs/2) of x (B, nh, T, hs) by its position's angle (cos, sin (T, hs/2)):
+    then q . k depends on the two positions only through their difference."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
@@ -60,6 +105,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.attention = "sdpa"  # or "explicit" (see GPT.set_attention)
 
     def explicit_attention(self, q, k, v, dropout_p: float):
@@ -70,12 +116,22 @@ class CausalSelfAttention(nn.Module):
         att = F.softmax(att.masked_fill(mask, float("-inf")), dim=-1)
         return F.dropout(att, dropout_p, self.training) @ v
 
-    def forward(self, x, kv_cache: KVCache | None = None):
+    def queries_keys_values(self, x, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """q, k, v (B, nh, T, hs) of x (B, T, C): QK-norm and rotary positions (cos, sin of x's positions) applied."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        return q, k, v
+
+    def forward(self, x, kv_cache: KVCache | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
+        B, T, C = x.size()
+        q, k, v = self.queries_keys_values(x, rotary)
         dropout_p = self.dropout if self.training else 0.0
         if kv_cache is None and self.attention == "explicit":
             y = self.explicit_attention(q, k, v, dropout_p)
@@ -91,64 +147,97 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu": "none"}
+class ReLUSquared(nn.Module):
+    def forward(self, x):
+        return F.relu(x).square()
+
+
+def make_activation(name: str) -> nn.Module:
+    return ReLUSquared() if name == "relu2" else nn.GELU(approximate="tanh" if name == "gelu_new" else "none")
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate=GELU_APPROXIMATION[config.activation])
+        self.act = make_activation(config.activation)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache: KVCache | None = None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache: KVCache | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+def check_config(config: GPTConfig) -> None:
+    """AssertionError naming the first option the model cannot be built with (TrainConfig.validate says it first,
+    as a usage error; this covers configs read from checkpoints and code)."""
+    assert config.vocab_size is not None and config.block_size is not None
+    assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+    assert config.activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}"
+    assert config.position in POSITIONS, f"position must be one of {', '.join(POSITIONS)}"
+    assert config.norm in NORMS, f"norm must be one of {', '.join(NORMS)}"
+    if config.position == "rope":
+        assert (config.n_embd // config.n_head) % 2 == 0, "rotary positions need an even head size"
+        assert config.rope_base > 0, "rope_base must be positive"
+    assert config.logit_softcap is None or config.logit_softcap > 0, "logit_softcap must be positive"
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        assert config.activation in GELU_APPROXIMATION, f"activation must be one of {', '.join(GELU_APPROXIMATION)}"
+        check_config(config)
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.embedding_norm:
+            modules["ln_e"] = make_norm(config)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying: the token embedding is the output projection (GPT-2 does this).
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:  # the token embedding is the output projection (GPT-2 does this)
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.position == "rope":  # derived from the config: not weights, not in the state dict
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # GPT-2's scaled init of residual projections: std 0.02 / sqrt(2 * n_layer).
+        # GPT-2's scaled init of residual projections: std 0.02 / sqrt(2 * n_layer); or zero (each block starts
+        # as the identity, as in modded-nanogpt and nanochat).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    torch.nn.init.zeros_(p)
+                else:
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; position embeddings are left out by default, as GPT-2 reports do
-        (token embeddings count, being tied to the output layer)."""
+        """Parameter count; by default without the tables that are looked up rather than multiplied, as GPT-2
+        reports do: the position table, and an untied token embedding (a tied one counts, being the output layer)."""
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n_params -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n_params -= self.transformer.wte.weight.numel()
         return n_params
 
     def _init_weights(self, module):
@@ -173,19 +262,34 @@ class GPT(nn.Module):
         end = t if kv_cache is None else kv_cache.longest + t
         if end > self.config.block_size:
             raise ValueError(f"sequence of length {end} is longer than block_size {self.config.block_size}")
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, n_embd)
+        x = self.transformer.wte(idx)  # (b, t, n_embd)
+        rotary = None
+        if self.config.position == "rope":  # rotated keys are cached: each position's angle is applied once
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (t, hs/2), or (b, 1, hs/2)
+            rotary = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])  # (b, 1, 1, hs/2): per row
+        else:
+            x = x + self.transformer.wpe(pos)
+        if self.config.embedding_norm:
+            x = self.transformer.ln_e(x)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            x = block(x, kv_cache, rotary)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.advance(t)
         if targets is not None:
-            logits = self.lm_head(x)
+            logits = self.head(x)
             loss = ops.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
             return logits, loss
         if all_logits:
-            return self.lm_head(x), None
-        return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to generate
+            return self.head(x), None
+        return self.head(x[:, [-1], :]), None  # only the last position is needed to generate
+
+    def head(self, x):
+        """Logits of the final hidden states x (b, t, n_embd), soft-capped to (-cap, cap) when logit_softcap is set."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def set_attention(self, kind: str) -> None:
         """"sdpa" (F.scaled_dot_product_attention, its kernel chosen by torch) or "explicit" (matmul, mask,
@@ -200,29 +304,28 @@ class GPT(nn.Module):
         """Shrink the context (e.g. load GPT-2's 1024 and train at 256)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only (not biases, norms or position vectors)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        # The fused kernel is one launch per step instead of one per tensor: on cuda and cpu.
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        extra = {"fused": True} if fused else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        """AdamW with weight decay on matrices only (not biases, norms or position vectors): nanoGPT's entry
+        point to `nanogpt_cli.optim.adamw`, which `ngpt train` builds through `optim.build_optimizer`."""
+        from nanogpt_cli import optim  # optim.py holds the optimizers (and Muon); imported on use
+
+        return optim.adamw(self, weight_decay, learning_rate, betas, device_type)
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward and backward), PaLM appendix B: 6N + 12 L H Q T; a frozen weight (LoRA's
-        base) has no gradient of its own to compute: 4 FLOPs per token, not 6."""
+        """Training FLOPs per token (forward and backward), PaLM appendix B: 6N + 12 L H Q T, N the matrices'
+        parameters (get_num_params: the output head counts, tied or not; tables that are only looked up do not).
+        The options add only elementwise work (norms, rotary, activations, soft-cap), which the count leaves out.
+        A frozen weight (LoRA's base) has no gradient of its own to compute: 4 FLOPs per token, not 6."""
         cfg = self.config
         N = self.get_num_params()
-        wpe = self.transformer.wpe.weight  # not counted in N either
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and p is not wpe)
+        looked_up = {id(table.weight) for name, table in self.transformer.items()  # not counted in N either
+                     if name == "wpe" or (name == "wte" and not cfg.tie_embeddings)}
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and id(p) not in looked_up)
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         return 6 * N - 2 * frozen + 12 * L * H * Q * T
 

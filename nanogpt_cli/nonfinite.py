@@ -20,8 +20,9 @@ from nanogpt_cli.progress import console
 
 def checks_on_device(device: torch.device, optimizer, scaler_enabled: bool, fsdp: bool) -> bool:
     """Whether bad steps are skipped on the device and reported later (cuda with fused AdamW, no GradScaler,
-    no FSDP's sharded gradients) instead of checked at every step with a host sync."""
-    fused = any(group.get("fused") for group in optimizer.param_groups)
+    no FSDP's sharded gradients) instead of checked at every step with a host sync. Muon has no found_inf to
+    skip a step with: its runs (whose AdamW part may be fused) are checked at every step."""
+    fused = isinstance(optimizer, torch.optim.AdamW) and all(group.get("fused") for group in optimizer.param_groups)
     return device.type == "cuda" and fused and not scaler_enabled and not fsdp
 
 

@@ -54,12 +54,15 @@ from nanogpt_cli.evaluate import evaluate_loss
 from nanogpt_cli.limits import check_model_fits, check_training_fits
 from nanogpt_cli.model import GPT
 from nanogpt_cli.nonfinite import NonfiniteGuard
+from nanogpt_cli.optim import build_optimizer
 from nanogpt_cli.progress import TrainProgress, console
 from nanogpt_cli.report import print_training_start
 from nanogpt_cli.run_folder import RunLock, check_no_run_to_replace, check_out_dir, remove_run
 from nanogpt_cli.runtime import Runtime, plan
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "block_size")  # what a model's weights fix
+# what a model's weights fix: its shape, its context and its architecture's options
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "block_size", "activation", "position", "rope_base",
+              "norm", "qk_norm", "embedding_norm", "tie_embeddings", "logit_softcap", "zero_init_proj")
 
 
 @dataclass
@@ -73,13 +76,21 @@ class TrainResult:
 
 
 def lr_at(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr. With lr_schedule=wsd (warmup,
+    stable, decay) the rate stays at its peak after warmup and cools down linearly to min_lr over the last
+    cooldown_frac of lr_decay_iters."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it > cfg.lr_decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown_start = max(cfg.warmup_iters, round(cfg.lr_decay_iters * (1 - cfg.cooldown_frac)))
+        if it < cooldown_start:
+            return cfg.learning_rate
+        ratio = (it - cooldown_start) / max(1, cfg.lr_decay_iters - cooldown_start)  # 0 -> 1
+        return cfg.learning_rate + ratio * (cfg.min_lr - cfg.learning_rate)
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
@@ -127,6 +138,9 @@ class Trainer:
         self.train_model = train_model  # what the steps call: compiled and/or wrapped for DDP
         self.optimizer, self.loader, self.meta, self.accum_steps = optimizer, loader, built.meta, accum_steps
         self.lora = built.lora
+        # each group's peak rate over --learning_rate (Muon's groups have their own); as built, whatever a resumed
+        # optimizer state says
+        self.lr_scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
         self.out_dir = Path(cfg.out_dir).expanduser()
         self.tokens_per_iter = accum_steps * self.env.world_size * cfg.batch_size * cfg.block_size
         self.scaler = torch.amp.GradScaler(self.device.type,
@@ -218,8 +232,8 @@ class Trainer:
     def train_step(self, lr: float) -> torch.Tensor:
         """One optimizer step over accum_steps micro-batches; returns the mean loss over them, unsynced."""
         self.thread_tuner.tick()  # cpu: times the steps, and now and then tries another thread count
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group, scale in zip(self.optimizer.param_groups, self.lr_scales, strict=True):
+            group["lr"] = lr * scale
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum_steps):
             X, Y = self.first_micro_batch() if micro == 0 else self.loader.get_batch("train")
@@ -548,8 +562,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         built.warnings.append(lora.describe(model, built.lora, held))
     # Parallelise before the optimizer exists: FSDP turns the parameters into shards (DTensors).
     train_model = parallelize(model, cfg.strategy, runtime)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           runtime.device.type)
+    optimizer = build_optimizer(model, cfg, runtime.device.type)
     return Trainer(cfg, runtime, model, train_model, optimizer, loader, built, accum_steps)
 
 

@@ -37,6 +37,9 @@ def w(tmp_path_factory) -> dict[str, str]:
     run = root / "run"
     train(build(TrainConfig, None, [*TINY, f"--data_dir={data}", f"--out_dir={run}", "--max_iters=3"]))
     assert (run / "ckpt.pt").is_file()
+    rope_run = root / "rope_run"  # a model Hugging Face's GPT-2 cannot compute
+    train(build(TrainConfig, None, [*TINY, f"--data_dir={data}", f"--out_dir={rope_run}", "--max_iters=3",
+                                    "--position=rope"]))
 
     def folder(name: str) -> Path:
         (root / name).mkdir()
@@ -63,7 +66,8 @@ def w(tmp_path_factory) -> dict[str, str]:
     (data / "no_meta" / "meta.json").unlink()
     (data / "other_vocab").mkdir()
     write_char_dataset(data, "other_vocab", text="xyz " * 500)
-    return {"root": str(root), "data": str(data), "run": str(run), "file": str(root / "a_file")}
+    return {"root": str(root), "data": str(data), "run": str(run), "rope_run": str(rope_run),
+            "file": str(root / "a_file")}
 
 
 def T(*args: str) -> list[str]:
@@ -84,6 +88,22 @@ CASES = [
     ("train-dtype", ["train", *T("--dtype=float64")], 2, "--dtype must be one of"),
     ("train-on-nonfinite", ["train", *T("--on_nonfinite=ignore")], 2, "--on_nonfinite must be one of"),
     ("train-unknown-key", ["train", *T("--n_layers=3")], 2, "did you mean --n_layer"),
+    ("train-position-unknown", ["train", *T("--position=alibi")], 2, "--position must be one of learned, rope"),
+    ("train-norm-unknown", ["train", *T("--norm=batchnorm")], 2, "--norm must be one of"),
+    ("train-activation-unknown", ["train", *T("--activation=swish")], 2, "--activation must be one of"),
+    ("train-optimizer-unknown", ["train", *T("--optimizer=sgd")], 2, "--optimizer must be one of adamw, muon"),
+    ("train-lr-schedule-unknown", ["train", *T("--lr_schedule=linear")], 2, "--lr_schedule must be one of"),
+    ("train-rope-odd-head", ["train", *T("--position=rope", "--n_embd=30", "--n_head=2")], 2,
+     "head size n_embd / n_head = 15 must be even"),
+    ("train-softcap-zero", ["train", *T("--logit_softcap=0")], 2, "--logit_softcap must be positive"),
+    ("train-softcap-negative", ["train", *T("--logit_softcap=-15")], 2, "--logit_softcap must be positive"),
+    ("train-rope-base", ["train", *T("--position=rope", "--rope_base=0")], 2, "--rope_base must be positive"),
+    ("train-cooldown-range", ["train", *T("--lr_schedule=wsd", "--cooldown_frac=1.5")], 2, "--cooldown_frac"),
+    ("train-muon-fsdp", ["train", *T("--optimizer=muon", "--strategy=fsdp")], 2, "cannot run with --strategy=fsdp"),
+    ("train-muon-lr-zero", ["train", *T("--optimizer=muon", "--learning_rate=0")], 2, "must be positive, got 0.0"),
+    ("train-muon-momentum", ["train", *T("--optimizer=muon", "--muon_momentum=1")], 2, "--muon_momentum"),
+    ("train-muon-ns-steps", ["train", *T("--optimizer=muon", "--muon_ns_steps=0")], 2, "--muon_ns_steps"),
+    ("train-head-lr-negative", ["train", *T("--optimizer=muon", "--head_lr=-1")], 2, "--head_lr must not be"),
     ("train-device-unknown", ["train", *T("--device=tpu")], 2, "unknown device"),
     ("train-device-index", ["train", *T("--device=cpu:x")], 2, "unknown device"),
     ("train-preset-unknown", ["train", "--preset", "no-such-preset", *T()], 2, "unknown preset"),
@@ -180,6 +200,7 @@ CASES = [
     ("export-unknown-source", ["export", "{root}/nothing_here", "{root}/hf_{n}"], 2, "cannot export"),
     ("export-format", ["export", "{run}", "{root}/hf_{n}", "--to", "onnx"], 2, "unknown export format"),
     ("export-dest-is-file", ["export", "{run}", "{file}"], 2, "exists and is not a folder"),
+    ("export-rope", ["export", "{rope_run}", "{root}/hf_{n}"], 2, "the model has position=rope"),
     # ------------------------------------------------------------------ prepare / data
     ("prepare-text-missing", ["prepare", "text", "{root}/missing.txt", "--data-dir={root}/pd_{n}",
                               "--tokenizer=char"], 2, "missing.txt"),

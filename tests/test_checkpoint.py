@@ -68,6 +68,23 @@ def test_checkpoint_holds_everything_an_exact_resume_needs(trained):
     assert raw["meta"]["tokenizer"] == "char"
 
 
+def test_checkpoints_without_the_model_options_load_as_gpt2(trained, tmp_path):
+    """A checkpoint written before the model had options (model_args without their keys) is GPT-2, as it was
+    trained: learned positions, LayerNorm, a tied head, no soft-cap; and it resumes."""
+    from nanogpt_cli.model import GPTConfig
+
+    ckpt = load_checkpoint(trained)
+    old_keys = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation")
+    ckpt["model_args"] = {k: ckpt["model_args"][k] for k in old_keys}
+    atomic_save(ckpt, trained / "ckpt.pt")
+    model, _, _ = load_model("resume", str(trained))
+    gpt2 = GPTConfig(**{k: ckpt["model_args"][k] for k in old_keys})
+    assert model.config == gpt2 and model.lm_head.weight is model.transformer.wte.weight
+    result = runner.invoke(app, ["train", *cli_args(tmp_path, trained.parent / "data"), "--init_from=resume"])
+    assert result.exit_code == 0, result.stderr
+    assert load_checkpoint(trained)["model_args"]["position"] == "learned"
+
+
 def test_rng_state_round_trips_through_a_safe_load(tmp_path):
     random.seed(1)
     np.random.seed(2)

@@ -14,13 +14,20 @@ from nanogpt_cli.checkpoint import FORMAT
 from nanogpt_cli.cli import app
 from nanogpt_cli.generate import BatchDecoder, Generation, KVCache, Request, sample_next
 from nanogpt_cli.model import GPT, GPTConfig
-from tests.test_model import tiny
+from tests.test_model import MODERN, tiny
 
 # ---------------------------------------------------------------- the KV cache
 
 
-def test_kv_cache_matches_full_forward_at_every_step():
-    model = tiny(block_size=32)
+# the cache against full forwards for GPT-2, and for every modern option at once (rotary positions: the cached
+# keys are rotated by their own positions, a step's query by the cache's position); projections not zero-initialised,
+# which would leave attention out of the logits
+OPTIONS = {"gpt2": {}, "modern": MODERN}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_kv_cache_matches_full_forward_at_every_step(options):
+    model = tiny(block_size=32, **{**options, "zero_init_proj": False})
     idx = torch.randint(50, (2, 5))
     cache = KVCache(model.config, 2, "cpu", torch.float32)
     logits, _ = model(idx, kv_cache=cache)
@@ -36,10 +43,12 @@ def test_kv_cache_matches_full_forward_at_every_step():
     torch.testing.assert_close(logits, full[:, -3:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize("prompt_len", [3, 12])  # a short prompt, and one longer than block_size
-def test_cached_logits_equal_a_full_forward_at_every_step_across_rebuilds(prompt_len):
+def test_cached_logits_equal_a_full_forward_at_every_step_across_rebuilds(prompt_len, options):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=True)).eval()
+    model = GPT(GPTConfig(**{"block_size": 8, "vocab_size": 50, "n_layer": 2, "n_head": 2, "n_embd": 16, "bias": True,
+                             **options, "zero_init_proj": False})).eval()
     decoder = BatchDecoder(model, 2)
     request = Request(torch.randint(50, (2, prompt_len)), 30)
     decoder.add(request)

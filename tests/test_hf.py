@@ -81,11 +81,11 @@ def test_import_matches_transformers(tmp_path, vocab, block, n_layer, n_head, n_
     _check_import_parity(tmp_path, vocab, block, n_layer, n_head, n_embd)
 
 
-@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu"])
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu", "relu2"])
 def test_import_keeps_the_models_gelu(tmp_path, activation):
-    """GPT-2 uses the tanh GELU; a GPT-2 trained with the exact one (nanoGPT's) imports exactly too."""
+    """GPT-2 uses the tanh GELU; a GPT-2 trained with the exact one (nanoGPT's) or ReLU² imports exactly too."""
     model = _check_import_parity(tmp_path, 256, 32, 2, 4, 32, activation_function=activation)
-    assert model.config.activation == ("gelu" if activation == "gelu" else "gelu_new")
+    assert model.config.activation == {"gelu_pytorch_tanh": "gelu_new"}.get(activation, activation)
 
 
 def _check_import_parity(tmp_path, vocab, block, n_layer, n_head, n_embd, **overrides) -> GPT:
@@ -97,7 +97,8 @@ def _check_import_parity(tmp_path, vocab, block, n_layer, n_head, n_embd, **over
     shape = (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd)
     assert shape == (vocab, block, n_layer, n_head, n_embd)
     assert cfg.bias is True and cfg.dropout == 0.0
-    assert model.lm_head.weight is model.transformer.wte.weight
+    tied = overrides.get("tie_word_embeddings", True)
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied == cfg.tie_embeddings
     assert all(p.dtype == torch.float32 and not p.is_meta for p in model.parameters())
     if vocab == 50257:
         assert meta == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}
@@ -180,6 +181,35 @@ def test_export_logits_and_round_trip(tmp_path, bias, activation):
     back, _ = hf.load_hf_gpt2(str(dest))
     _assert_same_state(back, model)
     assert back.config.activation == activation
+
+
+def test_export_of_the_options_gpt2_computes(tmp_path):
+    """ReLU², an untied head and zero-initialised projections are GPT-2 in transformers too: logits match and the
+    model comes back as it went."""
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(block_size=16, vocab_size=80, n_layer=2, n_head=2, n_embd=16, bias=False,
+                          activation="relu2", tie_embeddings=False, zero_init_proj=True)).eval()
+    _randomize(model, 6)
+    dest = hf.export_hf(model, tmp_path / "hf", {"tokenizer": None, "vocab_size": 80})
+    config = json.loads((dest / "config.json").read_text())
+    assert config["activation_function"] == "relu2" and config["tie_word_embeddings"] is False
+    ref = transformers.GPT2LMHeadModel.from_pretrained(str(dest)).eval()
+    idx = torch.randint(0, 80, (2, 16))
+    torch.testing.assert_close(hf_logits(ref, idx), ngpt_logits(model, idx), atol=TOL, rtol=0)
+    back, _ = hf.load_hf_gpt2(str(dest))
+    _assert_same_state(back, model)
+    assert (back.config.activation, back.config.tie_embeddings) == ("relu2", False)
+
+
+@pytest.mark.parametrize("option", [dict(position="rope"), dict(norm="rmsnorm"), dict(qk_norm=True),
+                                    dict(embedding_norm=True), dict(logit_softcap=30.0)], ids=str)
+def test_export_refuses_what_gpt2_cannot_compute_naming_the_option(tmp_path, option):
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8, **option))
+    with pytest.raises(UsageError) as e:
+        hf.export_hf(model, tmp_path / "hf", {"tokenizer": None, "vocab_size": 16})
+    key, value = next(iter(option.items()))
+    assert f"{key}={value}" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "hf").exists()
 
 
 def test_hf_import_export_import_is_lossless(tmp_path):
@@ -307,10 +337,9 @@ def test_refuses_unrepresentable_options(tmp_path, override, word):
         hf.load_hf_gpt2(str(folder))
 
 
-def test_refuses_untied_output_layer(tmp_path):
-    folder, _ = make_hf_folder(tmp_path / "m", tie_word_embeddings=False)
-    with pytest.raises(UsageError, match="tie"):
-        hf.load_hf_gpt2(str(folder))
+def test_an_untied_output_layer_imports_untied(tmp_path):
+    model = _check_import_parity(tmp_path, 256, 32, 2, 4, 32, tie_word_embeddings=False)
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
 
 
 def test_transformers_missing(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The GPT model: shapes, init, weight tying, cropping, optimizer groups, MFU, the two attention forms."""
+"""The GPT model: shapes, init, weight tying, cropping, MFU, the two attention forms, the modern options."""
 
 import math
 
@@ -53,14 +53,6 @@ def test_crop_block_size():
     model(torch.zeros(1, 8, dtype=torch.long))
 
 
-def test_optimizer_groups_decay_matrices_only():
-    model = tiny(bias=False)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    decay, no_decay = opt.param_groups
-    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
-    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-
-
 def test_estimate_mfu():
     model = tiny()
     assert model.estimate_mfu(1000.0, None) is None
@@ -106,3 +98,132 @@ def test_on_cuda_sdpa_matches_the_explicit_attention():
     torch.testing.assert_close(results[0][0], results[1][0], atol=5e-2, rtol=5e-2)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------- the modern options
+
+MODERN = dict(position="rope", norm="rmsnorm", qk_norm=True, embedding_norm=True, activation="relu2",
+              tie_embeddings=False, logit_softcap=15.0, zero_init_proj=True, bias=False)
+
+
+def test_the_defaults_are_gpt2():
+    config = GPTConfig()
+    assert (config.position, config.norm, config.activation, config.tie_embeddings, config.logit_softcap) == (
+        "learned", "layernorm", "gelu_new", True, None)
+    assert not (config.qk_norm or config.embedding_norm or config.zero_init_proj)
+    names = {name for name, _ in tiny().named_parameters()}
+    assert "transformer.wpe.weight" in names and "transformer.ln_e.weight" not in names
+
+
+def attention_scores(attn, x, rotary):
+    q, k, _ = attn.queries_keys_values(x, rotary)
+    return q @ k.transpose(-2, -1)  # (B, nh, T, T)
+
+
+def test_rotary_attention_scores_depend_only_on_relative_position():
+    """The same token at every position: with rotary positions the score of query i and key j depends on
+    i - j only (and so is the same wherever the window starts); with the learned table it does not."""
+    model = tiny(position="rope", rope_base=100.0)
+    assert "transformer.wpe.weight" not in dict(model.named_parameters())
+    attn = model.transformer.h[0].attn
+    x = torch.randn(1, 1, 16).expand(1, 12, 16)
+    rotary = lambda start: (model.rope_cos[start:start + 12], model.rope_sin[start:start + 12])  # noqa: E731
+    scores = attention_scores(attn, x, rotary(0))
+    for shift in range(1, 4):
+        torch.testing.assert_close(scores[..., shift:, shift:], scores[..., :-shift, :-shift], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention_scores(attn, x, rotary(4)), scores, atol=1e-5, rtol=1e-5)
+    assert (scores[..., 0, 0] - scores[..., 5, 0]).abs().max() > 1e-2  # positions do change the scores
+    learned = tiny()
+    h = learned.transformer.wte(torch.zeros(1, 12, dtype=torch.long)) + learned.transformer.wpe(torch.arange(12))
+    plain = attention_scores(learned.transformer.h[0].attn, h, None)
+    assert (plain[..., 1:, 1:] - plain[..., :-1, :-1]).abs().max() > 0.1 * plain.abs().max()
+
+
+def test_qk_norm_gives_unit_rms_queries_and_keys():
+    model = tiny(qk_norm=True, position="rope")
+    attn = model.transformer.h[1].attn
+    x = torch.randn(2, 10, 16) * 7
+    q, k, v = attn.queries_keys_values(x, (model.rope_cos[:10], model.rope_sin[:10]))
+    for t in (q, k):
+        torch.testing.assert_close(t.pow(2).mean(-1).sqrt(), torch.ones(2, 2, 10), atol=1e-4, rtol=0)
+    assert (v.pow(2).mean(-1).sqrt() - 1).abs().max() > 0.1  # values are left alone
+    q, _, _ = tiny().transformer.h[1].attn.queries_keys_values(x)
+    assert (q.pow(2).mean(-1).sqrt() - 1).abs().max() > 0.1
+
+
+def test_logit_softcap_bounds_the_logits():
+    x = torch.randint(50, (2, 16))
+    capped, plain = tiny(logit_softcap=3.0), tiny()  # the same weights
+    for model in (capped, plain):
+        with torch.no_grad():
+            model.lm_head.weight.mul_(200)  # logits far beyond the cap
+    capped_logits, plain_logits = capped(x, all_logits=True)[0], plain(x, all_logits=True)[0]
+    assert plain_logits.abs().max() > 30.0 and capped_logits.abs().max() <= 3.0
+    torch.testing.assert_close(capped_logits, 3.0 * torch.tanh(plain_logits / 3.0))
+    torch.testing.assert_close(capped(x, x)[0], capped_logits)  # training's logits (and loss) are the capped ones
+
+
+def test_untied_embedding_and_head_are_separate_parameters():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert untied.transformer.wte.weight is not untied.lm_head.weight
+    params = list(untied.parameters())
+    assert any(p is untied.transformer.wte.weight for p in params) and any(p is untied.lm_head.weight for p in params)
+    assert sum(p.numel() for p in params) == sum(p.numel() for p in tied.parameters()) + 50 * 16
+    assert untied.get_num_params() == tied.get_num_params()  # the head counts, the looked-up table does not
+    assert untied.flops_per_token() == tied.flops_per_token()
+    assert "lm_head.weight" in untied.state_dict() and not torch.equal(untied.state_dict()["lm_head.weight"],
+                                                                       untied.state_dict()["transformer.wte.weight"])
+
+
+def test_zero_initialised_projections_make_each_fresh_block_the_identity():
+    model = tiny(zero_init_proj=True, n_layer=3)
+    x = torch.randn(2, 8, 16)
+    for block in model.transformer.h:
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+        torch.testing.assert_close(block(x), x, atol=0, rtol=0)
+    assert tiny().transformer.h[0].attn.c_proj.weight.any()
+
+
+def test_relu2_and_the_norms():
+    from nanogpt_cli.model import RMSNorm
+
+    model = tiny(activation="relu2", norm="rmsnorm", embedding_norm=True)
+    x = torch.linspace(-2, 2, 9)
+    torch.testing.assert_close(model.transformer.h[0].mlp.act(x), torch.clamp(x, min=0) ** 2)
+    assert isinstance(model.transformer.ln_e, RMSNorm) and isinstance(model.transformer.h[0].ln_1, RMSNorm)
+    h = torch.randn(3, 16) * 5 + 2
+    torch.testing.assert_close(model.transformer.ln_f(h), h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+
+
+def test_flop_count_follows_the_options():
+    """6N + 12 L H Q T with N the multiplied parameters: no position table with rotary (the learned table is
+    left out too), the head once whether tied or not, RMSNorm without the LayerNorm biases."""
+    modern, gpt2 = tiny(**MODERN), tiny()
+    matrices = sum(p.numel() for name, p in modern.named_parameters() if name != "transformer.wte.weight")
+    assert modern.get_num_params() == matrices
+    assert modern.flops_per_token() == 6 * matrices + 12 * 2 * 2 * 8 * 16
+    biases = sum(p.numel() for name, p in gpt2.named_parameters() if name.endswith(".bias"))
+    ln_e = 16
+    assert modern.get_num_params() == gpt2.get_num_params() - biases + ln_e
+
+
+def test_every_option_together_trains_and_crops():
+    model = tiny(**MODERN).train()
+    x = torch.randint(50, (2, 16))
+    _, loss = model(x, x)
+    loss.backward()
+    assert abs(loss.item() - math.log(50)) < 0.3 and all(p.grad is not None for p in model.parameters())
+    model.crop_block_size(8)
+    assert model.rope_cos.shape == (8, 4)
+    model(x[:, :8])
+    with pytest.raises(ValueError, match="block_size"):
+        model(x[:, :9])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(position="alibi"), "position"), (dict(norm="batchnorm"), "norm"), (dict(activation="swish"), "activation"),
+    (dict(position="rope", n_head=16), "even head size"), (dict(logit_softcap=0.0), "logit_softcap"),
+    (dict(position="rope", rope_base=-1.0), "rope_base")])
+def test_the_model_refuses_options_it_cannot_build(change, message):
+    with pytest.raises(AssertionError, match=message):
+        tiny(**change)
