@@ -91,7 +91,7 @@ def load_checkpoint(location: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise NgptError(f"checkpoint {path} is corrupt or not a checkpoint ({_load_failure(e)})") from None
+        raise NgptError(f"checkpoint {path} is corrupt or not a checkpoint ({torch_load_failure(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise NgptError(f"{path} is not an ngpt or nanoGPT checkpoint (no 'model' and 'model_args')")
     if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["model"], dict) or not all(
@@ -104,9 +104,10 @@ def load_checkpoint(location: str | os.PathLike) -> dict:
     return ckpt
 
 
-def _load_failure(e: Exception) -> str:
+def torch_load_failure(e: Exception) -> str:
     """Why torch.load refused a file, in a few words. torch's weights_only refusal advises loading
-    with weights_only=False (which would run code from the file): keep only its reason."""
+    with weights_only=False (which would run code from the file): keep only its reason. Used for ngpt's
+    checkpoints and for a Hugging Face folder's pytorch_model.bin alike."""
     text = str(e)
     if "Weights only load failed" in text:
         match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", text)

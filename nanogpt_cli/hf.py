@@ -214,8 +214,10 @@ def _load_error(name_or_path: str, folder: Path | None, e: Exception, reading_co
         return UsageError(f"{name_or_path} is not a GPT-2 model: {one_line(e, 200)}")
     if folder is None:
         return hub.hub_error(name_or_path, e, _LOCAL_HINT)
+    from nanogpt_cli.checkpoint import torch_load_failure
+
     what = "config" if reading_config else "weights"
-    return NgptError(f"could not load the {what} in {name_or_path}: {type(e).__name__}: {one_line(e, 300)}")
+    return NgptError(f"could not load the {what} in {name_or_path}: {torch_load_failure(e)}")
 
 
 def _load_hf_gpt2(name_or_path: str, source: str, folder: Path | None, transformers, dropout: float | None):

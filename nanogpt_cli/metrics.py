@@ -110,8 +110,11 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
         run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=to_dict(cfg),
                          dir=str(out_dir), settings=wandb.Settings(**settings), **kwargs)
     except Exception as e:
-        message = one_line(e)
-        raise NgptError(f"wandb could not start: {message.rstrip('.')} (to log without an account or network, "
+        message = one_line(e).rstrip(".")
+        if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled"):  # the advice is taken
+            raise NgptError(f"wandb could not start in WANDB_MODE={os.environ['WANDB_MODE']}: {message}; check "
+                            f"--wandb_project and that {out_dir} is writable, or run without --wandb_log") from None
+        raise NgptError(f"wandb could not start: {message} (to log without an account or network, "
                         "set WANDB_MODE=offline and upload later with `wandb sync`)") from None
     mode = getattr(getattr(run, "settings", None), "mode", None) or os.environ.get("WANDB_MODE", "")
     if mode == "disabled":

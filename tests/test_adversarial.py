@@ -243,3 +243,42 @@ def test_a_signal_during_a_long_evaluation_stops_it_and_saves(tmp_path, data_dir
     ckpt = load_checkpoint(out)
     assert ckpt["iter_num"] == 0 and ckpt["evaluated_iter"] < 0  # the interrupted evaluation is not counted
     assert "Traceback" not in err
+
+
+def test_a_hugging_face_folder_with_pickled_code_is_refused_without_advice_to_run_it(tmp_path):
+    """A pytorch_model.bin whose pickle would run code: refused unrun, and the message does not repeat torch's
+    advice to load it with weights_only=False."""
+    from tests.conftest import require_module
+
+    transformers = require_module("transformers")
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "hf"
+    config = transformers.GPT2Config(vocab_size=97, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(folder))
+    (folder / "model.safetensors").unlink()
+    torch.save({"transformer.wte.weight": Exploit()}, folder / "pytorch_model.bin")
+    result = ngpt("sample", f"--init_from={folder}", "--device=cpu", "--max_new_tokens=2")
+    line = one_error(result)
+    assert result.exit_code != 0 and not marker.exists()
+    assert "weights_only=False" not in line and "never runs code" in line, line
+
+
+def test_advice_is_not_to_do_what_was_done(tiny_cfg, monkeypatch):
+    """wandb failing under WANDB_MODE=offline must not advise setting WANDB_MODE=offline."""
+    from tests.conftest import require_module
+
+    wandb = require_module("wandb")
+
+    def broken(**kwargs):
+        raise RuntimeError("the project name is not allowed")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(NgptError) as caught:
+        train(tiny_cfg("--wandb_log=True"))
+    assert "could not start in WANDB_MODE=offline" in str(caught.value) and "set WANDB_MODE" not in str(caught.value)
