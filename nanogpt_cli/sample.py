@@ -189,7 +189,7 @@ def load_for_sampling(cfg: SampleConfig | ServeConfig):
     """(model, tokenizer, device, dtype) for inference: the model of cfg.init_from / cfg.out_dir in eval mode on the
     runtime's device, compiled if cfg.compile."""
     runtime = plan(cfg.device, cfg.dtype)
-    model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
+    model, meta, _ = load_model(cfg.init_from, cfg.out_dir, mmap=True)  # nothing here saves over the file
     model.eval().to(runtime.device)
     if cfg.compile:
         model = torch.compile(model)
