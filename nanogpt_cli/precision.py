@@ -27,9 +27,10 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = weight.size(1), weight.size(0)
-        self.register_buffer("weight", weight)  # (out, in) int8
+        # parameters that do not train: counted by get_num_params, moved and cast like the rest of the model
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in) int8
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.register_buffer("scales", scales)  # (out,) bfloat16
-        self.register_buffer("bias", bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
