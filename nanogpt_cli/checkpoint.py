@@ -75,13 +75,14 @@ def peek_iteration(location: str | os.PathLike) -> int | str:
     """The iteration a checkpoint was saved at, read without loading its tensors ("?" when unreadable)."""
     path = checkpoint_file(location)
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iter_num"])
+        return int(_torch_load(path, mmap=True)["iter_num"])
     except Exception:
         return "?"
 
 
-def load_checkpoint(location: str | os.PathLike) -> dict:
-    """Load a checkpoint safely (no arbitrary unpickling); clear errors for missing or corrupt files."""
+def load_checkpoint(location: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint safely (no arbitrary unpickling); clear errors for missing or corrupt files. mmap maps
+    the file's tensors instead of reading them (see `_torch_load`)."""
     path = checkpoint_file(location)
     if not path.is_file():
         if (path.parent / "config.json").is_file():
@@ -89,7 +90,7 @@ def load_checkpoint(location: str | os.PathLike) -> dict:
                              f"--init_from={path.parent}")
         raise NgptError(f"no checkpoint at {path}; train one first (`ngpt train ... --out_dir={path.parent}`)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _torch_load(path, mmap)
     except Exception as e:
         raise NgptError(f"checkpoint {path} is corrupt or not a checkpoint ({torch_load_failure(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
@@ -102,6 +103,21 @@ def load_checkpoint(location: str | os.PathLike) -> dict:
     ckpt["model"] = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()
                      if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     return ckpt
+
+
+def _torch_load(path: Path, mmap: bool):
+    """torch.load(weights_only=True); with mmap the file's tensors are mapped, not copied, into memory: a
+    124M-parameter checkpoint then loads in milliseconds from the page cache instead of being read into fresh memory
+    (the mapping is private: writes to the tensors never reach the file). A mapped file must not be rewritten in
+    place while its tensors live (the process would die of SIGBUS): ngpt replaces checkpoints by renaming, so this
+    is for inference, where nothing saves over the file it read. Files of torch's legacy format cannot be mapped
+    and are read whole."""
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def torch_load_failure(e: Exception) -> str:
@@ -118,8 +134,10 @@ def torch_load_failure(e: Exception) -> str:
     return f"{type(e).__name__}: {one_line(text, 200)}"
 
 
-def load_state_checked(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """load_state_dict, but a mismatch says which keys and shapes differ."""
+def load_state_checked(model: torch.nn.Module, state_dict: dict, source: str, assign: bool = False) -> None:
+    """load_state_dict, but a mismatch says which keys and shapes differ. With assign the model's tensors become
+    the state dict's (a model built on the meta device takes the checkpoint's tensors without a copy), in the
+    model's dtypes, and parameters the model shares (tied embeddings) stay one parameter."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -134,7 +152,38 @@ def load_state_checked(model: torch.nn.Module, state_dict: dict, source: str) ->
         problems.append(f"shape of {'; '.join(shapes[:3])}")
     if problems:
         raise NgptError(f"{source} does not fit the model: {'; '.join(problems)}")
-    model.load_state_dict(state_dict)
+    if not assign:
+        model.load_state_dict(state_dict)
+        return
+    shared: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, assign=True)
+    for names in shared.values():  # a plain load copies each name into the shared parameter: the last one wins
+        kept = model.get_parameter(names[-1])
+        for name in names[:-1]:
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, kept)
+
+
+INIT_FUNCTIONS = ("normal_", "uniform_", "zeros_", "ones_", "constant_", "trunc_normal_", "kaiming_uniform_",
+                  "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def _weights_left_unset():
+    """Build modules on the meta device with torch.nn.init's functions doing nothing: the checkpoint's tensors
+    replace every weight, so their random initialisation (seconds at 124M, and on the meta device an import of
+    torch._dynamo) would be thrown away."""
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
+    try:
+        for name in INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def model_from_checkpoint(ckpt: dict, source: str, dropout: float | None = None, merged: bool = True) -> GPT:
@@ -154,10 +203,14 @@ def model_from_checkpoint(ckpt: dict, source: str, dropout: float | None = None,
         config = GPTConfig(**args)
         check_model_fits(int(config.n_layer), int(config.n_embd), int(config.vocab_size), int(config.block_size),
                          source)
-        model = GPT(config)
+        with _weights_left_unset():
+            model = GPT(config)
     except (AssertionError, TypeError, ValueError) as e:
         raise NgptError(f"{source} has invalid model_args {ckpt['model_args']}: {e}") from None
-    load_state_checked(model, ckpt["model"], source)
+    load_state_checked(model, ckpt["model"], source, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor the checkpoint does not hold
+        model = GPT(config)
+        load_state_checked(model, ckpt["model"], source)
     return model
 
 
@@ -168,9 +221,11 @@ def checkpoint_meta(ckpt: dict, location: str | os.PathLike) -> dict:
     return find_nanogpt_meta(checkpoint_file(location).parent, ckpt.get("config"))
 
 
-def load_model(init_from: str, out_dir: str, dropout: float | None = None) -> tuple[GPT, dict, dict | None]:
+def load_model(init_from: str, out_dir: str, dropout: float | None = None,
+               mmap: bool = False) -> tuple[GPT, dict, dict | None]:
     """(model, tokenizer meta, checkpoint or None) for `init_from`:
-    resume (out_dir's checkpoint), a checkpoint path or out_dir, gpt2*, or a Hugging Face folder/hub id."""
+    resume (out_dir's checkpoint), a checkpoint path or out_dir, gpt2*, or a Hugging Face folder/hub id. mmap: an
+    ngpt checkpoint's tensors are mapped from the file (for inference, see `_torch_load`)."""
     if init_from == "resume":
         location = out_dir
     elif Path(init_from).expanduser().exists() and not (Path(init_from).expanduser() / "config.json").is_file():
@@ -178,7 +233,7 @@ def load_model(init_from: str, out_dir: str, dropout: float | None = None) -> tu
     else:
         location = None
     if location is not None:
-        ckpt = load_checkpoint(location)
+        ckpt = load_checkpoint(location, mmap)
         model = model_from_checkpoint(ckpt, str(checkpoint_file(location)), dropout)
         return model, checkpoint_meta(ckpt, location), ckpt
     if init_from == "scratch":

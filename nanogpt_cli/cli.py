@@ -45,6 +45,7 @@ from nanogpt_cli.progress import console, echo
 from nanogpt_cli.report import (
     print_bench,
     print_bench_compare,
+    print_bench_generate,
     print_environment,
     print_eval,
     print_presets,
@@ -313,11 +314,17 @@ def bench(
         help="where --profile writes the trace (default: OUT_DIR/bench-trace.json)")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="let --profile replace a file at the trace path that is not a previous trace")] = False,
+    generate: Annotated[bool, typer.Option(
+        "--generate", help="time decoding instead: load a model as `ngpt sample` does (its keys: --out_dir, "
+                           "--init_from, --dtype, --quantize, --max_new_tokens [256], --num_samples [1], ...) and "
+                           "report prefill, time to first token, decode tokens/s and the memory bandwidth used")]
+    = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Time training steps: ms/iter, tokens/s, MFU against this device's peak, peak memory.
+    """Time training steps: ms/iter, tokens/s, MFU against this device's peak, peak memory (--generate: decoding).
 
     Example: ngpt bench --preset gpt2-124m --batch_size=4 --block_size=256 --compare dtype=float32,bfloat16
+    Decoding: ngpt bench --generate --out_dir out/gpt2-124m --quantize=int8
     """
     from nanogpt_cli.bench import bench as run_bench
     from nanogpt_cli.bench import compare as run_compare
@@ -326,6 +333,17 @@ def bench(
     if data not in ("synthetic", "real"):
         raise UsageError(f"--data must be synthetic or real, got {data!r}")
     args = config_args(ctx)
+    if generate:
+        from nanogpt_cli.bench_generate import bench_generate
+
+        if compare or profile:
+            raise UsageError("--generate times decoding; --compare and --profile time training steps")
+        result = bench_generate(build(SampleConfig, preset, ["--max_new_tokens=256", "--num_samples=1", *args]))
+        if as_json:
+            echo(json.dumps(result.as_dict()) + "\n")
+        else:
+            print_bench_generate(result)
+        return
 
     def bench_config(*extra: str) -> TrainConfig:
         cfg = build(TrainConfig, preset, [*args, *extra])

@@ -292,6 +292,8 @@ class ModelSource:
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16", "System",
                      ("auto", "float32", "bfloat16", "float16"))
     compile: bool = opt(False, "torch.compile the model", "System")
+    quantize: str = opt("none", "none | int8: weight-only int8 matrices, a scale per output channel (cpu only)",
+                        "System", ("none", "int8"))
 
 
 @dataclass

@@ -127,6 +127,21 @@ def print_bench(result) -> None:
             + f" tokens/s; total {result.tokens_per_second:,.0f} tokens/s (MFU is per process)")
 
 
+def print_bench_generate(result) -> None:
+    """One bench_generate.GenerateBenchResult: start-up, prefill, decoding and its share of the memory bandwidth."""
+    precision = result.dtype + (", int8 weights" if result.quantize == "int8" else "")
+    out.print(f"[bold]{result.params_millions:.2f}M[/bold] parameters on [bold]{result.device}[/bold] ({precision}, "
+              f"{result.threads} threads): {result.prompt_tokens}-token prompt, {result.new_tokens} new tokens x "
+              f"{result.num_samples}")
+    out.print(f"  load {result.load_seconds:.2f} s, time to first token {result.time_to_first_token * 1000:.0f} ms "
+              f"(prefill {result.prefill_tokens_per_second:,.0f} tokens/s)")
+    out.print(f"[bold]decode {result.decode_tokens_per_second:,.1f} tokens/s[/bold] ({result.ms_per_token:.1f} "
+              f"ms/token); weights {result.weight_bytes_per_token / 1e6:,.1f} MB/token = "
+              f"{result.weight_read_gb_per_s:.1f} GB/s, {result.bandwidth_fraction:.0%} of a memory copy's "
+              f"{result.copy_gb_per_s:.1f} GB/s")
+    out.print(f"  peak memory {result.peak_memory_mb:,.0f} MB ({result.memory_kind})", style="dim")
+
+
 def print_top_operators(label: str | None, result) -> None:
     """The profiler's costliest operators of a bench run with --profile (nothing without a trace)."""
     if not result.trace:

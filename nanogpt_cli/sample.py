@@ -26,6 +26,7 @@ from nanogpt_cli.config import SampleConfig, ServeConfig
 from nanogpt_cli.errors import NgptError, UsageError
 from nanogpt_cli.generate import Generation
 from nanogpt_cli.limits import check_sampling_fits
+from nanogpt_cli.precision import check_precision, for_inference
 from nanogpt_cli.runtime import autocast, plan, synchronize
 from nanogpt_cli.tokenizer import from_meta
 
@@ -187,10 +188,11 @@ class RequestText:
 
 def load_for_sampling(cfg: SampleConfig | ServeConfig):
     """(model, tokenizer, device, dtype) for inference: the model of cfg.init_from / cfg.out_dir in eval mode on the
-    runtime's device, compiled if cfg.compile."""
+    runtime's device, its weights in the runtime's dtype (and int8 with cfg.quantize), compiled if cfg.compile."""
     runtime = plan(cfg.device, cfg.dtype)
-    model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
-    model.eval().to(runtime.device)
+    check_precision(runtime.device, runtime.dtype, cfg.quantize)  # before the model loads: bad input fails fast
+    model, meta, _ = load_model(cfg.init_from, cfg.out_dir, mmap=True)  # nothing here saves over the file
+    model = for_inference(model, runtime.device, runtime.dtype, cfg.quantize)
     if cfg.compile:
         model = torch.compile(model)
     return model, from_meta(meta), runtime.device, runtime.dtype

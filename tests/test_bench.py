@@ -172,3 +172,40 @@ def test_a_cuda_bench_reports_the_data_sheet_peak_and_gpu_memory(tiny_cfg):
     else:
         assert result.peak_flops == gpu_peak_flops(name) and 0 < result.mfu < 1
         assert "data sheet" in result.peak_flops_source
+
+
+@pytest.fixture(scope="module")
+def sampled_run(tmp_path_factory) -> Path:
+    from nanogpt_cli.config import TrainConfig, build
+    from nanogpt_cli.train import train
+    from tests.conftest import TINY as TRAIN_TINY
+    from tests.conftest import write_char_dataset
+
+    root = tmp_path_factory.mktemp("bench-generate")
+    write_char_dataset(root / "data")
+    train(build(TrainConfig, None, [*TRAIN_TINY, f"--data_dir={root / 'data'}", f"--out_dir={root / 'out'}",
+                                    "--max_iters=3"]))
+    return root / "out"
+
+
+def test_bench_generate_times_prefill_and_decoding_against_the_memory_bandwidth(sampled_run):
+    runs = {}
+    for quantize in ("none", "int8"):
+        data = ngpt("bench", "--generate", f"--out_dir={sampled_run}", "--device=cpu", "--max_new_tokens=6",
+                    f"--quantize={quantize}", "--json")
+        runs[quantize] = result = last_json(data.stdout)
+        assert result["new_tokens"] == 6 and result["num_samples"] == 1 and result["quantize"] == quantize
+        for key in ("load_seconds", "time_to_first_token", "prefill_tokens_per_second", "decode_tokens_per_second",
+                    "ms_per_token", "weight_read_gb_per_s", "copy_gb_per_s", "peak_memory_mb"):
+            assert result[key] > 0, key
+        assert result["decode_tokens_per_second"] == pytest.approx(1000 / result["ms_per_token"])
+        assert result["bandwidth_fraction"] == pytest.approx(result["weight_read_gb_per_s"] / result["copy_gb_per_s"])
+    assert runs["int8"]["params_millions"] == runs["none"]["params_millions"]
+    assert runs["int8"]["weight_bytes_per_token"] < runs["none"]["weight_bytes_per_token"] / 2
+    text = ngpt("bench", "--generate", f"--out_dir={sampled_run}", "--device=cpu", "--max_new_tokens=3").stdout
+    assert "time to first token" in text and "tokens/s" in text and "of a memory copy" in text
+
+
+def test_bench_generate_refuses_training_options(sampled_run):
+    result = ngpt("bench", "--generate", f"--out_dir={sampled_run}", "--compare", "dtype=float32,bfloat16", code=2)
+    assert "--generate times decoding" in result.stderr

@@ -227,6 +227,24 @@ def test_every_torch_load_in_the_package_is_weights_only():
     assert any(name == "checkpoint.py" for name, _ in calls)
 
 
+def test_a_model_loads_without_copying_or_initialising_its_weights(trained, monkeypatch):
+    def no_random_init(*args, **kwargs):
+        raise AssertionError("the checkpoint's weights replace the initialisation: it must not run")
+
+    monkeypatch.setattr(torch.Tensor, "normal_", no_random_init)
+    ckpt = load_checkpoint(trained, mmap=True)
+    model = ckpt_io.model_from_checkpoint(ckpt, "ckpt")
+    assert model.transformer.wte.weight is model.lm_head.weight  # still tied: one parameter
+    # the parameters are the checkpoint's own tensors, mapped from the file, not copies of them
+    assert model.lm_head.weight.data_ptr() == ckpt["model"]["lm_head.weight"].data_ptr()
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    monkeypatch.undo()
+    copied = load_model("resume", str(trained))[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copied.state_dict().values(),
+                                                     strict=True))
+    assert torch.nn.init.normal_(torch.zeros(3)).abs().sum() > 0  # torch's init is itself again
+
+
 class _Exploit:
     marker: Path
 

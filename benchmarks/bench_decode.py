@@ -1,0 +1,115 @@
+"""Benchmark whole `ngpt sample` processes against nanoGPT's way of sampling: GPT-2 124M shape, CPU.
+
+    python benchmarks/bench_decode.py                     # 256 new tokens
+    python benchmarks/bench_decode.py --new-tokens 64 --json
+
+A checkpoint of random weights (n_layer 12, n_head 12, n_embd 768, vocab 50304, block 1024) is saved in a
+temporary folder and read once, so that every process starts with a warm page cache. Each row is one process,
+timed from its start to its exit, generating the same number of tokens from the same prompt with ngpt's
+default sampling (temperature 0.8, top-k 200, no stop at <|endoftext|>):
+  baseline  nanoGPT's sample.py: a plain torch.load (the file read into memory), the model built with its random
+            initialisation and then loaded, and the whole context recomputed for every token (`use_cache=False`);
+  fp32      `ngpt sample` (mapped checkpoint, KV cache), float32;
+  bf16      `ngpt sample --dtype=bfloat16` (bf16 weights);
+  int8      `ngpt sample --quantize=int8` (weight-only int8).
+The ratio is the baseline's wall time over the row's. The load average is printed with the figures: on a shared
+machine they move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "The meaning of life is"
+SAMPLING = ["--temperature=0.8", "--top_k=200", "--seed=1337", "--num_samples=1", "--stop_at_eot=False"]
+VARIANTS = {"fp32": [], "bf16": ["--dtype=bfloat16"], "int8": ["--quantize=int8"]}
+
+
+def nanogpt_sample(checkpoint: str, new_tokens: int) -> None:
+    """nanoGPT's sample.py for one sample: torch.load, build, load, generate recomputing the context."""
+    import tiktoken
+    import torch
+
+    from nanogpt_cli.model import GPT, GPTConfig
+
+    ckpt = torch.load(checkpoint, map_location="cpu")
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    enc = tiktoken.get_encoding("gpt2")
+    idx = torch.tensor([enc.encode(PROMPT)])
+    generator = torch.Generator().manual_seed(1337)
+    with torch.inference_mode():
+        tokens = [int(t) for t in model.generate(idx, new_tokens, temperature=0.8, top_k=200, generator=generator,
+                                                 use_cache=False)]
+    print(PROMPT + enc.decode([t for t in tokens if t < enc.n_vocab]))
+
+
+def save_random_checkpoint(folder: Path) -> Path:
+    import torch
+
+    from nanogpt_cli.model import GPT, GPTConfig
+    from nanogpt_cli.tokenizer import GPT2_META
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=True)
+    path = folder / "ckpt.pt"
+    torch.save({"model": GPT(config).state_dict(), "model_args": dataclasses.asdict(config), "meta": dict(GPT2_META),
+                "format": "ngpt/1", "iter_num": 0}, path)
+    return path
+
+
+def timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--nanogpt-baseline", metavar="CKPT", help=argparse.SUPPRESS)  # the baseline's process
+    args = parser.parse_args(argv)
+    if args.nanogpt_baseline:
+        nanogpt_sample(args.nanogpt_baseline, args.new_tokens)
+        return 0
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = save_random_checkpoint(Path(folder))
+        checkpoint.read_bytes()  # a warm page cache for every process
+        load_before = os.getloadavg()
+        rows = {"baseline": timed([sys.executable, __file__, "--nanogpt-baseline", str(checkpoint),
+                                   "--new-tokens", str(args.new_tokens)])}
+        sample = [sys.executable, "-m", "nanogpt_cli", "--quiet", "sample", f"--out_dir={folder}", "--device=cpu",
+                  f"--max_new_tokens={args.new_tokens}", f"--prompt={PROMPT}", *SAMPLING]
+        for name, extra in VARIANTS.items():
+            rows[name] = timed([*sample, *extra])
+        load_after = os.getloadavg()
+    report = {"model": "gpt2-124M shape, random weights", "new_tokens": args.new_tokens, "cpus": os.cpu_count(),
+              "seconds": {name: round(seconds, 2) for name, seconds in rows.items()},
+              "speedup": {name: round(rows["baseline"] / seconds, 2) for name, seconds in rows.items()},
+              "load_average_before": [round(x, 2) for x in load_before],
+              "load_average_after": [round(x, 2) for x in load_after]}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for name, seconds in rows.items():
+        print(f"{name:>9}: {seconds:7.2f} s for the whole process, {report['speedup'][name]:5.2f}x the baseline")
+    print(f"{args.new_tokens} new tokens; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+          f"({report['cpus']} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Weight precision for inference: the model cast to bfloat16/float16, or its matrices as weight-only int8.
+
+    ngpt sample --out-dir RUN --dtype bfloat16        # weights stored in bf16: half the bytes read per token
+    ngpt sample --out-dir RUN --quantize int8         # cpu: a quarter of the bytes, per-output-channel scales
+
+At batch 1 a decoding step reads every weight once, so its time follows the bytes of the weights. bf16 weights
+halve them; int8 weights quarter the matrices' (the embedding tables stay as they are: a token reads one row).
+The int8 matmul is torch's `_weight_int8pack_mm` (int8 weights, bf16 activations, a bf16 scale per output
+channel), a CPU kernel; elsewhere `--quantize int8` is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanogpt_cli.cpu_tuning import DTYPES
+from nanogpt_cli.errors import UsageError
+
+QUANTIZE = ("none", "int8")
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight (out, in) is int8 with one scale per output channel: w ~ weight * scales[:, None].
+    The product runs in bfloat16 (what the int8 kernel takes), its result is cast back to the input's dtype."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.size(1), weight.size(0)
+        # parameters that do not train: counted by get_num_params, moved and cast like the rest of the model
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in) int8
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("scales", scales)  # (out,) bfloat16
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        weight = linear.weight.detach().float()
+        # symmetric, per output channel: the largest |w| of a row maps to 127 (an all-zero row keeps scale 1)
+        scales = weight.abs().amax(dim=1) / 127
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        return cls(quantized.contiguous(), scales.to(torch.bfloat16), bias)
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight,
+                                               self.scales)  # (rows, out)
+        y = y.view(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear of the model (in place) by an Int8Linear; embeddings and norms stay."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, Int8Linear.from_linear(child))
+    return model
+
+
+def check_precision(device: torch.device, dtype: str, quantize: str) -> None:
+    """Refuse, in one line, the combinations that cannot run: int8 off the CPU, int8 with float16."""
+    if quantize == "int8" and device.type != "cpu":
+        raise UsageError(f"--quantize int8 runs on cpu only (torch's int8 weight-only matmul is a CPU kernel); "
+                         f"use --device=cpu, or --dtype=bfloat16 on {device.type}")
+    if quantize == "int8" and dtype == "float16":
+        raise UsageError("--quantize int8 computes in bfloat16; use --dtype=bfloat16 or float32 with it")
+
+
+def for_inference(model: nn.Module, device: torch.device, dtype: str, quantize: str = "none") -> nn.Module:
+    """The model (eval mode, on device) with its weights in the precision asked for: cast to dtype unless it is
+    float32, then its matrices quantized to int8 if quantize is "int8"."""
+    check_precision(device, dtype, quantize)
+    model = model.eval().to(device)
+    if dtype != "float32":
+        model = model.to(DTYPES[dtype])
+    if quantize == "int8":
+        model = quantize_int8(model)
+    return model
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """The bytes of the weights one decoding step at batch 1 reads: every tensor of the model once, but for the
+    embedding tables, of which a token reads one row (a table tied to a Linear, GPT-2's lm_head, is read whole)."""
+    looked_up = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    read_whole = {id(t) for m in model.modules() if not isinstance(m, nn.Embedding)
+                  for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    seen, total = set(), 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in looked_up and id(tensor) not in read_whole:
+            total += tensor[0].numel() * tensor.element_size()
+        else:
+            total += tensor.numel() * tensor.element_size()
+    return total

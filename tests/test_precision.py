@@ -1,0 +1,116 @@
+"""Weight precision for inference: bf16 weights, weight-only int8 (close to fp32), refused combinations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nanogpt_cli.checkpoint import load_model
+from nanogpt_cli.cli import app
+from nanogpt_cli.errors import UsageError
+from nanogpt_cli.model import GPT, GPTConfig
+from nanogpt_cli.precision import Int8Linear, check_precision, for_inference, weight_bytes_per_token
+from nanogpt_cli.train import train
+
+runner = CliRunner()
+CPU = torch.device("cpu")
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=2, n_embd=64, dropout=0.0)).eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from nanogpt_cli.config import TrainConfig, build
+    from tests.conftest import TINY, write_char_dataset
+
+    root = tmp_path_factory.mktemp("precision")
+    write_char_dataset(root / "data")
+    train(build(TrainConfig, None, [*TINY, f"--data_dir={root / 'data'}", f"--out_dir={root / 'out'}",
+                                    "--max_iters=40", "--lr_decay_iters=40", "--learning_rate=1e-2"]))
+    return root / "out"
+
+
+def test_int8_logits_are_close_to_float32():
+    model = tiny_model()
+    idx = torch.randint(96, (2, 20))
+    with torch.inference_mode():
+        exact = model(idx, all_logits=True)[0]
+        quantized = for_inference(tiny_model(), CPU, "float32", "int8")
+        approx = quantized(idx, all_logits=True)[0]
+    assert all(not isinstance(m, torch.nn.Linear) for m in quantized.modules())
+    assert isinstance(quantized.lm_head, Int8Linear) and quantized.lm_head.weight.dtype == torch.int8
+    assert approx.dtype == torch.float32
+    error = (approx - exact).norm() / exact.norm()
+    assert error < 0.02, error  # int8 steps of max|w|/127 and bf16 activations: about 1% of the logits
+
+
+def test_bfloat16_casts_the_weights_themselves_and_int8_quarters_the_matrices():
+    fp32 = tiny_model()
+    bf16 = for_inference(tiny_model(), CPU, "bfloat16")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    fp32_bytes, bf16_bytes = weight_bytes_per_token(fp32), weight_bytes_per_token(bf16)
+    assert bf16_bytes * 2 == fp32_bytes
+    int8_bytes = weight_bytes_per_token(for_inference(tiny_model(), CPU, "float32", "int8"))
+    assert fp32_bytes / 4 < int8_bytes < fp32_bytes / 3  # the norms, biases and scales are not quantized
+    # GPT-2's tied lm_head is read whole each token; the position table a row at a time
+    matrices = sum(m.weight.numel() for m in fp32.modules() if isinstance(m, torch.nn.Linear))
+    assert fp32_bytes == 4 * (matrices + fp32.transformer.wpe.weight.size(1) + sum(
+        p.numel() for n, p in fp32.named_parameters() if p.dim() == 1))
+
+
+def greedy(model, idx, steps: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and, at each step, the margin of the best logit over the second."""
+    tokens, margins = [], []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(idx)[0][0, -1]
+            top = logits.topk(2).values
+            token = int(logits.argmax())
+            tokens.append(token)
+            margins.append(float(top[0] - top[1]))
+            idx = torch.cat((idx, torch.tensor([[token]])), dim=1)[:, -model.config.block_size:]
+    return tokens, margins
+
+
+def test_int8_greedy_text_equals_float32_where_the_margins_allow(trained):
+    from nanogpt_cli.tokenizer import from_meta
+
+    fp32, meta, _ = load_model("resume", str(trained))
+    int8 = for_inference(load_model("resume", str(trained))[0], CPU, "float32", "int8")
+    idx = torch.tensor([from_meta(meta).encode("JULIET: the quick brown fox ")])
+    exact, margins = greedy(fp32.eval(), idx, 30)
+    approx, _ = greedy(int8, idx, 30)
+    clear = next((i for i, margin in enumerate(margins) if margin < 0.1), len(margins))  # a near tie may flip
+    assert clear >= 10, margins
+    assert approx[:clear] == exact[:clear]
+
+
+def test_sample_with_int8_and_bfloat16_weights(trained):
+    texts = {}
+    for extra in ([], ["--dtype=bfloat16"], ["--quantize=int8"]):
+        result = runner.invoke(app, ["sample", f"--out_dir={trained}", "--device=cpu", "--num_samples=1",
+                                     "--max_new_tokens=12", "--temperature=0", "--prompt=ROMEO:", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        texts[" ".join(extra)] = result.stdout
+    assert all(text.strip() for text in texts.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize=int8", "--dtype=float16"], "--quantize int8 computes in bfloat16"),
+    (["--quantize=int4"], "--quantize must be one of none, int8"),
+])
+def test_bad_precision_combinations_are_one_error_line(trained, args, message):
+    result = runner.invoke(app, ["sample", f"--out_dir={trained}", "--device=cpu", "--max_new_tokens=2", *args])
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_int8_off_the_cpu_is_refused():
+    with pytest.raises(UsageError, match="runs on cpu only"):
+        check_precision(torch.device("cuda"), "bfloat16", "int8")
+    check_precision(torch.device("cuda"), "bfloat16", "none")
