@@ -88,7 +88,7 @@ def load_checkpoint(location: str | os.PathLike, mmap: bool = False) -> dict:
         if (path.parent / "config.json").is_file():
             raise UsageError(f"{path.parent} is a Hugging Face model folder, not an ngpt run: load it with "
                              f"--init_from={path.parent}")
-        raise NgptError(f"no checkpoint at {path}; train one first (`ngpt train ... --out_dir={path.parent}`)")
+        raise UsageError(f"no checkpoint at {path}; train one first (`ngpt train ... --out_dir={path.parent}`)")
     try:
         ckpt = _torch_load(path, mmap)
     except Exception as e:

@@ -66,7 +66,7 @@ def load_meta(folder: Path) -> dict:
             hint = f"run `ngpt prepare {RECIPES[name]}` (it makes {name!r}), or set --data_dir"
         else:
             hint = f"run `ngpt prepare text FILES --name {folder.name}`, or set --data_dir"
-        raise NgptError(f"dataset {folder.name!r} is not prepared in {folder.parent}: {hint}")
+        raise UsageError(f"dataset {folder.name!r} is not prepared in {folder.parent}: {hint}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

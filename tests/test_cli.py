@@ -97,8 +97,8 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         (["train", "--preset", "nope"], 2, "available:"),
         (["train", "--n_layr=4"], 2, "did you mean --n_layer"),
         (["train", "--n_layer=x"], 2, "expects int"),
-        (["train", "--device=cpu", f"--data_dir={tmp_path}", "--dataset=shakespeare_char"], 1, "ngpt prepare"),
-        (["sample", f"--out_dir={tmp_path}"], 1, "no checkpoint"),
+        (["train", "--device=cpu", f"--data_dir={tmp_path}", "--dataset=shakespeare_char"], 2, "ngpt prepare"),
+        (["sample", f"--out_dir={tmp_path}"], 2, "no checkpoint"),
     ]
     for args, code, message in cases:
         result = runner.invoke(app, args)

@@ -196,7 +196,7 @@ def test_bad_input_under_the_launcher_is_one_line_not_one_per_rank(tmp_path):
     """Both workers refuse the run alike: the launcher prints the line once, without torchrun's report."""
     proc = run([sys.executable, "-m", "nanogpt_cli", "train", "--nproc-per-node", "2", "--device=cpu",
                 "--dataset=nonexistent", f"--data_dir={tmp_path}", "--gradient_accumulation_steps=2"], timeout=90)
-    assert proc.returncode == 1, show(proc)
+    assert proc.returncode == 2, show(proc)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: dataset 'nonexistent' is not prepared"), show(proc)
 
