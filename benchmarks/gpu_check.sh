@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, prepared to run in one go on a machine with an NVIDIA GPU (estimated 6 minutes on an H100/H200):
+# The GPU check, prepared to run in one go on a machine with an NVIDIA GPU (estimated 9 minutes on an H100/H200):
 #
 #   bash benchmarks/gpu_check.sh [FOLDER]      # from the repository root; results land in FOLDER (default gpu-check)
 #
@@ -10,6 +10,10 @@
 #    own choices (bf16 autocast, torch.compile, fused AdamW, SDPA's flash kernel, TF32): ms/iter, tokens/s,
 #    MFU against the data-sheet peak, peak memory. The issue's target: MFU >= 50% on an H100.
 # 4. The same shape with --compare compile=False,True: what compiling buys there.
+# 5. The modern recipe on one GPU: `ngpt train --preset shakespeare-char-fast` on Tiny Shakespeare (from
+#    $NGPT_TEST_SHAKESPEARE when set, else downloaded), and the seconds from the process's start to the first
+#    evaluation at or below nanoGPT's best val loss 1.4697 (target: 60 s or less); then `ngpt bench` of the
+#    gpt2-124m-fast preset (GPT-2 124M with the modern recipe and Muon) on synthetic tokens, one GPU's share.
 #
 # Needs the package importable (`pip install -e .`, or PYTHONPATH=.) and torch with CUDA. Set PYTHON to choose
 # the interpreter. Exits non-zero if any part failed; every part runs regardless.
@@ -43,6 +47,29 @@ gpt2=(--preset gpt2-124m --data synthetic --batch_size=12 --block_size=1024 --gr
 part bench "$out/bench.txt" "$py" -m nanogpt_cli bench "${gpt2[@]}" --iters 200 --warmup 20 --json  # JSON: last line
 part compare "$out/compare.txt" "$py" -m nanogpt_cli bench "${gpt2[@]}" --iters 50 --warmup 10 \
   --compare compile=False,True
+
+corpus=()
+[ -n "${NGPT_TEST_SHAKESPEARE:-}" ] && corpus=(--source "$NGPT_TEST_SHAKESPEARE")
+part prepare "$out/prepare.txt" "$py" -m nanogpt_cli prepare shakespeare-char "${corpus[@]}" --quiet
+fast="${TMPDIR:-/tmp}/ngpt-gpu-check/shakespeare-char-fast"
+rm -rf "$fast"
+start=$(date +%s.%N)
+part shakespeare-char-fast "$out/shakespeare-char-fast.txt" "$py" -m nanogpt_cli train --preset shakespeare-char-fast \
+  --out_dir="$fast"
+part time-to-1.4697 "$out/time-to-1.4697.txt" "$py" - "$fast/metrics.jsonl" "$start" <<'PY'
+import json, sys
+evals = [r for r in map(json.loads, open(sys.argv[1])) if "val_loss" in r]
+best = min(r["val_loss"] for r in evals)
+hit = next((r for r in evals if r["val_loss"] <= 1.4697), None)
+print(f"best val loss {best:.4f} (nanoGPT's 1.4697) after {len(evals)} evaluations")
+if hit is None:
+    sys.exit("never reached 1.4697")
+seconds = hit["time"] - float(sys.argv[2])
+print(f"val {hit['val_loss']:.4f} <= 1.4697 at iteration {hit['iter']}, {seconds:.1f} s after the start (target <= 60 s)")
+PY
+part bench-gpt2-124m-fast "$out/bench-gpt2-124m-fast.txt" "$py" -m nanogpt_cli bench --preset gpt2-124m-fast \
+  --data synthetic --gradient_accumulation_steps=4 --iters 50 --warmup 10 --json \
+  --out_dir="${TMPDIR:-/tmp}/ngpt-gpu-check/out-fast"
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]}"

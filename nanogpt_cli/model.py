@@ -72,7 +72,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(ndim))
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight.shape, self.weight, 1e-6)
+        return ops.rms_norm(x, self.weight, 1e-6)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -80,18 +80,19 @@ def make_norm(config: GPTConfig) -> nn.Module:
 
 
 def rotary_tables(head_size: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (length, head_size // 2) of the angle position * base^(-2i / head_size) for channel pair i."""
+    """The rotation of channel pair (i, i + hs/2) at each position by the angle position * base^(-2i / hs), as two
+    (length, head_size) tables: cos of the angle for both channels, and -sin, +sin (see `apply_rotary`)."""
     inverse_frequency = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inverse_frequency)
-    return angles.cos().float(), angles.sin().float()
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inverse_frequency)  # (length, hs/2)
+    return torch.cat((angles.cos(), angles.cos()), 1).float(), torch.cat((-angles.sin(), angles.sin()), 1).float()
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate each pair of channels (i, i + hs/2) of x (B, nh, T, hs) by its position's angle (cos, sin (T, hs/2)):
-    then q . k depends on the two positions only through their difference."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    """Rotate each pair of channels (i, i + hs/2) of x (B, nh, T, hs) by its position's angle (`rotary_tables`' rows
+    for x's positions): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). Then q . k depends on the two positions
+    only through their difference."""
+    swapped = x.roll(x.size(-1) // 2, dims=-1)  # (x2, x1)
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -117,17 +118,23 @@ class CausalSelfAttention(nn.Module):
         return F.dropout(att, dropout_p, self.training) @ v
 
     def queries_keys_values(self, x, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """q, k, v (B, nh, T, hs) of x (B, T, C): QK-norm and rotary positions (cos, sin of x's positions) applied."""
+        """q, k, v (B, nh, T, hs) of x (B, T, C): QK-norm and rotary positions (`rotary_tables`' rows for x's
+        positions) applied."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if not self.qk_norm and rotary is None:
+            q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+            q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            return q, k, v
+        # queries and keys side by side, normalised and rotated in one go (half the small ops on the CPU)
+        qkv = self.c_attn(x).view(B, T, 3 * self.n_head, C // self.n_head).transpose(1, 2)  # (B, 3 nh, T, hs)
+        qk, v = qkv[:, :2 * self.n_head], qkv[:, 2 * self.n_head:]
         if self.qk_norm:
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+            qk = ops.rms_norm(qk, None, 1e-6)
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        return q, k, v
+            qk = apply_rotary(qk, *rotary)
+        return qk[:, :self.n_head], qk[:, self.n_head:], v
 
     def forward(self, x, kv_cache: KVCache | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
         B, T, C = x.size()

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from nanogpt_cli import __version__
@@ -83,11 +84,26 @@ def test_prepare_train_resume_sample_eval_export(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("preset", list_presets())
-def test_every_preset_loads_and_runs_through_the_cli(preset):
+def test_every_preset_loads_and_trains_through_the_cli(preset, tmp_path):
+    """Each preset as shipped, shrunk to a tiny model on synthetic tokens: its own model options, optimizer and
+    schedule train 3 steps through `ngpt train` and `ngpt bench`, and the checkpoint keeps its options."""
+    from nanogpt_cli.checkpoint import load_checkpoint
+    from nanogpt_cli.config import load_preset
+
     shown = ngpt("presets", "show", preset).stdout
     assert "n_layer" in shown
     tiny = ["--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--batch_size=1",
             "--gradient_accumulation_steps=1", "--init_from=scratch", "--device=cpu", "--compile=False"]
+    steps = ["--dataset=synthetic", "--vocab_size=64", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+             "--eval_only=False", "--always_save_checkpoint=True", f"--out_dir={tmp_path}"]
+    ngpt("train", "--preset", preset, *tiny, *steps)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["iter_num"] == 2 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
+    options = load_preset(preset)
+    for key in ("position", "norm", "activation", "tie_embeddings", "logit_softcap"):
+        if key in options:
+            assert ckpt["model_args"][key] == options[key], key
+    assert ckpt["config"]["optimizer"] == options.get("optimizer", "adamw")
     result = ngpt("bench", "--preset", preset, *tiny, "--iters", "1", "--warmup", "0", "--json")
     assert json.loads(result.stdout.strip().splitlines()[-1])["iters"] == 1
 

@@ -214,7 +214,7 @@ def test_every_option_together_trains_and_crops():
     loss.backward()
     assert abs(loss.item() - math.log(50)) < 0.3 and all(p.grad is not None for p in model.parameters())
     model.crop_block_size(8)
-    assert model.rope_cos.shape == (8, 4)
+    assert model.rope_cos.shape == (8, 8)
     model(x[:, :8])
     with pytest.raises(ValueError, match="block_size"):
         model(x[:, :9])

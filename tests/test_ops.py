@@ -1,8 +1,10 @@
-"""The model's kernels: cpu's chunked cross-entropy against F.cross_entropy, forward and backward."""
+"""The model's kernels against torch's: cpu's chunked cross-entropy and RMSNorm, forward and backward."""
 
 import pytest
 import torch
+from torch.nn import functional as F
 
+from nanogpt_cli import ops
 from nanogpt_cli.ops import cross_entropy
 
 
@@ -38,3 +40,25 @@ def test_the_chunked_cross_entropy_on_edge_cases_is_f_cross_entropy():
     assert torch.isfinite(loss) and loss.item() == pytest.approx(want.item(), rel=1e-6)
     assert torch.isfinite(masked.grad).all() and (masked.grad[0] == 0).all()
     assert torch.isnan(cross_entropy(torch.randn(0, 10), torch.zeros(0, dtype=torch.long)))  # empty, as F's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_is_torchs_forward_and_backward(dtype, with_weight):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 32) * 4 + 1).to(dtype).requires_grad_()
+    weight = torch.randn(32).requires_grad_() if with_weight else None
+    grad = torch.randn(3, 5, 32).to(dtype)
+    results = []
+    for norm in (ops.rms_norm, lambda x, w, eps: F.rms_norm(x.float(), (32,), w, eps).to(dtype)):
+        x.grad = None
+        if weight is not None:
+            weight.grad = None
+        y = norm(x, weight, 1e-6)
+        y.backward(grad)
+        results.append((y, x.grad, None if weight is None else weight.grad))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert results[0][0].dtype == dtype
+    for ours, torchs in zip(results[0], results[1], strict=True):
+        if ours is not None:
+            torch.testing.assert_close(ours, torchs, **tol)

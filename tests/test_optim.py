@@ -3,6 +3,8 @@ through the trainer (learning, exact resume, the non-finite guard)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from nanogpt_cli.config import TrainConfig, build
 from nanogpt_cli.errors import NgptError
 from nanogpt_cli.metrics import read_jsonl
 from nanogpt_cli.nonfinite import checks_on_device
-from nanogpt_cli.optim import MuonWithAdamW, adamw, build_optimizer, muon_roles
+from nanogpt_cli.optim import Muon, MuonWithAdamW, adamw, build_optimizer, muon_roles
 from nanogpt_cli.train import build_trainer, lr_at, train
 from tests.conftest import poison_training_from
 from tests.test_model import tiny
@@ -37,7 +39,7 @@ def test_adamw_groups_decay_matrices_only():
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_each_at_its_rate(tied):
     model = tiny(tie_embeddings=tied)
     opt = build_optimizer(model, muon_cfg("--weight_decay=0.1"), "cpu")
-    assert isinstance(opt, MuonWithAdamW) and isinstance(opt.muon, torch.optim.Muon)
+    assert isinstance(opt, MuonWithAdamW) and isinstance(opt.muon, Muon)
     roles = muon_roles(model)
     names = {id(p): name for name, p in model.named_parameters()}
     assert sorted(names[id(p)] for p in roles["muon"]) == sorted(
@@ -81,6 +83,28 @@ def test_muons_update_has_singular_values_near_one():
     assert max(spreads) > 20
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_steps_exactly_as_torch_optim_muon(nesterov):
+    """The same steps as torch's Muon, bit for bit (its matrices of one shape orthogonalised in one batch)."""
+    shapes = [(24, 8), (8, 8), (32, 8), (8, 32)] * 2
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    kwargs = dict(lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=nesterov, ns_steps=5)
+    optimizers = Muon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)
+    for _ in range(4):
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+        assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+    assert not any(torch.equal(p, p0) for p, p0 in zip(ours, start, strict=True))
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
 def test_wsd_holds_the_peak_then_cools_down_linearly():
     cfg = build(TrainConfig, None, ["--lr_schedule=wsd", "--warmup_iters=10", "--lr_decay_iters=110",
                                     "--cooldown_frac=0.5", "--learning_rate=1", "--min_lr=0.1"])
@@ -118,6 +142,21 @@ def test_muon_learns_and_resumes_bit_identically(tiny_cfg, tmp_path):
     assert full["model_args"]["position"] == "rope" and full["config"]["optimizer"] == "muon"
     history = losses(tmp_path / "full")
     assert history[6] < history[0]
+    # the modern model samples (KV cache, rotary positions) and evaluates through the CLI like any other
+    from typer.testing import CliRunner
+
+    from nanogpt_cli.cli import app
+
+    runner = CliRunner()
+    sampled = runner.invoke(app, ["sample", f"--out_dir={tmp_path / 'full'}", "--device=cpu", "--max_new_tokens=40",
+                                  "--num_samples=2", "--seed=1", "--json"])
+    assert sampled.exit_code == 0, sampled.stderr
+    assert all(len(text) > 40 for text in json.loads(sampled.stdout)["samples"])
+    data_dir = tmp_path / "data"
+    evaluated = runner.invoke(app, ["eval", f"--out_dir={tmp_path / 'full'}", "--dataset=tiny_char", "--device=cpu",
+                                    f"--data_dir={data_dir}", "--eval_iters=2", "--batch_size=2", "--json"])
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["val_loss"] < history[0]
 
 
 def test_an_adamw_checkpoint_does_not_resume_under_muon(tiny_cfg):
