@@ -108,6 +108,7 @@ class StopRequest:
     def __init__(self, until: str = "this step"):
         self.until = until  # what runs before the save
         self.signal_name: str | None = None
+        self.aborted = False  # a second Ctrl-C came
         self.previous = {}
 
     def __enter__(self):
@@ -118,6 +119,7 @@ class StopRequest:
 
     def handle(self, signum, frame):
         if self.signal_name is not None and signum == signal.SIGINT:
+            self.aborted = True
             raise KeyboardInterrupt  # second Ctrl-C: abort now
         self.signal_name = signal.Signals(signum).name
         console.print(f"[yellow]{self.signal_name}: finishing {self.until} and saving a checkpoint "
@@ -284,7 +286,12 @@ class Trainer:
         if self.lora is not None:  # the adapters alone, and what rebuilds the frozen base under them
             state["model"], state["lora"] = lora.adapter_state_dict(state["model"]), self.lora
         if self.env.is_main:
-            ckpt_io.atomic_save(state, self.out_dir / ckpt_io.CKPT_NAME)
+            try:
+                ckpt_io.atomic_save(state, self.out_dir / ckpt_io.CKPT_NAME)
+            except NgptError:
+                if self.stop.aborted:  # the abort landed inside torch.save, which reports it as a failed write
+                    raise KeyboardInterrupt from None
+                raise
             if self.lora is not None:
                 lora.write_adapter_folder(self.out_dir / lora.ADAPTER_DIR, state["model"], self.lora)
 

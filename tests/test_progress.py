@@ -104,7 +104,7 @@ def test_quiet_keeps_only_errors_and_data(tmp_path, data_dir):
     assert len(json.loads(sample.stdout)["samples"]) == 2 and sample.stderr == ""
 
     failed = runner.invoke(app, ["--quiet", "sample", f"--out_dir={tmp_path / 'nothing'}"])
-    assert failed.exit_code == 1 and failed.stderr.startswith("error: ") and failed.stdout == ""
+    assert failed.exit_code == 2 and failed.stderr.startswith("error: ") and failed.stdout == ""
 
 
 def test_verbose_prints_details_and_step_lines(tmp_path, data_dir):

@@ -446,3 +446,28 @@ def test_a_warmup_longer_than_the_run_is_reported_at_start(tiny_cfg, capsys):
     train(tiny_cfg("--warmup_iters=50", "--max_iters=4"))
     err = " ".join(capsys.readouterr().err.split())
     assert "warmup_iters (50) is longer than the run (max_iters 4)" in err
+
+
+def test_a_second_ctrl_c_inside_the_save_aborts_not_fails(tiny_cfg, monkeypatch):
+    """torch.save reports a KeyboardInterrupt raised in its writer as a failed write ([enforce fail ...]): a
+    save the second Ctrl-C cut short is an abort (exit 130), not a disk error (exit 1)."""
+    import nanogpt_cli.checkpoint as checkpoint
+    from nanogpt_cli.train import build_trainer
+
+    trainer = build_trainer(tiny_cfg())
+    trainer.prefetch()
+
+    def cut_short(state, path):
+        raise NgptError(f"could not save the checkpoint {path}: [enforce fail at inline_container.cc:672]")
+
+    monkeypatch.setattr(checkpoint, "atomic_save", cut_short)
+    trainer.stop.aborted = True  # what StopRequest records as the second Ctrl-C raises inside the save
+    try:  # not pytest.raises: pytest lets a KeyboardInterrupt through it, as the user's own Ctrl-C
+        trainer.save()
+        aborted = False
+    except KeyboardInterrupt:
+        aborted = True
+    assert aborted
+    trainer.stop.aborted = False
+    with pytest.raises(NgptError, match="enforce fail"):  # without the abort it is the failed write it says
+        trainer.save()
