@@ -14,7 +14,8 @@ Target: the fast preset at a quarter of the baseline's wall time or less, at an 
 The two trainings run one after the other, never at once; on a shared machine the ratio is the figure to read.
 
 --ablation instead trains the fast preset with one key changed per row (ABLATION) and prints each row's
-200-batch val loss against the preset's, as a Markdown table; wall times are left out (they are not the point).
+200-batch val loss against the preset's, as a Markdown table (the README's: `--ablation --threads 1`); wall
+times are left out (they are not the point).
 """
 
 from __future__ import annotations
@@ -55,14 +56,20 @@ ABLATION = [
 ]
 
 
-def train_and_evaluate(side: str, args: list[str], threads: int, work: Path, eval_iters: int) -> dict:
-    """One side: `ngpt train` timed as a whole, then `ngpt eval` of its checkpoint on eval_iters val batches."""
+def train_and_evaluate(side: str, args: list[str], threads: int, work: Path, eval_iters: int,
+                       train_threads: int | None = None) -> dict:
+    """One side: `ngpt train` timed as a whole, then `ngpt eval` of its checkpoint on eval_iters val batches (both
+    on train_threads threads when given)."""
     out, log = work / f"{side}-out", work / f"{side}.log"
-    wall = run([*NGPT, "train", *args, *(BASELINE if side == "baseline" else []), f"--out_dir={out}"],
-               env_for(side, threads, work), log)
+    env = env_for(side, threads, work)
+    if train_threads:
+        env["NGPT_THREADS"] = str(train_threads)
+    wall = run([*NGPT, "train", *args, *(BASELINE if side == "baseline" else []), f"--out_dir={out}"], env, log)
     eval_log = work / f"{side}-eval.log"
-    run([*NGPT, "eval", f"--out_dir={out}", *EVAL, f"--eval_iters={eval_iters}"], env_for("ngpt", threads, work),
-        eval_log)
+    eval_env = env_for("ngpt", threads, work)
+    if train_threads:
+        eval_env["OMP_NUM_THREADS"] = str(train_threads)
+    run([*NGPT, "eval", f"--out_dir={out}", *EVAL, f"--eval_iters={eval_iters}"], eval_env, eval_log)
     report = json.loads(eval_log.read_text(encoding="utf-8").strip().splitlines()[-1])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
                if line.strip()]
@@ -71,13 +78,13 @@ def train_and_evaluate(side: str, args: list[str], threads: int, work: Path, eva
             "choices": choices(log)}
 
 
-def ablation(threads: int, work: Path, eval_iters: int, quick: bool) -> None:
+def ablation(threads: int, work: Path, eval_iters: int, quick: bool, train_threads: int | None) -> None:
     """The fast preset with one change per row: a Markdown table of 200-batch val losses against the preset's."""
     base = FAST_QUICK if quick else FAST
     print("| change from the preset | val loss | vs the preset |\n|---|---|---|", flush=True)
     reference = None
     for row, (label, change) in enumerate(ABLATION):
-        r = train_and_evaluate(f"ablation-{row}", [*base, *change], threads, work, eval_iters)
+        r = train_and_evaluate(f"ablation-{row}", [*base, *change], threads, work, eval_iters, train_threads)
         reference = r["val_loss"] if reference is None else reference
         delta = "" if row == 0 else f"{r['val_loss'] - reference:+.3f}"
         print(f"| {label} | {r['val_loss']:.4f} | {delta} |", flush=True)
@@ -90,6 +97,8 @@ def main() -> int:
     ap.add_argument("--workdir", help="keep data, logs and runs here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     ap.add_argument("--ablation", action="store_true", help="the table of one change per row instead")
+    ap.add_argument("--threads", type=int, help="--ablation: train on this many threads (the losses hardly "
+                    "depend on it; 1 keeps a shared machine usable)")
     args = ap.parse_args()
     corpus = args.corpus or os.environ.get("NGPT_TEST_SHAKESPEARE")
     if not args.quick and not (corpus and Path(corpus).is_file()):
@@ -102,7 +111,7 @@ def main() -> int:
         prepare_data(work, Path(corpus) if corpus and not args.quick else None, args.quick)
         eval_iters = 2 if args.quick else 200
         if args.ablation:
-            ablation(threads, work, eval_iters, args.quick)
+            ablation(threads, work, eval_iters, args.quick, args.threads)
             return 0
         return compare(threads, work, eval_iters, args.quick, args.json)
 

@@ -302,6 +302,24 @@ def test_ddp_with_muon_keeps_every_rank_identical_and_matches_one_process(setup)
         assert (ranks[0][k] - v).norm() < 0.03 * (v - init[k]).norm(), k
 
 
+def test_fsdp_trains_every_model_option_like_one_process(setup):
+    """Rotary positions (buffers FSDP leaves whole), RMSNorm, QK-norm, the embedding norm, ReLU², an untied head
+    (in the root's shard group), soft-capping and zero-initialised projections, sharded over 2 processes."""
+    root, args, _ = setup
+    modern = ["--position=rope", "--norm=rmsnorm", "--qk_norm", "--embedding_norm", "--activation=relu2",
+              "--no-tie_embeddings", "--logit_softcap=15", "--zero_init_proj", "--max_iters=3"]
+    ref, out = root / "modern-ref", root / "modern-fsdp"
+    train(build(TrainConfig, None, [*args, *modern, f"--out_dir={ref}"]))
+    proc = run([sys.executable, "-m", "nanogpt_cli", "train", "--nproc-per-node", "2", *args, *modern,
+                "--strategy=fsdp", f"--out_dir={out}"])
+    assert proc.returncode == 0, show(proc)
+    assert losses(out) == pytest.approx(losses(ref), rel=REL)
+    ckpt = load_checkpoint(out)
+    assert ckpt["model_args"]["tie_embeddings"] is False and "lm_head.weight" in ckpt["model"]
+    for k, v in load_checkpoint(ref)["model"].items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_ddp_resume_is_exact_with_dropout(setup):
     """Each rank's RNG state (its dropout masks) is in the checkpoint: 2 processes x 3 iterations, stop,
