@@ -398,7 +398,7 @@ def run_config(preset: str | None, args: list[str], finetune: bool = False) -> T
     cfg = build(TrainConfig, preset, args, values)
     if cfg.init_from != "resume":
         return cfg
-    saved = ckpt_io.load_checkpoint(cfg.out_dir).get("config") or {}
+    saved = ckpt_io.load_checkpoint(cfg.out_dir, mmap=True).get("config") or {}  # its config: no tensor is read
     typed = parse_overrides(args, TrainConfig)
     resumed = build(TrainConfig, None, args, {key: value for key, value in saved.items()
                                               if key in TrainConfig.__dataclass_fields__})
