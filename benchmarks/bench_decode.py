@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                     # 256 new tokens
     python benchmarks/bench_decode.py --new-tokens 64 --json
+    python benchmarks/bench_decode.py --val-loss out/shakespeare-char-cpu     # each precision's val loss
 
 A checkpoint of random weights (n_layer 12, n_head 12, n_embd 768, vocab 50304, block 1024) is saved in a
 temporary folder and read once, so that every process starts with a warm page cache. Each row is one process,
@@ -11,9 +12,15 @@ default sampling (temperature 0.8, top-k 200, no stop at <|endoftext|>):
             initialisation and then loaded, and the whole context recomputed for every token (`use_cache=False`);
   fp32      `ngpt sample` (mapped checkpoint, KV cache), float32;
   bf16      `ngpt sample --dtype=bfloat16` (bf16 weights);
-  int8      `ngpt sample --quantize=int8` (weight-only int8).
+  int8      `ngpt sample --quantize=int8` (weight-only int8, float32 between the matrices);
+  int8+bf16 `ngpt sample --quantize=int8 --dtype=bfloat16` (the int8 kernel's bf16 activations throughout).
 The ratio is the baseline's wall time over the row's. The load average is printed with the figures: on a shared
 machine they move with it.
+
+--val-loss RUN (repeatable) measures instead what each precision does to a trained model: the run's checkpoint is
+loaded as `ngpt sample` loads it in each precision (`for_inference`) and evaluated as `ngpt eval` evaluates it
+(its own dataset, --eval-iters batches of its block size, seed 1337, the same batches for every row); the table
+gives each val loss and its difference from float32 (the issue's target for int8: within 0.02).
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ from pathlib import Path
 
 PROMPT = "The meaning of life is"
 SAMPLING = ["--temperature=0.8", "--top_k=200", "--seed=1337", "--num_samples=1", "--stop_at_eot=False"]
-VARIANTS = {"fp32": [], "bf16": ["--dtype=bfloat16"], "int8": ["--quantize=int8"]}
+VARIANTS = {"fp32": [], "bf16": ["--dtype=bfloat16"], "int8": ["--quantize=int8"],
+            "int8+bf16": ["--quantize=int8", "--dtype=bfloat16"]}
+PRECISIONS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("float32", "int8"),
+              "int8+bf16": ("bfloat16", "int8")}  # name: (dtype, quantize)
 
 
 def nanogpt_sample(checkpoint: str, new_tokens: int) -> None:
@@ -67,6 +77,40 @@ def save_random_checkpoint(folder: Path) -> Path:
     return path
 
 
+def val_losses(run: str, eval_iters: int, batch_size: int) -> dict[str, float]:
+    """The val loss of run's checkpoint in each precision of PRECISIONS, on the same batches."""
+    import torch
+
+    from nanogpt_cli.checkpoint import load_model
+    from nanogpt_cli.config import TrainConfig, build
+    from nanogpt_cli.evaluate import evaluate
+    from nanogpt_cli.precision import for_inference
+
+    losses = {}
+    for name, (dtype, quantize) in PRECISIONS.items():
+        cfg = build(TrainConfig, None, [f"--out_dir={run}", "--init_from=resume", "--device=cpu", f"--dtype={dtype}",
+                                        f"--eval_iters={eval_iters}", f"--batch_size={batch_size}", "--seed=1337"])
+        model, meta, ckpt = load_model("resume", run)
+        model = for_inference(model, torch.device("cpu"), dtype, quantize)
+        losses[name] = evaluate(cfg, (model, meta, ckpt), dataset_named=False)["val_loss"]
+    return losses
+
+
+def report_val_losses(runs: list[str], eval_iters: int, batch_size: int, as_json: bool) -> int:
+    results = {run: val_losses(run, eval_iters, batch_size) for run in runs}
+    if as_json:
+        print(json.dumps({"eval_iters": eval_iters, "batch_size": batch_size, "val_loss": results}))
+        return 0
+    print(f"| run | {' | '.join(PRECISIONS)} |")
+    print(f"|---|{'---|' * len(PRECISIONS)}")
+    for run, losses in results.items():
+        cells = [f"{losses['fp32']:.4f}"] + [f"{losses[name]:.4f} ({losses[name] - losses['fp32']:+.4f})"
+                                             for name in list(PRECISIONS)[1:]]
+        print(f"| {run} | {' | '.join(cells)} |")
+    print(f"val loss on {eval_iters} batches of {batch_size} (seed 1337); in brackets, the change from fp32")
+    return 0
+
+
 def timed(command: list[str]) -> float:
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
@@ -80,11 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--val-loss", metavar="RUN", action="append",
+                        help="a trained run (out_dir): each precision's val loss instead of the timing (repeatable)")
+    parser.add_argument("--eval-iters", type=int, default=200, help="--val-loss: batches evaluated")
+    parser.add_argument("--batch-size", type=int, default=12, help="--val-loss: rows per batch")
     parser.add_argument("--nanogpt-baseline", metavar="CKPT", help=argparse.SUPPRESS)  # the baseline's process
     args = parser.parse_args(argv)
     if args.nanogpt_baseline:
         nanogpt_sample(args.nanogpt_baseline, args.new_tokens)
         return 0
+    if args.val_loss:
+        return report_val_losses(args.val_loss, args.eval_iters, args.batch_size, args.json)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = save_random_checkpoint(Path(folder))
         checkpoint.read_bytes()  # a warm page cache for every process

@@ -8,6 +8,9 @@ The model is loaded as `ngpt sample` loads it (`load_for_sampling`: same device,
 decodes a random prompt of prompt_tokens tokens for max_new_tokens steps with the sample command's sampling
 keys, without stopping at <|endoftext|>. At batch 1 every decoding step reads all of the weights once, so
 weight bytes per token times tokens/s is a read rate, compared here with a large memory copy's, measured once.
+The step is also compared with its matrix products alone: the model's own Linear modules (same weights, precision
+and kernels) called one after another on one-row inputs, as a step at batch 1 calls them; what a step takes on
+top of that is the rest of the model (norms, attention, the KV cache), sampling and Python.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from nanogpt_cli.bench import MemoryWatch
 from nanogpt_cli.config import SampleConfig
 from nanogpt_cli.generate import Generation
-from nanogpt_cli.precision import weight_bytes_per_token
+from nanogpt_cli.precision import Int8Linear, weight_bytes_per_token
 from nanogpt_cli.runtime import autocast, synchronize
 from nanogpt_cli.sample import load_for_sampling
 
@@ -42,6 +46,8 @@ class GenerateBenchResult:
     prefill_tokens_per_second: float
     decode_tokens_per_second: float  # the tokens after the first, all samples together
     ms_per_token: float  # one decoding step
+    matmul_ms_per_token: float  # the step's matrix products alone (see the module's docstring)
+    step_over_matmuls: float  # ms_per_token / matmul_ms_per_token: 1.0 would be nothing but the products
     weight_bytes_per_token: int  # what one step at batch 1 reads (embedding tables: one row)
     weight_read_gb_per_s: float  # weight_bytes_per_token x decoding steps per second
     copy_gb_per_s: float  # a large memory copy, bytes read and written per second
@@ -66,6 +72,28 @@ def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, repeats: int 
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best
+
+
+def matmul_seconds(model: nn.Module, device: torch.device, steps: int = 20, repeats: int = 3) -> float:
+    """Seconds per step of the model's matrix products alone at batch 1: every Linear (and Int8Linear) of the
+    model called once per step, in the model's order, on a one-row input in the model's activation dtype; the
+    best of `repeats` means over `steps` steps."""
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
+    dtype = model.transformer.wte.weight.dtype  # the activations' (embeddings are never quantized)
+    inputs = [torch.randn(1, 1, m.in_features, device=device, dtype=dtype) for m in linears]
+    best = float("inf")
+    with torch.inference_mode():
+        for linear, x in zip(linears, inputs):  # kernels chosen and pages touched before the timing
+            linear(x)
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                for linear, x in zip(linears, inputs):
+                    linear(x)
+            synchronize(device)
+            best = min(best, (time.perf_counter() - start) / steps)
+    return best
 
 
 def bench_generate(cfg: SampleConfig, prompt_tokens: int = 16) -> GenerateBenchResult:
@@ -100,12 +128,14 @@ def bench_generate(cfg: SampleConfig, prompt_tokens: int = 16) -> GenerateBenchR
         params -= model.lm_head.weight.numel()
     read_rate = weight_bytes / step_seconds
     copy_rate = copy_bandwidth(device)
+    matmuls = matmul_seconds(model, device)
     return GenerateBenchResult(
         device=str(device), dtype=dtype, quantize=cfg.quantize, params_millions=params / 1e6,
         prompt_tokens=prompt_tokens, new_tokens=generation.steps, num_samples=cfg.num_samples,
         threads=torch.get_num_threads(), load_seconds=load_seconds, time_to_first_token=first - begin,
         prefill_tokens_per_second=prompt_tokens * cfg.num_samples / (first - begin),
         decode_tokens_per_second=cfg.num_samples / step_seconds, ms_per_token=1000 * step_seconds,
+        matmul_ms_per_token=1000 * matmuls, step_over_matmuls=step_seconds / matmuls,
         weight_bytes_per_token=weight_bytes, weight_read_gb_per_s=read_rate / 1e9, copy_gb_per_s=copy_rate / 1e9,
         bandwidth_fraction=read_rate / copy_rate, peak_memory_mb=memory.megabytes,
         memory_kind="CUDA allocator peak" if device.type == "cuda" else memory.kind)

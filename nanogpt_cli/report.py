@@ -139,6 +139,8 @@ def print_bench_generate(result) -> None:
               f"ms/token); weights {result.weight_bytes_per_token / 1e6:,.1f} MB/token = "
               f"{result.weight_read_gb_per_s:.1f} GB/s, {result.bandwidth_fraction:.0%} of a memory copy's "
               f"{result.copy_gb_per_s:.1f} GB/s")
+    out.print(f"  its matrix products alone {result.matmul_ms_per_token:.1f} ms/token: the step takes "
+              f"{result.step_over_matmuls:.2f}x that")
     out.print(f"  peak memory {result.peak_memory_mb:,.0f} MB ({result.memory_kind})", style="dim")
 
 

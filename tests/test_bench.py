@@ -196,14 +196,16 @@ def test_bench_generate_times_prefill_and_decoding_against_the_memory_bandwidth(
         runs[quantize] = result = last_json(data.stdout)
         assert result["new_tokens"] == 6 and result["num_samples"] == 1 and result["quantize"] == quantize
         for key in ("load_seconds", "time_to_first_token", "prefill_tokens_per_second", "decode_tokens_per_second",
-                    "ms_per_token", "weight_read_gb_per_s", "copy_gb_per_s", "peak_memory_mb"):
+                    "ms_per_token", "matmul_ms_per_token", "weight_read_gb_per_s", "copy_gb_per_s", "peak_memory_mb"):
             assert result[key] > 0, key
         assert result["decode_tokens_per_second"] == pytest.approx(1000 / result["ms_per_token"])
+        assert result["step_over_matmuls"] == pytest.approx(result["ms_per_token"] / result["matmul_ms_per_token"])
         assert result["bandwidth_fraction"] == pytest.approx(result["weight_read_gb_per_s"] / result["copy_gb_per_s"])
     assert runs["int8"]["params_millions"] == runs["none"]["params_millions"]
     assert runs["int8"]["weight_bytes_per_token"] < runs["none"]["weight_bytes_per_token"] / 2
     text = ngpt("bench", "--generate", f"--out_dir={sampled_run}", "--device=cpu", "--max_new_tokens=3").stdout
     assert "time to first token" in text and "tokens/s" in text and "of a memory copy" in text
+    assert "its matrix products alone" in text
 
 
 def test_bench_generate_refuses_training_options(sampled_run):

@@ -126,6 +126,26 @@ def test_sample_next_strategies():
     assert cold.count(3) >= 99
 
 
+def test_top_k_draws_among_the_k_largest_with_the_masked_distribution():
+    # drawing among the top-k's own softmax is nanoGPT's draw (the others masked to -inf) by another route:
+    # the same probabilities, read off 40,000 draws of each
+    torch.manual_seed(0)
+    logits = torch.randn(1, 300) * 2
+    k, draws = 5, 40_000
+    v, _ = torch.topk(logits, k)
+    masked = logits.masked_fill(logits < v[:, [-1]], -float("inf")).softmax(-1)[0]
+    g = torch.Generator().manual_seed(1)
+    picks = sample_next(logits.expand(draws, -1), 1.0, top_k=k, generator=g)[:, 0]
+    counts = torch.bincount(picks, minlength=300).float() / draws
+    assert set(picks.unique().tolist()) == set(masked.nonzero()[:, 0].tolist())
+    torch.testing.assert_close(counts, masked, atol=0.01, rtol=0)
+    # top-p after top-k keeps the smallest head of the k whose mass reaches top_p
+    probs = v.softmax(-1)[0]
+    keep = int((probs.cumsum(0) - probs < 0.7).sum())
+    picks = sample_next(logits.expand(2000, -1), 1.0, top_k=k, top_p=0.7, generator=g)[:, 0]
+    assert set(picks.unique().tolist()) == set(torch.topk(logits, keep).indices[0].tolist())
+
+
 def test_padding_ids_past_vocab_size_are_never_sampled():
     model = tiny()
     generation = Generation(model, torch.zeros(4, 1, dtype=torch.long), 20, temperature=2.0, vocab_size=5,

@@ -10,7 +10,7 @@ from nanogpt_cli.checkpoint import load_model
 from nanogpt_cli.cli import app
 from nanogpt_cli.errors import UsageError
 from nanogpt_cli.model import GPT, GPTConfig
-from nanogpt_cli.precision import Int8Linear, check_precision, for_inference, weight_bytes_per_token
+from nanogpt_cli.precision import Int8Linear, VectorLinear, check_precision, for_inference, weight_bytes_per_token
 from nanogpt_cli.train import train
 
 runner = CliRunner()
@@ -60,6 +60,26 @@ def test_bfloat16_casts_the_weights_themselves_and_int8_quarters_the_matrices():
     matrices = sum(m.weight.numel() for m in fp32.modules() if isinstance(m, torch.nn.Linear))
     assert fp32_bytes == 4 * (matrices + fp32.transformer.wpe.weight.size(1) + sum(
         p.numel() for n, p in fp32.named_parameters() if p.dim() == 1))
+
+
+def test_bfloat16_one_row_products_run_as_matrix_vector_products():
+    bf16 = for_inference(tiny_model(), CPU, "bfloat16")
+    linears = [m for m in bf16.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is VectorLinear for m in linears)
+    assert set(bf16.state_dict()) == set(tiny_model().state_dict())  # the same module, the same keys
+    assert all(type(m) is torch.nn.Linear for m in for_inference(tiny_model(), CPU, "float32").modules()
+               if isinstance(m, torch.nn.Linear))  # float32 keeps torch's Linear: both kernels stream alike
+    layer = bf16.transformer.h[0].mlp.c_fc
+    for shape in ((1, 1, 64), (64,), (3, 1, 64), (2, 5, 64)):  # one row: addmv; more rows: F.linear
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+        y = layer(x)
+        assert y.shape == expected.shape and y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)
+    idx = torch.randint(96, (1, 20))
+    with torch.inference_mode():  # a decoding step (one row) and the prompt's forward agree with float32
+        exact = tiny_model()(idx[:, -1:])[0]
+        torch.testing.assert_close(bf16(idx[:, -1:])[0].float(), exact, atol=0.1, rtol=0.05)
 
 
 def greedy(model, idx, steps: int) -> tuple[list[int], list[float]]:

@@ -113,3 +113,48 @@ def test_bpe_tokenizer_reads_ngpts_layout_and_round_trips_through_meta():
 def test_bpe_tokenizer_refuses_other_files_in_one_line(text, reason):
     with pytest.raises(UsageError, match=reason):
         BPETokenizer(text, "x/tokenizer.json")
+
+
+def test_gpt2_ranks_are_kept_in_tiktokens_format_and_read_back_the_same(bpe_files, tmp_path, monkeypatch):
+    import tiktoken
+
+    from nanogpt_cli.tokenizer import R50K_SHA256, gpt2_ranks_file, tiktoken_encoding
+
+    monkeypatch.setenv("NGPT_CACHE_DIR", str(tmp_path / "cache"))
+    reference = tiktoken.get_encoding("gpt2")
+    first = tiktoken_encoding("gpt2")  # parsed by tiktoken, then written in tiktoken's format
+    kept = gpt2_ranks_file()
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == R50K_SHA256
+    real_get_encoding = tiktoken.get_encoding
+
+    def only_others(name):
+        assert name != "gpt2", "GPT-2's ranks were parsed again instead of read from the cache"
+        return real_get_encoding(name)
+
+    monkeypatch.setattr(tiktoken, "get_encoding", only_others)
+    again = tiktoken_encoding("gpt2")
+    text = "Hello, naïve world <|endoftext|>  12345\n\n  trailing   "
+    for enc in (first, again):
+        assert enc.name == "gpt2" and enc.n_vocab == reference.n_vocab and enc.eot_token == reference.eot_token
+        assert enc.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+        assert enc.decode(reference.encode(text, allowed_special="all")) == text
+    # a damaged cache file is not trusted: the ranks are parsed again and the file rewritten
+    monkeypatch.setattr(tiktoken, "get_encoding", real_get_encoding)
+    kept.write_bytes(kept.read_bytes().replace(b" 100\n", b" 101\n", 1))
+    assert tiktoken_encoding("gpt2").encode(text, allowed_special="all") == reference.encode(text,
+                                                                                            allowed_special="all")
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == R50K_SHA256
+
+
+def test_gpt2_encoding_works_where_the_cache_cannot_be_written_or_is_no_file(bpe_files, tmp_path, monkeypatch):
+    import os
+
+    from nanogpt_cli.tokenizer import gpt2_ranks_file, tiktoken_encoding
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("NGPT_CACHE_DIR", str(tmp_path / "not-a-folder"))
+    assert tiktoken_encoding("gpt2").encode("Hello") == [15496]
+    monkeypatch.setenv("NGPT_CACHE_DIR", str(tmp_path / "fifo"))
+    gpt2_ranks_file().parent.mkdir(parents=True)
+    os.mkfifo(gpt2_ranks_file())  # read without blocking on it, then written over
+    assert tiktoken_encoding("gpt2").encode("Hello") == [15496]
