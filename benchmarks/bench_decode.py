@@ -19,7 +19,8 @@ machine they move with it.
 
 --val-loss RUN (repeatable) measures instead what each precision does to a trained model: the run's checkpoint is
 loaded as `ngpt sample` loads it in each precision (`for_inference`) and evaluated as `ngpt eval` evaluates it
-(its own dataset, --eval-iters batches of its block size, seed 1337, the same batches for every row); the table
+(`evaluate_loss` on its own dataset's val split: --eval-iters batches of its block size, seed 1337, the same
+batches for every row); the table
 gives each val loss and its difference from float32 (the issue's target for int8: within 0.02).
 """
 
@@ -78,21 +79,26 @@ def save_random_checkpoint(folder: Path) -> Path:
 
 
 def val_losses(run: str, eval_iters: int, batch_size: int) -> dict[str, float]:
-    """The val loss of run's checkpoint in each precision of PRECISIONS, on the same batches."""
+    """The val loss of run's checkpoint in each precision of PRECISIONS, on the same batches of its dataset."""
     import torch
 
     from nanogpt_cli.checkpoint import load_model
-    from nanogpt_cli.config import TrainConfig, build
-    from nanogpt_cli.evaluate import evaluate
+    from nanogpt_cli.data import BatchLoader, dataset_path, load_meta
+    from nanogpt_cli.evaluate import evaluate_loss
     from nanogpt_cli.precision import for_inference
 
+    cpu = torch.device("cpu")
+    model, meta, ckpt = load_model("resume", run)
+    trained_on = (ckpt or {}).get("config") or {}
+    if not trained_on.get("dataset"):
+        raise SystemExit(f"{run}: its checkpoint names no dataset to evaluate on")
+    folder = dataset_path(trained_on["dataset"], trained_on.get("data_dir"))
+    loader = BatchLoader(folder, load_meta(folder), batch_size, model.config.block_size, cpu, 1337)
     losses = {}
     for name, (dtype, quantize) in PRECISIONS.items():
-        cfg = build(TrainConfig, None, [f"--out_dir={run}", "--init_from=resume", "--device=cpu", f"--dtype={dtype}",
-                                        f"--eval_iters={eval_iters}", f"--batch_size={batch_size}", "--seed=1337"])
-        model, meta, ckpt = load_model("resume", run)
-        model = for_inference(model, torch.device("cpu"), dtype, quantize)
-        losses[name] = evaluate(cfg, (model, meta, ckpt), dataset_named=False)["val_loss"]
+        model = for_inference(load_model("resume", run)[0], cpu, dtype, quantize)
+        with torch.inference_mode():
+            losses[name] = evaluate_loss(model, loader, eval_iters, cpu, dtype, seed=1337, splits=("val",))["val"]
     return losses
 
 

@@ -255,11 +255,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     and k 200 that is a millisecond of every decoding step on a CPU)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    # below MIN_TEMPERATURE float32 division overflows (1e-300 is 0 in float32); sampling there is greedy anyway
-    logits = logits.float() / max(temperature, MIN_TEMPERATURE)
     candidates = None  # the vocabulary ids of the columns of logits when they are a subset (top-k)
     if top_k is not None and 0 < top_k < logits.size(-1):
-        logits, candidates = torch.topk(logits, top_k)  # sorted, largest first
+        logits, candidates = torch.topk(logits, top_k)  # sorted, largest first; a temperature keeps the order
+    # below MIN_TEMPERATURE float32 division overflows (1e-300 is 0 in float32); sampling there is greedy anyway
+    logits = logits.float() / max(temperature, MIN_TEMPERATURE)
     if top_p is not None and top_p < 1.0:
         if candidates is None:
             logits, candidates = torch.sort(logits, descending=True)

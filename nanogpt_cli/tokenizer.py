@@ -6,6 +6,7 @@ from the text of its tokenizer.json, which checkpoints carry, so a run samples w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -105,6 +106,7 @@ def gpt2_ranks_file():
     return cache_dir() / "tiktoken" / "r50k_base.tiktoken"
 
 
+@functools.cache  # one Encoding per process, as tiktoken's own registry keeps them
 def tiktoken_encoding(name: str):
     """tiktoken's encoding `name`. tiktoken builds GPT-2's from GPT-2's own vocab.bpe and encoder.json, a parse of
     0.15-0.25 s in every start-up of sample, serve and eval; the same ranks in tiktoken's format read in 0.03 s.

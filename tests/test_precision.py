@@ -134,3 +134,21 @@ def test_int8_off_the_cpu_is_refused():
     with pytest.raises(UsageError, match="runs on cpu only"):
         check_precision(torch.device("cuda"), "bfloat16", "int8")
     check_precision(torch.device("cuda"), "bfloat16", "none")
+
+
+def test_bench_decode_val_loss_evaluates_every_precision_on_the_same_batches(trained):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    proc = subprocess.run([sys.executable, str(script), "--val-loss", str(trained), "--eval-iters", "3",
+                           "--batch-size", "2", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])["val_loss"][str(trained)]
+    assert set(losses) == {"fp32", "bf16", "int8", "int8+bf16"}
+    assert 0 < losses["fp32"] < 10
+    for name in ("bf16", "int8", "int8+bf16"):  # a trained model's loss barely moves with its precision
+        assert abs(losses[name] - losses["fp32"]) < 0.05, (name, losses)
+    assert len(set(losses.values())) > 1  # each row really evaluated its own precision

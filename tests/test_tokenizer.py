@@ -122,6 +122,7 @@ def test_gpt2_ranks_are_kept_in_tiktokens_format_and_read_back_the_same(bpe_file
 
     monkeypatch.setenv("NGPT_CACHE_DIR", str(tmp_path / "cache"))
     reference = tiktoken.get_encoding("gpt2")
+    tiktoken_encoding.cache_clear()  # each call below builds its encoding again
     first = tiktoken_encoding("gpt2")  # parsed by tiktoken, then written in tiktoken's format
     kept = gpt2_ranks_file()
     assert hashlib.sha256(kept.read_bytes()).hexdigest() == R50K_SHA256
@@ -132,6 +133,7 @@ def test_gpt2_ranks_are_kept_in_tiktokens_format_and_read_back_the_same(bpe_file
         return real_get_encoding(name)
 
     monkeypatch.setattr(tiktoken, "get_encoding", only_others)
+    tiktoken_encoding.cache_clear()
     again = tiktoken_encoding("gpt2")
     text = "Hello, naïve world <|endoftext|>  12345\n\n  trailing   "
     for enc in (first, again):
@@ -141,6 +143,7 @@ def test_gpt2_ranks_are_kept_in_tiktokens_format_and_read_back_the_same(bpe_file
     # a damaged cache file is not trusted: the ranks are parsed again and the file rewritten
     monkeypatch.setattr(tiktoken, "get_encoding", real_get_encoding)
     kept.write_bytes(kept.read_bytes().replace(b" 100\n", b" 101\n", 1))
+    tiktoken_encoding.cache_clear()
     assert tiktoken_encoding("gpt2").encode(text, allowed_special="all") == reference.encode(text,
                                                                                             allowed_special="all")
     assert hashlib.sha256(kept.read_bytes()).hexdigest() == R50K_SHA256
@@ -153,8 +156,11 @@ def test_gpt2_encoding_works_where_the_cache_cannot_be_written_or_is_no_file(bpe
 
     (tmp_path / "not-a-folder").write_text("")
     monkeypatch.setenv("NGPT_CACHE_DIR", str(tmp_path / "not-a-folder"))
+    tiktoken_encoding.cache_clear()
     assert tiktoken_encoding("gpt2").encode("Hello") == [15496]
     monkeypatch.setenv("NGPT_CACHE_DIR", str(tmp_path / "fifo"))
     gpt2_ranks_file().parent.mkdir(parents=True)
     os.mkfifo(gpt2_ranks_file())  # read without blocking on it, then written over
+    tiktoken_encoding.cache_clear()
     assert tiktoken_encoding("gpt2").encode("Hello") == [15496]
+    tiktoken_encoding.cache_clear()  # the next test's encoding is not one of these
