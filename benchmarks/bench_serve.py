@@ -30,6 +30,7 @@ import torch
 
 from nanogpt_cli.config import ServeConfig, build
 from nanogpt_cli.model import GPT, GPTConfig
+from nanogpt_cli.precision import for_inference
 from nanogpt_cli.serve import build_service, create_app, uvicorn_server
 from nanogpt_cli.tokenizer import TiktokenTokenizer
 
@@ -73,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd, dropout=0.0, bias=True)
-    model = GPT(config).eval().to(args.device)
     cfg = build(ServeConfig, None, ["--port=0", "--model_name=bench", f"--max_batch={args.clients}",
                                     f"--max_queue={args.clients}", f"--max_tokens={args.new_tokens}"])
+    # the weights laid out as `ngpt serve` lays them out for max_batch rows (sample.load_for_sampling)
+    model = for_inference(GPT(config), torch.device(args.device), "float32", "none", rows=cfg.max_batch)
     tokenizer = TiktokenTokenizer("gpt2")
     service = build_service(cfg, model, tokenizer, torch.device(args.device), "float32")
     ports: queue.Queue = queue.Queue()

@@ -192,7 +192,8 @@ def load_for_sampling(cfg: SampleConfig | ServeConfig):
     runtime = plan(cfg.device, cfg.dtype)
     check_precision(runtime.device, runtime.dtype, cfg.quantize)  # before the model loads: bad input fails fast
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir, mmap=True)  # nothing here saves over the file
-    model = for_inference(model, runtime.device, runtime.dtype, cfg.quantize)
+    rows = cfg.max_batch if isinstance(cfg, ServeConfig) else cfg.num_samples  # decoded together each step
+    model = for_inference(model, runtime.device, runtime.dtype, cfg.quantize, rows)
     if cfg.compile:
         model = torch.compile(model)
     return model, from_meta(meta), runtime.device, runtime.dtype

@@ -82,6 +82,27 @@ def test_bfloat16_one_row_products_run_as_matrix_vector_products():
         torch.testing.assert_close(bf16(idx[:, -1:])[0].float(), exact, atol=0.1, rtol=0.05)
 
 
+def test_float32_weights_decoding_several_rows_are_stored_transposed():
+    from nanogpt_cli.precision import TRANSPOSED_FROM_ROWS
+
+    one = for_inference(tiny_model(), CPU, "float32", rows=1)
+    few = for_inference(tiny_model(), CPU, "float32", rows=TRANSPOSED_FROM_ROWS - 1)
+    many = for_inference(tiny_model(), CPU, "float32", rows=TRANSPOSED_FROM_ROWS)
+    for model in (one, few):  # loaded as they are: no copy at start-up
+        assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linears = [m for m in many.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    assert many.lm_head.weight is many.transformer.wte.weight  # still tied: one Parameter, one copy
+    reference = tiny_model().state_dict()
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in many.state_dict().items())
+    idx = torch.randint(96, (TRANSPOSED_FROM_ROWS, 12))
+    with torch.inference_mode():
+        torch.testing.assert_close(many(idx, all_logits=True)[0], one(idx, all_logits=True)[0])
+    # int8, bf16 and other devices' weights are left as they are
+    assert all(m.weight.is_contiguous() for m in for_inference(tiny_model(), CPU, "bfloat16", rows=8).modules()
+               if isinstance(m, torch.nn.Linear))
+
+
 def greedy(model, idx, steps: int) -> tuple[list[int], list[float]]:
     """Greedy tokens and, at each step, the margin of the best logit over the second."""
     tokens, margins = [], []
