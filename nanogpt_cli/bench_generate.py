@@ -83,13 +83,13 @@ def matmul_seconds(model: nn.Module, device: torch.device, steps: int = 20, repe
     inputs = [torch.randn(1, 1, m.in_features, device=device, dtype=dtype) for m in linears]
     best = float("inf")
     with torch.inference_mode():
-        for linear, x in zip(linears, inputs):  # kernels chosen and pages touched before the timing
+        for linear, x in zip(linears, inputs, strict=True):  # kernels chosen and pages touched before the timing
             linear(x)
         for _ in range(repeats):
             synchronize(device)
             start = time.perf_counter()
             for _ in range(steps):
-                for linear, x in zip(linears, inputs):
+                for linear, x in zip(linears, inputs, strict=True):
                     linear(x)
             synchronize(device)
             best = min(best, (time.perf_counter() - start) / steps)

@@ -30,6 +30,18 @@ def host_memory_bytes() -> int:
         return 2**50
 
 
+def available_memory_bytes() -> int:
+    """The memory the machine can give now without swapping (Linux's MemAvailable), else its physical memory."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return host_memory_bytes()
+
+
 def device_memory_bytes(device) -> int:
     """What a device can hold: a GPU's own memory; the machine's memory for cpu and mps (unified)."""
     if getattr(device, "type", str(device)) == "cuda":

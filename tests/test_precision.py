@@ -82,7 +82,7 @@ def test_bfloat16_one_row_products_run_as_matrix_vector_products():
         torch.testing.assert_close(bf16(idx[:, -1:])[0].float(), exact, atol=0.1, rtol=0.05)
 
 
-def test_float32_weights_decoding_several_rows_are_stored_transposed():
+def test_float32_weights_decoding_several_rows_are_stored_transposed(monkeypatch):
     from nanogpt_cli.precision import TRANSPOSED_FROM_ROWS
 
     one = for_inference(tiny_model(), CPU, "float32", rows=1)
@@ -98,6 +98,13 @@ def test_float32_weights_decoding_several_rows_are_stored_transposed():
     idx = torch.randint(96, (TRANSPOSED_FROM_ROWS, 12))
     with torch.inference_mode():
         torch.testing.assert_close(many(idx, all_logits=True)[0], one(idx, all_logits=True)[0])
+    # a model whose copy would take half the memory available keeps its layout
+    import nanogpt_cli.limits as limits
+
+    assert 0 < limits.available_memory_bytes() <= limits.host_memory_bytes()
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda: sum(p.numel() * 4 for p in tiny_model().parameters()))
+    kept = for_inference(tiny_model(), CPU, "float32", rows=TRANSPOSED_FROM_ROWS)
+    assert all(m.weight.is_contiguous() for m in kept.modules() if isinstance(m, torch.nn.Linear))
     # int8, bf16 and other devices' weights are left as they are
     assert all(m.weight.is_contiguous() for m in for_inference(tiny_model(), CPU, "bfloat16", rows=8).modules()
                if isinstance(m, torch.nn.Linear))
