@@ -8,9 +8,9 @@ The model is loaded as `ngpt sample` loads it (`load_for_sampling`: same device,
 decodes a random prompt of prompt_tokens tokens for max_new_tokens steps with the sample command's sampling
 keys, without stopping at <|endoftext|>. At batch 1 every decoding step reads all of the weights once, so
 weight bytes per token times tokens/s is a read rate, compared here with a large memory copy's, measured once.
-The step is also compared with its matrix products alone: the model's own Linear modules (same weights, precision
-and kernels) called one after another on one-row inputs, as a step at batch 1 calls them; what a step takes on
-top of that is the rest of the model (norms, attention, the KV cache), sampling and Python.
+The step is also compared with its matrix products alone: the model's own Linear modules (same weights, precision,
+layout and kernels) called one after another on inputs of num_samples rows, as a decoding step calls them; what a
+step takes on top of that is the rest of the model (norms, attention, the KV cache), sampling and Python.
 """
 
 from __future__ import annotations
@@ -74,13 +74,13 @@ def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, repeats: int 
     return 2 * nbytes / best
 
 
-def matmul_seconds(model: nn.Module, device: torch.device, steps: int = 20, repeats: int = 3) -> float:
-    """Seconds per step of the model's matrix products alone at batch 1: every Linear (and Int8Linear) of the
-    model called once per step, in the model's order, on a one-row input in the model's activation dtype; the
-    best of `repeats` means over `steps` steps."""
+def matmul_seconds(model: nn.Module, device: torch.device, rows: int = 1, steps: int = 20, repeats: int = 3) -> float:
+    """Seconds per step of the model's matrix products alone: every Linear (and Int8Linear) of the model called
+    once per step, in the model's order, on an input of `rows` rows (a step's samples) in the model's activation
+    dtype; the best of `repeats` means over `steps` steps."""
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
     dtype = model.transformer.wte.weight.dtype  # the activations' (embeddings are never quantized)
-    inputs = [torch.randn(1, 1, m.in_features, device=device, dtype=dtype) for m in linears]
+    inputs = [torch.randn(rows, 1, m.in_features, device=device, dtype=dtype) for m in linears]
     best = float("inf")
     with torch.inference_mode():
         for linear, x in zip(linears, inputs, strict=True):  # kernels chosen and pages touched before the timing
@@ -128,7 +128,7 @@ def bench_generate(cfg: SampleConfig, prompt_tokens: int = 16) -> GenerateBenchR
         params -= model.lm_head.weight.numel()
     read_rate = weight_bytes / step_seconds
     copy_rate = copy_bandwidth(device)
-    matmuls = matmul_seconds(model, device)
+    matmuls = matmul_seconds(model, device, rows=cfg.num_samples)
     return GenerateBenchResult(
         device=str(device), dtype=dtype, quantize=cfg.quantize, params_millions=params / 1e6,
         prompt_tokens=prompt_tokens, new_tokens=generation.steps, num_samples=cfg.num_samples,

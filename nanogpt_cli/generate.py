@@ -250,14 +250,20 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     """Pick the next token (B, 1) from logits (B, vocab): greedy at temperature 0,
     otherwise sampled after temperature, top-k and nucleus (top-p) filtering.
 
-    With top_k the draw is among the k largest logits only (the same distribution as masking the others to
-    -inf, nanoGPT's way, but a softmax and a draw over k values instead of the vocabulary: at GPT-2's 50304
-    and k 200 that is a millisecond of every decoding step on a CPU)."""
+    With top_k the draw is among the k largest logits and those tied with the k-th (the distribution of masking
+    the others to -inf, nanoGPT's way, but a softmax and a draw over about k values instead of the vocabulary:
+    at GPT-2's 50304 and k 200 that is a millisecond of every decoding step on a CPU)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     candidates = None  # the vocabulary ids of the columns of logits when they are a subset (top-k)
     if top_k is not None and 0 < top_k < logits.size(-1):
-        logits, candidates = torch.topk(logits, top_k)  # sorted, largest first; a temperature keeps the order
+        values, candidates = torch.topk(logits, top_k)  # sorted, largest first; a temperature keeps the order
+        kth = values[:, -1:]
+        kept = int((logits >= kth).sum(dim=-1).max())  # ties with the k-th value stay in (common in bf16)
+        if kept > top_k:
+            values, candidates = torch.topk(logits, kept)
+            values = values.masked_fill(values < kth, -float("inf"))  # a row with fewer ties keeps its own
+        logits = values
     # below MIN_TEMPERATURE float32 division overflows (1e-300 is 0 in float32); sampling there is greedy anyway
     logits = logits.float() / max(temperature, MIN_TEMPERATURE)
     if top_p is not None and top_p < 1.0:

@@ -30,16 +30,35 @@ def host_memory_bytes() -> int:
         return 2**50
 
 
+def _read_number(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return int(f.read(64).split()[0])
+    except (OSError, ValueError, IndexError):  # absent, or "max" (no limit)
+        return None
+
+
 def available_memory_bytes() -> int:
-    """The memory the machine can give now without swapping (Linux's MemAvailable), else its physical memory."""
+    """The memory this process can get now without swapping or its container's out-of-memory killer: Linux's
+    MemAvailable, at most what the cgroup's limit leaves (v2 memory.max - memory.current, or v1's files); the
+    physical memory where neither can be read."""
+    available = None
     try:
         with open("/proc/meminfo", "rb") as f:
             for line in f:
                 if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    return host_memory_bytes()
+    available = host_memory_bytes() if available is None else available
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_number(limit_file), _read_number(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 writes "no limit" as a huge number
+            available = min(available, max(0, limit - usage))
+    return available
 
 
 def device_memory_bytes(device) -> int:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nanogpt_cli.cpu_tuning import DTYPES
+from nanogpt_cli.cpu_tuning import DTYPES, cpu_has_fast_bf16
 from nanogpt_cli.errors import UsageError
 
 QUANTIZE = ("none", "int8")
@@ -61,7 +61,8 @@ class Int8Linear(nn.Module):
 class VectorLinear(nn.Linear):
     """An nn.Linear (same parameters, same state_dict) whose product of one row is `addmv`: on a CPU torch's bf16
     GEMV is 1.45x faster than its GEMM at one row (GPT-2 124M's matrices, 2 threads: 12.8 ms against 18.5 ms per
-    decoding step); in float32 both stream at the same rate, so only bf16 weights take it (`for_inference`)."""
+    decoding step, on a Xeon with AMX); in float32 both stream at the same rate, so only bf16 weights take it, on
+    CPUs with AMX or AVX512-BF16 (`for_inference`; elsewhere unmeasured, so F.linear stays)."""
 
     def forward(self, x):
         if x.numel() != self.in_features or x.dtype != self.weight.dtype:
@@ -91,7 +92,8 @@ def transposed_storage(model: nn.Module) -> nn.Module:
     (out, in) values in the same Parameter (tied weights stay tied), so F.linear hands MKL an (in, out) matrix. A
     tied embedding table then reads its rows strided (70 us for 8 tokens at GPT-2's size, against a 40 ms step).
     The copies are made only while they take less than half the memory available: a model too large for that
-    keeps its layout (slower batches, never an out-of-memory kill)."""
+    keeps its layout (slower batches, never an out-of-memory kill). Such weights are for inference only:
+    safetensors refuses to save non-contiguous tensors (nothing saves a model loaded for inference)."""
     from nanogpt_cli.limits import available_memory_bytes
 
     linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.is_contiguous()]
@@ -133,7 +135,7 @@ def for_inference(model: nn.Module, device: torch.device, dtype: str, quantize: 
         model = model.to(DTYPES[dtype])
     if quantize == "int8":
         model = quantize_int8(model)
-    if device.type == "cpu" and dtype == "bfloat16":
+    if device.type == "cpu" and dtype == "bfloat16" and cpu_has_fast_bf16():  # measured with AMX (see above)
         model = vector_linears(model)
     if device.type == "cpu" and dtype == "float32" and quantize == "none" and rows >= TRANSPOSED_FROM_ROWS:
         model = transposed_storage(model)

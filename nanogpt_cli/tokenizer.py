@@ -126,11 +126,14 @@ def tiktoken_encoding(name: str):
             data = f.read(2 * 2**20)  # the file is 0.8 MB
     except (OSError, NgptError):
         data = b""
-    if hashlib.sha256(data).hexdigest() == R50K_SHA256:
-        from tiktoken_ext.openai_public import r50k_pat_str  # what tiktoken's own gpt2 uses
+    import tiktoken_ext.openai_public as openai_public
 
+    pattern = getattr(openai_public, "r50k_pat_str", None)  # what tiktoken's own gpt2 uses (tiktoken >= 0.8)
+    if pattern is None:
+        return tiktoken.get_encoding(name)
+    if hashlib.sha256(data).hexdigest() == R50K_SHA256:
         ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines())}
-        return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+        return tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks,
                                  special_tokens={EOT_TEXT: GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
     enc = tiktoken.get_encoding(name)
     ranks = getattr(enc, "_mergeable_ranks", None) or {}

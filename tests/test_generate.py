@@ -142,8 +142,18 @@ def test_top_k_draws_among_the_k_largest_with_the_masked_distribution():
     # top-p after top-k keeps the smallest head of the k whose mass reaches top_p
     probs = v.softmax(-1)[0]
     keep = int((probs.cumsum(0) - probs < 0.7).sum())
-    picks = sample_next(logits.expand(2000, -1), 1.0, top_k=k, top_p=0.7, generator=g)[:, 0]
-    assert set(picks.unique().tolist()) == set(torch.topk(logits, keep).indices[0].tolist())
+    picks = set(sample_next(logits.expand(2000, -1), 1.0, top_k=k, top_p=0.7, generator=g)[:, 0].tolist())
+    head = torch.topk(logits, keep).indices[0].tolist()
+    assert picks <= set(head) and head[0] in picks
+
+
+def test_top_k_keeps_the_logits_tied_with_the_kth():
+    # as masking below the k-th value does (nanoGPT, Hugging Face): bf16 logits tie often
+    logits = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = torch.cat([sample_next(logits, 3.0, top_k=3, generator=g) for _ in range(3000)], 1)
+    assert set(picks[0].tolist()) == {0, 1, 2, 3, 4}  # the three 3.0s all stay in
+    assert set(picks[1].tolist()) == {0, 1, 2}  # a row with no tie keeps its own k
 
 
 def test_padding_ids_past_vocab_size_are_never_sampled():

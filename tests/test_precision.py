@@ -62,7 +62,13 @@ def test_bfloat16_casts_the_weights_themselves_and_int8_quarters_the_matrices():
         p.numel() for n, p in fp32.named_parameters() if p.dim() == 1))
 
 
-def test_bfloat16_one_row_products_run_as_matrix_vector_products():
+def test_bfloat16_one_row_products_run_as_matrix_vector_products(monkeypatch):
+    import nanogpt_cli.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)  # unmeasured CPUs keep torch's Linear
+    assert all(type(m) is torch.nn.Linear for m in for_inference(tiny_model(), CPU, "bfloat16").modules()
+               if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
     bf16 = for_inference(tiny_model(), CPU, "bfloat16")
     linears = [m for m in bf16.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is VectorLinear for m in linears)
@@ -77,9 +83,14 @@ def test_bfloat16_one_row_products_run_as_matrix_vector_products():
         assert y.shape == expected.shape and y.dtype == torch.bfloat16
         torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)
     idx = torch.randint(96, (1, 20))
-    with torch.inference_mode():  # a decoding step (one row) and the prompt's forward agree with float32
+    calls = []
+    real_addmv, real_mv = torch.addmv, torch.mv
+    monkeypatch.setattr(torch, "addmv", lambda *args: calls.append("addmv") or real_addmv(*args))
+    monkeypatch.setattr(torch, "mv", lambda *args: calls.append("mv") or real_mv(*args))  # the head has no bias
+    with torch.inference_mode():  # a decoding step (one row) goes through addmv and agrees with float32
         exact = tiny_model()(idx[:, -1:])[0]
         torch.testing.assert_close(bf16(idx[:, -1:])[0].float(), exact, atol=0.1, rtol=0.05)
+    assert len(calls) == len(linears) and calls.count("mv") == 1  # every matrix of the step once, the head too
 
 
 def test_float32_weights_decoding_several_rows_are_stored_transposed(monkeypatch):
@@ -105,9 +116,11 @@ def test_float32_weights_decoding_several_rows_are_stored_transposed(monkeypatch
     monkeypatch.setattr(limits, "available_memory_bytes", lambda: sum(p.numel() * 4 for p in tiny_model().parameters()))
     kept = for_inference(tiny_model(), CPU, "float32", rows=TRANSPOSED_FROM_ROWS)
     assert all(m.weight.is_contiguous() for m in kept.modules() if isinstance(m, torch.nn.Linear))
-    # int8, bf16 and other devices' weights are left as they are
+    # bf16 and int8 weights are left as they are
     assert all(m.weight.is_contiguous() for m in for_inference(tiny_model(), CPU, "bfloat16", rows=8).modules()
                if isinstance(m, torch.nn.Linear))
+    assert all(m.weight.is_contiguous() for m in for_inference(tiny_model(), CPU, "float32", "int8", rows=8).modules()
+               if isinstance(m, Int8Linear))
 
 
 def greedy(model, idx, steps: int) -> tuple[list[int], list[float]]:
