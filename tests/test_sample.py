@@ -313,3 +313,30 @@ def test_a_batch_taller_than_the_screen_streams_what_fits_and_then_prints_every_
     printed = re.sub(r"\x1b\[[\d;?]*[A-Za-z]", "", screen.getvalue()[len(live[0]):])  # after the live view:
     for i, sample in enumerate(result.samples, 1):  # every sample, whole
         assert f"sample {i}/3" in printed and sample in printed
+
+
+def test_compile_on_cpu_says_what_it_costs_decoding(tmp_path, monkeypatch, bpe_files):
+    import dataclasses
+
+    import torch
+
+    from nanogpt_cli.config import SampleConfig, build
+    from nanogpt_cli.model import GPT, GPTConfig
+    from nanogpt_cli.sample import load_for_sampling
+
+    config = GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)
+    torch.save({"model": GPT(config).state_dict(), "model_args": dataclasses.asdict(config), "format": "ngpt/1",
+                "meta": {"tokenizer": "gpt2", "vocab_size": 50257}, "iter_num": 0}, tmp_path / "ckpt.pt")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)  # the note, not the compile
+    printed = []
+    import nanogpt_cli.progress as progress
+
+    monkeypatch.setattr(progress.console, "print", lambda *args, **kwargs: printed.append(" ".join(map(str, args))))
+    for use_cache, noted in ((True, True), (False, False)):
+        printed.clear()
+        cfg = build(SampleConfig, None, [f"--out_dir={tmp_path}", "--device=cpu", "--compile=True",
+                                         f"--use_cache={use_cache}"])
+        load_for_sampling(cfg)
+        assert any("compiles again as the KV cache grows" in line for line in printed) == noted
+    assert len(compiled) == 2
