@@ -115,8 +115,10 @@ def tiktoken_encoding(name: str):
     import base64
 
     import tiktoken
+    import tiktoken_ext.openai_public as openai_public
 
-    if name != "gpt2":
+    pattern = getattr(openai_public, "r50k_pat_str", None)  # what tiktoken's own gpt2 uses (tiktoken >= 0.8)
+    if name != "gpt2" or pattern is None:
         return tiktoken.get_encoding(name)
     from nanogpt_cli.atomic import atomic_file, open_regular
 
@@ -126,11 +128,6 @@ def tiktoken_encoding(name: str):
             data = f.read(2 * 2**20)  # the file is 0.8 MB
     except (OSError, NgptError):
         data = b""
-    import tiktoken_ext.openai_public as openai_public
-
-    pattern = getattr(openai_public, "r50k_pat_str", None)  # what tiktoken's own gpt2 uses (tiktoken >= 0.8)
-    if pattern is None:
-        return tiktoken.get_encoding(name)
     if hashlib.sha256(data).hexdigest() == R50K_SHA256:
         ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines())}
         return tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks,
