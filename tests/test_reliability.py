@@ -160,6 +160,10 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, data_dir):
     proc = start("train", *SIGNAL_ARGS, f"--data_dir={data_dir}", f"--out_dir={out}",
                  "--gradient_accumulation_steps=3000", log=log)  # a step of seconds, even on a fast idle machine
     wait_for(lambda: (out / "metrics.jsonl").exists() and step_losses(out), proc, log)  # step 0 done
+    # Into step 1: a Ctrl-C in the instant between step 0's record and the stop check rightly saves at once, and
+    # a second one after that save has nothing left to abort.
+    time.sleep(0.5)
+    assert max(step_losses(out)) == 0, "step 1 ended within 0.5 s: this test needs longer steps"
     began = time.monotonic()
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: "finishing this step" in log.read_text(), proc, log, timeout=30)
