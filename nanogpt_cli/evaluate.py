@@ -81,6 +81,7 @@ def evaluate(cfg: TrainConfig, loaded: tuple | None = None, dataset_named: bool 
     from nanogpt_cli.checkpoint import load_model
     from nanogpt_cli.data import BatchLoader, check_vocabulary, dataset_path, load_meta
     from nanogpt_cli.errors import UsageError
+    from nanogpt_cli.precision import cpu_linears
 
     runtime = plan(cfg.device, cfg.dtype)
     device, dtype = runtime.device, runtime.dtype
@@ -95,7 +96,7 @@ def evaluate(cfg: TrainConfig, loaded: tuple | None = None, dataset_named: bool 
     data_meta = load_meta(folder)
     check_vocabulary(data_meta, meta, model.config.vocab_size, cfg.dataset)
     block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
-    model.to(device)
+    model = cpu_linears(model.to(device), device)
     loader = BatchLoader(folder, data_meta, cfg.batch_size, block_size, device, cfg.seed)
     losses = evaluate_loss(model, loader, cfg.eval_iters, device, dtype, cfg.seed)
     return {

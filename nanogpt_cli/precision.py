@@ -9,17 +9,21 @@ The int8 matmul is torch's `_weight_int8pack_mm` (int8 weights, bf16 activations
 channel), a CPU kernel; elsewhere `--quantize int8` is refused. On a CPU, a bf16 Linear's product of a single row
 (batch-1 decoding) runs as torch's matrix-vector product, which streams bf16 weights 1.45x faster than its
 one-row matrix product (`VectorLinear`), and float32 weights that decode 4 rows or more at once are stored
-transposed, which MKL's GEMM of a few rows streams 1.2-1.8x faster (`transposed_storage`; docs/performance.md
-has the measurements).
+transposed, which MKL's GEMM of a few rows streams 1.2-1.8x faster (`transposed_storage`). On x86 CPUs that are
+not Intel's, MKL (torch's BLAS, which runs every float32 Linear) is far from the bandwidth, so there the
+products go through oneDNN (`OneDNNLinear`) and weights decoding 2 rows or more are stored transposed.
+docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nanogpt_cli.cpu_tuning import DTYPES, cpu_has_fast_bf16
+from nanogpt_cli.cpu_tuning import DTYPES, cpu_has_fast_bf16, cpu_vendor
 from nanogpt_cli.errors import UsageError
 
 QUANTIZE = ("none", "int8")
@@ -72,23 +76,64 @@ class VectorLinear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def vector_linears(model: nn.Module) -> nn.Module:
-    """Make every plain nn.Linear of the model (in place) a VectorLinear: the same module, its one-row products
-    through addmv."""
+class OneDNNLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state_dict) whose float32 and bfloat16 products at inference run in
+    oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor's CPU code calls) instead of MKL. torch's
+    float32 Linear is MKL's GEMM, which on an AMD EPYC (Zen 5, 2 threads) streams GPT-2 124M's 49 matrices at 13-16
+    GB/s where a read runs at 43: oneDNN takes 15.4 ms a step against 30-38 (12.9 against 24 with the weights
+    stored transposed), 26 against 66 ms for 2 rows, and 2.3x less for a prefill of 32-512 tokens. With autograd
+    recording (training), under autocast, or in another dtype, it is a plain nn.Linear (oneDNN's op has no
+    backward and autocast does not cast for it)."""
+
+    def forward(self, x):
+        if (x.dtype not in ONEDNN_DTYPES or x.dtype != self.weight.dtype or torch.is_autocast_enabled("cpu")
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def retype_linears(model: nn.Module, cls: type[nn.Linear]) -> nn.Module:
+    """Make every plain nn.Linear of the model (in place) a cls (VectorLinear or OneDNNLinear): the same module
+    and parameters, only its forward changes."""
     for module in model.modules():
         if type(module) is nn.Linear:
-            module.__class__ = VectorLinear
+            module.__class__ = cls
     return model
 
 
-# From this many rows a step, MKL's float32 GEMM streams an (in, out) matrix faster than torch's (out, in) Linear
-# weight (GPT-2 124M's matrices, 2 threads: 4 rows 1.19x, 8 rows 1.52x, 12 rows 1.82x, 16 rows 1.23x); at 2-3
-# rows 0.75x, at one row the same, so those keep the layout they were loaded in (no copy at start-up).
-TRANSPOSED_FROM_ROWS = 4
+def vector_linears(model: nn.Module) -> nn.Module:
+    """Every plain nn.Linear of the model a VectorLinear: its one-row products through addmv."""
+    return retype_linears(model, VectorLinear)
+
+
+def cpu_linear_kernel() -> str:
+    """What runs a Linear's product on this CPU at inference: "onednn" (`OneDNNLinear`) on x86 CPUs other than
+    Intel's, where MKL is slow; "mkl" (torch's own, measured at the bandwidth on a Xeon) elsewhere. Decided from
+    the CPU alone, once: the same choice in every run, whatever the load."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and cpu_vendor() not in ("GenuineIntel", "") and torch.backends.mkldnn.is_available():
+        return "onednn"
+    return "mkl"
+
+
+def cpu_linears(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model (in place) with its Linear products through oneDNN where `cpu_linear_kernel` says so: for
+    evaluation, which reads many rows at a time (2.3x faster matmuls at 512 rows on an EPYC)."""
+    return retype_linears(model, OneDNNLinear) if device.type == "cpu" and cpu_linear_kernel() == "onednn" else model
+
+
+# From this many rows a step, float32 weights stored (in, out) stream faster than torch's (out, in) Linear weight.
+# MKL on a Xeon (GPT-2 124M's matrices, 2 threads): 4 rows 1.19x, 8 rows 1.52x, 12 rows 1.82x, 16 rows 1.23x,
+# but 2-3 rows 0.75x. oneDNN on an EPYC: 2 rows 1.9x, 4-16 rows 1.2x. One row keeps the layout it was loaded in
+# (no copy at start-up: 0.3-0.5 s for 124M).
+TRANSPOSED_FROM_ROWS = {"mkl": 4, "onednn": 2}
 
 
 def transposed_storage(model: nn.Module) -> nn.Module:
-    """Lay out every plain Linear weight of the model (in place) as the contiguous copy of its transpose: the same
+    """Lay out every Linear weight of the model (in place) as the contiguous copy of its transpose: the same
     (out, in) values in the same Parameter (tied weights stay tied), so F.linear hands MKL an (in, out) matrix. A
     tied embedding table then reads its rows strided (70 us for 8 tokens at GPT-2's size, against a 40 ms step).
     The copies are made only while they take less than half the memory available: a model too large for that
@@ -96,7 +141,7 @@ def transposed_storage(model: nn.Module) -> nn.Module:
     safetensors refuses to save non-contiguous tensors (nothing saves a model loaded for inference)."""
     from nanogpt_cli.limits import available_memory_bytes
 
-    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.is_contiguous()]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.is_contiguous()]
     weights = {id(m.weight): m.weight for m in linears}.values()  # a tied weight once
     if 2 * sum(w.numel() * w.element_size() for w in weights) >= available_memory_bytes():
         return model
@@ -128,16 +173,22 @@ def for_inference(model: nn.Module, device: torch.device, dtype: str, quantize: 
                   rows: int = 1) -> nn.Module:
     """The model (eval mode, on device) with its weights in the precision asked for: cast to dtype unless it is
     float32, then its matrices quantized to int8 if quantize is "int8"; on a CPU, laid out for the kernels that
-    stream them fastest for `rows` rows a decoding step (bf16: `VectorLinear`; float32: `transposed_storage`)."""
+    stream them fastest for `rows` rows a decoding step (`cpu_linear_kernel`: oneDNN's, or MKL's with bf16's one
+    row through `VectorLinear`; float32 batches: `transposed_storage`)."""
     check_precision(device, dtype, quantize)
     model = model.eval().to(device)
     if dtype != "float32":
         model = model.to(DTYPES[dtype])
     if quantize == "int8":
         model = quantize_int8(model)
-    if device.type == "cpu" and dtype == "bfloat16" and cpu_has_fast_bf16():  # measured with AMX (see above)
+    if device.type != "cpu":
+        return model
+    kernel = cpu_linear_kernel()
+    if kernel == "onednn":
+        model = retype_linears(model, OneDNNLinear)
+    elif dtype == "bfloat16" and cpu_has_fast_bf16():  # measured with AMX (see above)
         model = vector_linears(model)
-    if device.type == "cpu" and dtype == "float32" and quantize == "none" and rows >= TRANSPOSED_FROM_ROWS:
+    if dtype == "float32" and quantize == "none" and rows >= TRANSPOSED_FROM_ROWS[kernel]:
         model = transposed_storage(model)
     return model
 

@@ -263,6 +263,9 @@ def _flops_text(value: float | None) -> str:
     return f"{value / 1e12:.1f} TFLOP/s" if value >= 1e12 else f"{value / 1e9:.1f} GFLOP/s"
 
 
+MATMUL_KERNELS = {"onednn": "oneDNN (MKL is slow on this CPU)", "mkl": "torch's (MKL)"}
+
+
 def environment_rows(report: dict) -> list[tuple[str, str]]:
     """info.environment_report() as (label, value) rows."""
     device, support, cpu, threads = report["device"], report["compile"], report["cpu"], report["threads"]
@@ -289,7 +292,8 @@ def environment_rows(report: dict) -> list[tuple[str, str]]:
                                  + (f" (compiler {support['c_compiler']})" if support["c_compiler"] else "")),
         ("CPU", f"{cpu['model']}"),
         ("CPU features", ", ".join(f"{name.upper().replace('_', '-')} {_yes_no(cpu[name])}" for name in CPU_FLAGS)
-         + f"; torch kernels: {cpu['torch_capability'] or 'unknown'}"),
+         + f"; torch kernels: {cpu['torch_capability'] or 'unknown'}; inference matmuls: "
+         + MATMUL_KERNELS.get(cpu.get("inference_matmuls"), "-")),
         ("threads", f"torch {threads['torch']} (interop {threads['interop']}), {threads['cpu_count']} CPUs"
                     + (f", OMP_NUM_THREADS={threads['OMP_NUM_THREADS']}" if threads["OMP_NUM_THREADS"] else "")),
         ("packages", ", ".join(f"{name} {version}" for name, version in report["packages"].items() if version)

@@ -296,6 +296,7 @@ def zeroshot(cfg, tasks: list[str], files: dict[str, str | None] | None = None, 
     Files are found (or downloaded) and read before the model loads, so bad input fails fast.
     `loaded`: the model's (model, meta) when the caller has loaded it already."""
     from nanogpt_cli.checkpoint import load_model
+    from nanogpt_cli.precision import cpu_linears
     from nanogpt_cli.runtime import plan
 
     files = files or {}
@@ -305,7 +306,7 @@ def zeroshot(cfg, tasks: list[str], files: dict[str, str | None] | None = None, 
     tokenizer = benchmark_tokenizer(meta, model.config.vocab_size)
     runtime = plan(cfg.device, cfg.dtype)
     device, dtype = runtime.device, runtime.dtype
-    model.to(device).eval()
+    cpu_linears(model.to(device).eval(), device)
     block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
     report: dict = {"model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir, "block_size": block_size}
     for task in tasks:

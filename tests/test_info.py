@@ -37,6 +37,7 @@ def test_cpu_features_and_compile_support():
     features = cpu_features()
     assert {"avx2", "avx512", "avx512_bf16", "amx", "torch_capability", "fast_bf16"} <= set(features)
     assert all(features[k] in (True, False, None) for k in ("avx2", "avx512", "avx512_bf16", "amx"))
+    assert features["inference_matmuls"] in ("mkl", "onednn")
     support = compile_support()
     assert support["usable"] == (support["torch_compile"] and support["inductor"] and bool(support["c_compiler"]))
     assert support["why"]

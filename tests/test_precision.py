@@ -10,7 +10,14 @@ from nanogpt_cli.checkpoint import load_model
 from nanogpt_cli.cli import app
 from nanogpt_cli.errors import UsageError
 from nanogpt_cli.model import GPT, GPTConfig
-from nanogpt_cli.precision import Int8Linear, VectorLinear, check_precision, for_inference, weight_bytes_per_token
+from nanogpt_cli.precision import (
+    Int8Linear,
+    OneDNNLinear,
+    VectorLinear,
+    check_precision,
+    for_inference,
+    weight_bytes_per_token,
+)
 from nanogpt_cli.train import train
 
 runner = CliRunner()
@@ -65,6 +72,7 @@ def test_bfloat16_casts_the_weights_themselves_and_int8_quarters_the_matrices():
 def test_bfloat16_one_row_products_run_as_matrix_vector_products(monkeypatch):
     import nanogpt_cli.precision as precision
 
+    monkeypatch.setattr(precision, "cpu_linear_kernel", lambda: "mkl")  # an Intel CPU (the oneDNN path below)
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)  # unmeasured CPUs keep torch's Linear
     assert all(type(m) is torch.nn.Linear for m in for_inference(tiny_model(), CPU, "bfloat16").modules()
                if isinstance(m, torch.nn.Linear))
@@ -93,9 +101,12 @@ def test_bfloat16_one_row_products_run_as_matrix_vector_products(monkeypatch):
     assert len(calls) == len(linears) and calls.count("mv") == 1  # every matrix of the step once, the head too
 
 
-def test_float32_weights_decoding_several_rows_are_stored_transposed(monkeypatch):
-    from nanogpt_cli.precision import TRANSPOSED_FROM_ROWS
+@pytest.mark.parametrize("kernel", ["mkl", "onednn"])
+def test_float32_weights_decoding_several_rows_are_stored_transposed(monkeypatch, kernel):
+    import nanogpt_cli.precision as precision
 
+    monkeypatch.setattr(precision, "cpu_linear_kernel", lambda: kernel)
+    TRANSPOSED_FROM_ROWS = precision.TRANSPOSED_FROM_ROWS[kernel]
     one = for_inference(tiny_model(), CPU, "float32", rows=1)
     few = for_inference(tiny_model(), CPU, "float32", rows=TRANSPOSED_FROM_ROWS - 1)
     many = for_inference(tiny_model(), CPU, "float32", rows=TRANSPOSED_FROM_ROWS)
@@ -121,6 +132,57 @@ def test_float32_weights_decoding_several_rows_are_stored_transposed(monkeypatch
                if isinstance(m, torch.nn.Linear))
     assert all(m.weight.is_contiguous() for m in for_inference(tiny_model(), CPU, "float32", "int8", rows=8).modules()
                if isinstance(m, Int8Linear))
+
+
+def test_cpu_linear_kernel_is_onednn_on_x86_cpus_other_than_intels(monkeypatch):
+    import nanogpt_cli.precision as precision
+
+    for machine, vendor, kernel in [("x86_64", "AuthenticAMD", "onednn"), ("x86_64", "HygonGenuine", "onednn"),
+                                    ("AMD64", "AuthenticAMD", "onednn"), ("x86_64", "GenuineIntel", "mkl"),
+                                    ("x86_64", "", "mkl"), ("aarch64", "", "mkl"), ("arm64", "Apple", "mkl")]:
+        monkeypatch.setattr(precision.platform, "machine", lambda machine=machine: machine)
+        monkeypatch.setattr(precision, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert precision.cpu_linear_kernel() == kernel, (machine, vendor)
+    from nanogpt_cli.cpu_tuning import cpu_vendor
+
+    assert isinstance(cpu_vendor(), str)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_onednn_linears_run_onednn_and_agree_with_torch(monkeypatch, dtype):
+    import nanogpt_cli.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_linear_kernel", lambda: "onednn")
+    model = for_inference(tiny_model(), CPU, dtype)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is OneDNNLinear for m in linears)
+    assert set(model.state_dict()) == set(tiny_model().state_dict())  # the same module, the same keys
+    assert model.lm_head.weight is model.transformer.wte.weight
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or real(*args))
+    reference = tiny_model().to(precision.DTYPES[dtype])
+    idx = torch.randint(96, (3, 12))
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == "float32" else {"atol": 0.1, "rtol": 0.05}
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx, all_logits=True)[0].float(), reference(idx, all_logits=True)[0].float(),
+                                   **tolerance)
+        assert len(calls) == len(linears)  # every matrix once, the bias-free head too
+        layer = model.transformer.h[0].mlp.c_proj
+        for x in (torch.randn(1, 256), torch.randn(2, 5, 256), torch.randn(5, 2, 256).transpose(0, 1)):
+            x = x.to(layer.weight.dtype)
+            expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            torch.testing.assert_close(layer(x).float(), expected.float(), **tolerance)
+    calls.clear()
+    x = torch.randn(2, 256, dtype=layer.weight.dtype, requires_grad=True)  # autograd recording: torch's Linear
+    layer(x).sum().backward()
+    assert not calls and x.grad is not None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for torch's Linear
+        assert layer(torch.randn(2, 256, dtype=layer.weight.dtype)).dtype == torch.bfloat16 and not calls
+    evaluated = precision.cpu_linears(tiny_model(), CPU)  # what ngpt eval evaluates (float32 weights)
+    assert all(type(m) is OneDNNLinear for m in evaluated.modules() if isinstance(m, torch.nn.Linear))
+    int8 = for_inference(tiny_model(), CPU, "float32", "int8")  # int8 matrices keep their own kernel
+    assert not any(type(m) is OneDNNLinear for m in int8.modules())
 
 
 def greedy(model, idx, steps: int) -> tuple[list[int], list[float]]:
