@@ -361,30 +361,29 @@ def _matmul_race(entries: list[tuple[str, int]], size: int, rounds: int = 4,
 MEASUREMENTS_FILE = "cpu-measurements.json"  # in config.cache_dir(): {machine_key(): {...}}
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` of /proc/cpuinfo (Linux), None where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 @functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo or the platform's processor
     string; "" where neither names one."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     processor = platform.processor()
-    return next((vendor for vendor in ("GenuineIntel", "AuthenticAMD") if vendor in processor), "")
+    return _cpuinfo_field("vendor_id") or next(
+        (vendor for vendor in ("GenuineIntel", "AuthenticAMD") if vendor in processor), "")
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def physical_cores() -> int:
