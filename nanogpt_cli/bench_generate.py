@@ -9,8 +9,9 @@ decodes a random prompt of prompt_tokens tokens for max_new_tokens steps with th
 keys, without stopping at <|endoftext|>. At batch 1 every decoding step reads all of the weights once, so
 weight bytes per token times tokens/s is a read rate, compared here with a large memory copy's, measured once.
 The step is also compared with its matrix products alone: the model's own Linear modules (same weights, precision,
-layout and kernels) called one after another on inputs of num_samples rows, as a decoding step calls them; what a
-step takes on top of that is the rest of the model (norms, attention, the KV cache), sampling and Python.
+layout and kernels) called one after another on inputs of num_samples rows, as a decoding step calls them, for as
+many steps as were decoded (up to 256), both figures being means; what a step takes on top of that is the rest of
+the model (norms, attention, the KV cache), sampling and Python.
 """
 
 from __future__ import annotations
@@ -74,26 +75,23 @@ def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, repeats: int 
     return 2 * nbytes / best
 
 
-def matmul_seconds(model: nn.Module, device: torch.device, rows: int = 1, steps: int = 20, repeats: int = 3) -> float:
+def matmul_seconds(model: nn.Module, device: torch.device, rows: int = 1, steps: int = 20) -> float:
     """Seconds per step of the model's matrix products alone: every Linear (and Int8Linear) of the model called
     once per step, in the model's order, on an input of `rows` rows (a step's samples) in the model's activation
-    dtype; the best of `repeats` means over `steps` steps."""
+    dtype; the mean over `steps` steps, as the decoding step's time is a mean over the steps decoded."""
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
     dtype = model.transformer.wte.weight.dtype  # the activations' (embeddings are never quantized)
     inputs = [torch.randn(rows, 1, m.in_features, device=device, dtype=dtype) for m in linears]
-    best = float("inf")
     with torch.inference_mode():
         for linear, x in zip(linears, inputs, strict=True):  # kernels chosen and pages touched before the timing
             linear(x)
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                for linear, x in zip(linears, inputs, strict=True):
-                    linear(x)
-            synchronize(device)
-            best = min(best, (time.perf_counter() - start) / steps)
-    return best
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            for linear, x in zip(linears, inputs, strict=True):
+                linear(x)
+        synchronize(device)
+    return (time.perf_counter() - start) / steps
 
 
 def bench_generate(cfg: SampleConfig, prompt_tokens: int = 16) -> GenerateBenchResult:
@@ -128,7 +126,8 @@ def bench_generate(cfg: SampleConfig, prompt_tokens: int = 16) -> GenerateBenchR
         params -= model.lm_head.weight.numel()
     read_rate = weight_bytes / step_seconds
     copy_rate = copy_bandwidth(device)
-    matmuls = matmul_seconds(model, device, rows=cfg.num_samples)
+    # like for like: as many steps as were decoded (up to 256), right after them, the same statistic (a mean)
+    matmuls = matmul_seconds(model, device, rows=cfg.num_samples, steps=min(decode_steps, 256))
     return GenerateBenchResult(
         device=str(device), dtype=dtype, quantize=cfg.quantize, params_millions=params / 1e6,
         prompt_tokens=prompt_tokens, new_tokens=generation.steps, num_samples=cfg.num_samples,
