@@ -143,9 +143,13 @@ def test_cpu_linear_kernel_is_onednn_on_x86_cpus_other_than_intels(monkeypatch):
         monkeypatch.setattr(precision.platform, "machine", lambda machine=machine: machine)
         monkeypatch.setattr(precision, "cpu_vendor", lambda vendor=vendor: vendor)
         assert precision.cpu_linear_kernel() == kernel, (machine, vendor)
-    from nanogpt_cli.cpu_tuning import cpu_vendor
+    import nanogpt_cli.cpu_tuning as cpu_tuning
 
-    assert isinstance(cpu_vendor(), str)
+    monkeypatch.setattr(cpu_tuning, "_cpuinfo_field", lambda name: None)  # no /proc/cpuinfo: the processor string
+    for processor, vendor in [("AMD64 Family 25 Model 33 Stepping 2, AuthenticAMD", "AuthenticAMD"),
+                              ("Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", "GenuineIntel"), ("", "")]:
+        monkeypatch.setattr(cpu_tuning.platform, "processor", lambda processor=processor: processor)
+        assert cpu_tuning.cpu_vendor.__wrapped__() == vendor
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
