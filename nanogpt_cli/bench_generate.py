@@ -9,13 +9,17 @@ decodes a random prompt of prompt_tokens tokens for max_new_tokens steps with th
 keys, without stopping at <|endoftext|>. At batch 1 every decoding step reads all of the weights once, so
 weight bytes per token times tokens/s is a read rate, compared here with a large memory copy's, measured once.
 The step is also compared with its matrix products alone: the model's own Linear modules (same weights, precision,
-layout and kernels) called one after another on inputs of num_samples rows, as a decoding step calls them, for as
-many steps as were decoded (up to 256), both figures being means; what a step takes on top of that is the rest of
-the model (norms, attention, the KV cache), sampling and Python.
+layout and kernels) called one after another on inputs of num_samples rows, as a decoding step calls them. One such
+pass runs right after each decoding step (after every k-th when more than 256 are decoded), in the same precision
+context, so that both figures, means, see the machine in the same moment: on a shared machine whose memory
+bandwidth drifts by 2x within minutes, a pass timed after the whole decode measured 0.99-1.45x the same step where
+the interleaved passes measured 1.29-1.38x. What a step takes on top of its products is the rest of the model
+(norms, attention, the KV cache), sampling and Python.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass
 
@@ -75,23 +79,29 @@ def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, repeats: int 
     return 2 * nbytes / best
 
 
-def matmul_seconds(model: nn.Module, device: torch.device, rows: int = 1, steps: int = 20) -> float:
-    """Seconds per step of the model's matrix products alone: every Linear (and Int8Linear) of the model called
-    once per step, in the model's order, on an input of `rows` rows (a step's samples) in the model's activation
-    dtype; the mean over `steps` steps, as the decoding step's time is a mean over the steps decoded."""
-    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
-    dtype = model.transformer.wte.weight.dtype  # the activations' (embeddings are never quantized)
-    inputs = [torch.randn(rows, 1, m.in_features, device=device, dtype=dtype) for m in linears]
-    with torch.inference_mode():
-        for linear, x in zip(linears, inputs, strict=True):  # kernels chosen and pages touched before the timing
-            linear(x)
-        synchronize(device)
+class MatmulPass:
+    """The model's matrix products alone: calling it runs every Linear (and Int8Linear) of the model once, in the
+    model's order, on an input of `rows` rows (a step's samples) in the model's activation dtype, and returns the
+    seconds it took. The kernels are chosen and the pages touched when it is made."""
+
+    def __init__(self, model: nn.Module, device: torch.device, rows: int = 1):
+        self.device = device
+        self.linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
+        dtype = model.transformer.wte.weight.dtype  # the activations' (embeddings are never quantized)
+        self.inputs = [torch.randn(rows, 1, m.in_features, device=device, dtype=dtype) for m in self.linears]
+        self()
+
+    @torch.inference_mode()
+    def __call__(self) -> float:
+        synchronize(self.device)
         start = time.perf_counter()
-        for _ in range(steps):
-            for linear, x in zip(linears, inputs, strict=True):
-                linear(x)
-        synchronize(device)
-    return (time.perf_counter() - start) / steps
+        for linear, x in zip(self.linears, self.inputs, strict=True):
+            linear(x)
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+
+MAX_MATMUL_PASSES = 256  # a longer decode times the products after every k-th step
 
 
 def bench_generate(cfg: SampleConfig, prompt_tokens: int = 16) -> GenerateBenchResult:
@@ -106,28 +116,34 @@ def bench_generate(cfg: SampleConfig, prompt_tokens: int = 16) -> GenerateBenchR
         idx = torch.randint(vocab, (1, prompt_tokens), generator=generator, device=device).repeat(cfg.num_samples, 1)
         generation = Generation(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
                                 generator, cfg.use_cache, vocab_size=vocab)
+        every = -(-max(1, cfg.max_new_tokens - 1) // MAX_MATMUL_PASSES)
         with torch.inference_mode(), autocast(device, dtype):
             steps = iter(generation)
             begin = time.perf_counter()
             next(steps)
             synchronize(device)
             first = time.perf_counter()
-            for _ in steps:
-                pass
-            synchronize(device)
-            end = time.perf_counter()
+            matmul_pass = MatmulPass(model, device, rows=cfg.num_samples)  # after the first token: it is not warmed
+            decoding, passes = 0.0, []
+            for step in itertools.count():  # each decoding step, and after it (every k-th) the products alone
+                start = time.perf_counter()
+                if next(steps, None) is None:
+                    break
+                synchronize(device)
+                decoding += time.perf_counter() - start
+                if step % every == 0:
+                    passes.append(matmul_pass())
     if device.type == "cuda":
         memory.peak = torch.cuda.max_memory_allocated(device)
     decode_steps = max(1, generation.steps - 1)
-    step_seconds = (end - first) / decode_steps
+    step_seconds = decoding / decode_steps
     weight_bytes = weight_bytes_per_token(model)
     params = model.get_num_params()
     if model.lm_head.weight is not model.transformer.wte.weight:  # an int8 head, quantized from the tied table
         params -= model.lm_head.weight.numel()
     read_rate = weight_bytes / step_seconds
     copy_rate = copy_bandwidth(device)
-    # like for like: as many steps as were decoded (up to 256), right after them, the same statistic (a mean)
-    matmuls = matmul_seconds(model, device, rows=cfg.num_samples, steps=min(decode_steps, 256))
+    matmuls = sum(passes) / len(passes)  # a mean, as the step's is
     return GenerateBenchResult(
         device=str(device), dtype=dtype, quantize=cfg.quantize, params_millions=params / 1e6,
         prompt_tokens=prompt_tokens, new_tokens=generation.steps, num_samples=cfg.num_samples,

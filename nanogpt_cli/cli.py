@@ -338,7 +338,11 @@ def bench(
 
         if compare or profile:
             raise UsageError("--generate times decoding; --compare and --profile time training steps")
-        result = bench_generate(build(SampleConfig, preset, ["--max_new_tokens=256", "--num_samples=1", *args]))
+        sample_cfg = build(SampleConfig, preset, ["--max_new_tokens=256", "--num_samples=1", *args])
+        if sample_cfg.max_new_tokens < 2:  # the first token is the prefill's: no step would be timed
+            raise UsageError("--generate times decoding steps after the first token: --max_new_tokens must be at "
+                             f"least 2, got {sample_cfg.max_new_tokens}")
+        result = bench_generate(sample_cfg)
         if as_json:
             echo(json.dumps(result.as_dict()) + "\n")
         else:

@@ -208,6 +208,32 @@ def test_bench_generate_times_prefill_and_decoding_against_the_memory_bandwidth(
     assert "its matrix products alone" in text
 
 
+@pytest.mark.parametrize("max_passes, expected", [
+    (256, ["step", "matmuls"] + ["step", "matmuls"] * 4),  # after every decoding step
+    (2, ["step", "matmuls"] + ["step", "matmuls", "step"] * 2),  # 4 steps, at most 2 passes: after every 2nd
+])
+def test_bench_generate_times_the_products_alone_between_the_decoding_steps(sampled_run, monkeypatch, max_passes,
+                                                                            expected):
+    from nanogpt_cli import bench_generate as bg
+    from nanogpt_cli.config import SampleConfig, build
+    from nanogpt_cli.generate import BatchDecoder
+
+    order = []
+    step, matmuls = BatchDecoder.step, bg.MatmulPass.__call__
+    monkeypatch.setattr(BatchDecoder, "step", lambda self: order.append("step") or step(self))
+    monkeypatch.setattr(bg.MatmulPass, "__call__", lambda self: order.append("matmuls") or matmuls(self))
+    monkeypatch.setattr(bg, "MAX_MATMUL_PASSES", max_passes)
+    cfg = build(SampleConfig, None, [f"--out_dir={sampled_run}", "--device=cpu", "--max_new_tokens=5"])
+    result = bg.bench_generate(cfg)
+    assert order == expected  # the prefill, then a pass that picks the kernels, then the decoding
+    assert result.new_tokens == 5 and result.matmul_ms_per_token > 0
+
+
+def test_bench_generate_needs_a_decoding_step_to_time(sampled_run):
+    result = ngpt("bench", "--generate", f"--out_dir={sampled_run}", "--max_new_tokens=1", code=2)
+    assert "--max_new_tokens must be at least 2, got 1" in result.stderr
+
+
 def test_bench_generate_refuses_training_options(sampled_run):
     result = ngpt("bench", "--generate", f"--out_dir={sampled_run}", "--compare", "dtype=float32,bfloat16", code=2)
     assert "--generate times decoding" in result.stderr
