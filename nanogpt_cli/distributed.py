@@ -367,9 +367,16 @@ def launch(torchrun_args: list[str], command: list[str], nproc_per_node: int) ->
 
 
 def report_failures(failures: dict) -> None:
-    """The failed workers' error lines, each different line once (with its ranks when they differ)."""
+    """The failed workers' error lines, each different line once (with its ranks when they differ). Workers ended
+    by SIGTERM while another failed of its own are left out: torchrun stops the others so once one has failed,
+    and a worker only a moment slower to reach the same error would otherwise add a line of its own."""
+    import signal
+
     from nanogpt_cli.errors import emit_error
 
+    stopped = -signal.SIGTERM  # torchrun's exit code for a worker it terminated
+    if any(failure.exitcode != stopped for failure in failures.values()):
+        failures = {rank: failure for rank, failure in failures.items() if failure.exitcode != stopped}
     lines: dict[str, list[int]] = {}
     for rank, failure in sorted(failures.items()):
         message = failure.message if isinstance(failure.message, str) else ""

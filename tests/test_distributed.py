@@ -192,6 +192,17 @@ def test_failed_workers_are_reported_once_per_different_line(capsys):
         "error: process 2 failed (exit code 1); rerun with --verbose for torchrun's report (rank 2)"]
 
 
+def test_workers_the_launcher_stopped_after_a_failure_are_not_reported(capsys):
+    from types import SimpleNamespace
+
+    stopped = SimpleNamespace(message="Signal 15 (SIGTERM) received by PID 8", exitcode=-15)
+    D.report_failures({0: SimpleNamespace(message="error: dataset 'x' is not prepared", exitcode=2), 1: stopped})
+    assert capsys.readouterr().err == "error: dataset 'x' is not prepared\n"  # rank 1 was only stopped
+    D.report_failures({1: stopped})  # nothing else failed: the SIGTERM is the news
+    assert capsys.readouterr().err == ("error: process 1 failed (Signal 15 (SIGTERM) received by PID 8); rerun with "
+                                       "--verbose for torchrun's report\n")
+
+
 def test_bad_input_under_the_launcher_is_one_line_not_one_per_rank(tmp_path):
     """Both workers refuse the run alike: the launcher prints the line once, without torchrun's report."""
     proc = run([sys.executable, "-m", "nanogpt_cli", "train", "--nproc-per-node", "2", "--device=cpu",
