@@ -374,9 +374,13 @@ def report_failures(failures: dict) -> None:
 
     from nanogpt_cli.errors import emit_error
 
-    stopped = -signal.SIGTERM  # torchrun's exit code for a worker it terminated
-    if any(failure.exitcode != stopped for failure in failures.values()):
-        failures = {rank: failure for rank, failure in failures.items() if failure.exitcode != stopped}
+    def stopped(failure) -> bool:
+        """Ended by a SIGTERM: killed by it (-15), or caught it and exited 143 (start-up holds the signal until
+        the imports are done; a write in flight is cleaned up; a training run saves first)."""
+        return failure.exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM)
+
+    if not all(stopped(failure) for failure in failures.values()):
+        failures = {rank: failure for rank, failure in failures.items() if not stopped(failure)}
     lines: dict[str, list[int]] = {}
     for rank, failure in sorted(failures.items()):
         message = failure.message if isinstance(failure.message, str) else ""

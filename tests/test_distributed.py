@@ -198,6 +198,10 @@ def test_workers_the_launcher_stopped_after_a_failure_are_not_reported(capsys):
     stopped = SimpleNamespace(message="Signal 15 (SIGTERM) received by PID 8", exitcode=-15)
     D.report_failures({0: SimpleNamespace(message="error: dataset 'x' is not prepared", exitcode=2), 1: stopped})
     assert capsys.readouterr().err == "error: dataset 'x' is not prepared\n"  # rank 1 was only stopped
+    failed = SimpleNamespace(message="error: dataset 'x' is not prepared", exitcode=2)
+    for caught in ("", "error: stopped by SIGTERM; nothing was left half-written"):  # caught it, exited 128 + 15
+        D.report_failures({0: SimpleNamespace(message=caught, exitcode=143), 1: failed})
+        assert capsys.readouterr().err == "error: dataset 'x' is not prepared\n"
     D.report_failures({1: stopped})  # nothing else failed: the SIGTERM is the news
     assert capsys.readouterr().err == ("error: process 1 failed (Signal 15 (SIGTERM) received by PID 8); rerun with "
                                        "--verbose for torchrun's report\n")
