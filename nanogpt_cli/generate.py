@@ -16,7 +16,7 @@ import copy
 import torch
 from torch.nn import functional as F
 
-from nanogpt_cli.model import GPT, GPTConfig
+from nanogpt_cli.model import GPT, DecodingStep, GPTConfig
 
 
 class KVCache:
@@ -164,6 +164,9 @@ class BatchDecoder:
         self.block_size = model.config.block_size
         self.device = next(model.parameters()).device
         self.cache = KVCache(model.config, slots, self.device) if use_cache else None
+        # the decoding steps' forward: the model's own, spelled for speed (a compiled model keeps its forward)
+        self.decoding_step = DecodingStep(model) if use_cache and isinstance(model, GPT) else (
+            lambda tokens, cache: model(tokens, kv_cache=cache)[0])
         self.requests: list[Request] = []
         self.free = [True] * slots
         self.rebuilds = 0
@@ -225,7 +228,7 @@ class BatchDecoder:
                 tokens[request.rows.start - first:request.rows.stop - first] = request.idx[:, -1:]
                 frozen[request.rows.start - first:request.rows.stop - first] = False
             rows = self.cache.rows(slice(first, last), frozen if frozen.any() else None)
-            logits, _ = self.model(tokens, kv_cache=rows)
+            logits = self.decoding_step(tokens, rows)
             for request in decoding:
                 out[request] = logits[request.rows.start - first:request.rows.stop - first, -1, :]
         return out

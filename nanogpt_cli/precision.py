@@ -52,14 +52,22 @@ class Int8Linear(nn.Module):
         return cls(quantized.contiguous(), scales.to(torch.bfloat16), bias)
 
     def forward(self, x):
-        shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight,
-                                               self.scales)  # (rows, out)
-        y = y.view(*shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return int8_linear(x, self.weight, self.scales, self.bias)
+
+    def bound_forward(self):  # see model.bound
+        weight, scales, bias = self.weight, self.scales, self.bias
+        return lambda x: int8_linear(x, weight, scales, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def int8_linear(x, weight, scales, bias):
+    """x @ (weight * scales[:, None]).T + bias, the product in bfloat16, cast back to x's dtype."""
+    shape = x.shape
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), weight, scales)  # (rows, out)
+    y = y.view(*shape[:-1], weight.size(0)).to(x.dtype)
+    return y if bias is None else y + bias
 
 
 class VectorLinear(nn.Linear):
@@ -69,11 +77,20 @@ class VectorLinear(nn.Linear):
     CPUs with AMX or AVX512-BF16 (`for_inference`; elsewhere unmeasured, so F.linear stays)."""
 
     def forward(self, x):
-        if x.numel() != self.in_features or x.dtype != self.weight.dtype:
-            return F.linear(x, self.weight, self.bias)
-        row = x.reshape(-1)
-        y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
-        return y.view(*x.shape[:-1], self.out_features)
+        return vector_linear(x, self.weight, self.bias)
+
+    def bound_forward(self):  # see model.bound
+        weight, bias = self.weight, self.bias
+        return lambda x: vector_linear(x, weight, bias)
+
+
+def vector_linear(x, weight, bias):
+    """F.linear(x, weight, bias), a single row of x through addmv."""
+    if x.numel() != weight.size(1) or x.dtype != weight.dtype:
+        return F.linear(x, weight, bias)
+    row = x.reshape(-1)
+    y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
+    return y.view(*x.shape[:-1], weight.size(0))
 
 
 class OneDNNLinear(nn.Linear):
@@ -86,13 +103,22 @@ class OneDNNLinear(nn.Linear):
     backward and autocast does not cast for it)."""
 
     def forward(self, x):
-        if (x.dtype not in ONEDNN_DTYPES or x.dtype != self.weight.dtype or torch.is_autocast_enabled("cpu")
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return onednn_linear(x, self.weight, self.bias)
+
+    def bound_forward(self):  # see model.bound
+        weight, bias = self.weight, self.bias
+        return lambda x: onednn_linear(x, weight, bias)
 
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def onednn_linear(x, weight, bias):
+    """F.linear(x, weight, bias) through oneDNN where it can run (see `OneDNNLinear`), else F.linear."""
+    if (x.dtype not in ONEDNN_DTYPES or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu")
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def retype_linears(model: nn.Module, cls: type[nn.Linear]) -> nn.Module:

@@ -72,6 +72,21 @@ def test_cached_logits_equal_a_full_forward_at_every_step_across_rebuilds(prompt
         assert again.start == request.idx.size(1) - 8
 
 
+def test_decoding_steps_run_the_decoding_step_and_only_prefills_and_rebuilds_the_forward(monkeypatch):
+    from nanogpt_cli.model import DecodingStep
+
+    model = tiny(block_size=8)
+    forwards, steps = [], []
+    forward, step = GPT.forward, DecodingStep.__call__
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, *a, **k: forwards.append(idx.size(1)) or forward(
+        self, idx, *a, **k))
+    monkeypatch.setattr(DecodingStep, "__call__", lambda self, idx, cache: steps.append(1) or step(self, idx, cache))
+    tokens = list(model.generate(torch.randint(50, (2, 3)), 12, temperature=0))
+    # 12 tokens: the prompt's prefill, two rebuilds of half the block (each time the rows reach block_size),
+    # and nine decoding steps in between, none of them through the forward
+    assert len(tokens) == 12 and forwards == [3, 4, 4] and len(steps) == 9
+
+
 def test_generation_with_and_without_cache_agree_greedily_past_block_size():
     model = tiny(block_size=8)
     idx = torch.randint(50, (1, 4))

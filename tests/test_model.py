@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from nanogpt_cli.model import GPT, GPTConfig
+from nanogpt_cli.model import GPT, DecodingStep, GPTConfig
 
 
 def tiny(**kw) -> GPT:
@@ -227,3 +228,86 @@ def test_every_option_together_trains_and_crops():
 def test_the_model_refuses_options_it_cannot_build(change, message):
     with pytest.raises(AssertionError, match=message):
         tiny(**change)
+
+
+# ---------------------------------------------------------------- the decoding step
+
+
+def decode_both(model, steps: int = 6, rows: int = 2, prompt: int = 5):
+    """Logits of `steps` single-token steps after a prompt, through GPT.forward and through DecodingStep, each
+    with its own KV cache; the same tokens are fed to both."""
+    from nanogpt_cli.generate import KVCache
+
+    torch.manual_seed(1)
+    idx = torch.randint(model.config.vocab_size, (rows, prompt))
+    caches = [KVCache(model.config, rows, "cpu") for _ in range(2)]
+    step = DecodingStep(model)
+    pairs = []
+    with torch.inference_mode():
+        for cache in caches:
+            model(idx, kv_cache=cache)
+        for _ in range(steps):
+            token = torch.randint(model.config.vocab_size, (rows, 1))
+            pairs.append((model(token, kv_cache=caches[0])[0], step(token, caches[1])))
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [prompt + steps] * rows
+    return pairs
+
+
+DECODING_OPTIONS = {"gpt2": {}, "modern": {**MODERN, "zero_init_proj": False}, "no-bias": {"bias": False},
+                    "rmsnorm-only": {"norm": "rmsnorm"}, "rope-only": {"position": "rope"},
+                    "qk-norm-only": {"qk_norm": True}, "exact-gelu": {"activation": "gelu"}}
+
+
+@pytest.mark.parametrize("options", DECODING_OPTIONS.values(), ids=DECODING_OPTIONS.keys())
+def test_the_decoding_step_gives_the_forwards_logits_for_every_option(options):
+    model = tiny(**options)
+    for forward, step in decode_both(model):
+        assert step.shape == forward.shape == (2, 1, model.config.vocab_size)
+        torch.testing.assert_close(step, forward, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,quantize", [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")])
+@pytest.mark.parametrize("kernel", ["mkl", "onednn"])
+def test_the_decoding_step_binds_each_precisions_linears(monkeypatch, dtype, quantize, kernel):
+    import nanogpt_cli.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_linear_kernel", lambda: kernel)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # bf16's one row through VectorLinear
+    model = precision.for_inference(tiny(), torch.device("cpu"), dtype, quantize)
+    kinds = {type(m) for m in model.modules() if isinstance(m, (nn.Linear, precision.Int8Linear))}
+    expected = {("float32", "none"): {"mkl": nn.Linear, "onednn": precision.OneDNNLinear},
+                ("bfloat16", "none"): {"mkl": precision.VectorLinear, "onednn": precision.OneDNNLinear},
+                ("float32", "int8"): {"mkl": precision.Int8Linear, "onednn": precision.Int8Linear}}[dtype, quantize]
+    assert kinds == {expected[kernel]}
+    calls = []
+    for cls in (precision.OneDNNLinear, precision.VectorLinear, precision.Int8Linear, nn.Linear):
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, calls=calls: calls.append(self) or nn.Module.__call__(
+            self, *a), raising=False)
+    for forward, step in decode_both(model):
+        torch.testing.assert_close(step, forward, atol=0, rtol=0)  # the same kernels on the same inputs
+    # the forward's module calls (2 prefills, 6 steps); none of the step's
+    assert len(calls) == (2 + 6) * (4 * model.config.n_layer + 1)
+
+
+def test_the_decoding_step_calls_modules_it_cannot_bind_and_falls_back_to_the_forward(monkeypatch):
+    from nanogpt_cli.generate import KVCache
+
+    model = tiny(block_size=8)
+    seen = []
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    step = DecodingStep(model)
+    forwards = []
+    real = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: forwards.append(a[0].shape) or real(self, *a, **k))
+    cache = KVCache(model.config, 2, "cpu")
+    with torch.inference_mode():
+        model(torch.randint(50, (2, 3)), kv_cache=cache)  # a prefill: the forward's
+        step(torch.randint(50, (2, 1)), cache)  # the step's, the hooked Linear called as a module
+        assert len(forwards) == 1 and len(seen) == 2
+        frozen = cache.rows(slice(0, 2), frozen=torch.tensor([False, True]))  # rows that differ
+        step(torch.randint(50, (2, 1)), frozen)
+        assert len(forwards) == 2 and cache.lengths.tolist() == [5, 4]
+        full = KVCache(model.config, 1, "cpu")
+        model(torch.randint(50, (1, 8)), kv_cache=full)
+        with pytest.raises(ValueError, match="longer than block_size"):  # past the block: the forward's error
+            step(torch.randint(50, (1, 1)), full)
