@@ -5,6 +5,7 @@ Conv1D weights, OpenAI's GPT-2 in Hugging Face `transformers`). The config's oth
 modern recipe of modded-nanogpt and nanochat: rotary positions, RMSNorm, QK-norm, a norm after the
 embedding, ReLU², an untied output head, logit soft-capping and zero-initialised output projections.
 This module depends only on torch and on `nanogpt_cli.ops` (the CPU loss kernel, itself torch only).
+`DecodingStep`, at the end, is GPT.forward's single-token step spelled as one loop for the decoder's speed.
 Decoding with a KV cache and sampling live in `nanogpt_cli.generate`; the optimizers in `nanogpt_cli.optim`.
 """
 
