@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from nanogpt_cli import ops
 
@@ -370,9 +371,7 @@ def bound(module: nn.Module):
     """module's forward as a function of its input alone, with its tensors looked up once, now, instead of through
     nn.Module's attribute and call machinery at every call (see `DecodingStep`). A module says how with a
     `bound_forward` method (the norms here, precision's Linears); a plain nn.Linear is F.linear on its weight and
-    bias, nn.GELU F.gelu; any other module (a LoRA layer, one with hooks) is called as it is."""
-    if module._forward_hooks or module._forward_pre_hooks:
-        return module
+    bias, nn.GELU F.gelu; any other module (a LoRA layer) is called as it is."""
     if getattr(type(module), "bound_forward", None) is not None:  # the class's: a wrapper's __getattr__ may forward
         return module.bound_forward()
     if type(module) is nn.Linear:
@@ -393,12 +392,15 @@ class DecodingStep:
     evicted, so each Python attribute lookup and module call costs microseconds. On a 2-core Xeon (GPT-2 124M,
     fp32) the modules' forward took 1.17-1.23x the time of its matrix products alone, this loop 1.06-1.08x.
     Any other call (a prefill, rows at different lengths, a step past block_size) is `GPT.forward`'s, and the
-    tests hold the two to the same logits for every option of the config. Build one per decoding run: it keeps
-    the functions of the modules the model has now.
+    tests hold the two to the same logits for every option of the config. So is every step of a model with
+    forward hooks (on any module, or global ones: the loop would skip them) or compiled in place
+    (`model.compile()`). Build one per decoding run: it keeps the functions of the modules the model has now.
     """
 
     def __init__(self, model: GPT):
         self.model = model
+        self.hooked = getattr(model, "_compiled_call_impl", None) is not None or any(
+            m._forward_hooks or m._forward_pre_hooks for m in model.modules())
         config = model.config
         self.n_head, self.head_size = config.n_head, config.n_embd // config.n_head
         tr = model.transformer
@@ -415,7 +417,8 @@ class DecodingStep:
     def __call__(self, idx, kv_cache: KVCache):
         """Logits (B, 1, vocab) of the tokens idx (B, 1) after the rows of kv_cache, which takes them in."""
         pos = kv_cache.positions(1)  # (1,) when the rows are aligned
-        if self.model.training or not kv_cache.aligned or kv_cache.empty or kv_cache.longest >= kv_cache.block_size:
+        if (self.hooked or _global_forward_hooks or _global_forward_pre_hooks or self.model.training
+                or not kv_cache.aligned or kv_cache.empty or kv_cache.longest >= kv_cache.block_size):
             return self.model(idx, kv_cache=kv_cache)[0]
         B, nh, hs = idx.size(0), self.n_head, self.head_size
         start, end = kv_cache.longest, kv_cache.longest + 1

@@ -292,18 +292,26 @@ def test_the_decoding_step_binds_each_precisions_linears(monkeypatch, dtype, qua
 def test_the_decoding_step_calls_modules_it_cannot_bind_and_falls_back_to_the_forward(monkeypatch):
     from nanogpt_cli.generate import KVCache
 
+    class Wrapped(nn.Module):  # a module bound() does not know (as a LoRA layer): called as it is
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.inner(x)
+
     model = tiny(block_size=8)
-    seen = []
-    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: seen.append(out.shape))
-    step = DecodingStep(model)
+    wrapped = model.transformer.h[0].mlp.c_fc = Wrapped(model.transformer.h[0].mlp.c_fc)
     forwards = []
     real = GPT.forward
     monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: forwards.append(a[0].shape) or real(self, *a, **k))
+    step = DecodingStep(model)
     cache = KVCache(model.config, 2, "cpu")
     with torch.inference_mode():
         model(torch.randint(50, (2, 3)), kv_cache=cache)  # a prefill: the forward's
-        step(torch.randint(50, (2, 1)), cache)  # the step's, the hooked Linear called as a module
-        assert len(forwards) == 1 and len(seen) == 2
+        step(torch.randint(50, (2, 1)), cache)  # the step's, the wrapped Linear called
+        assert len(forwards) == 1 and wrapped.calls == 2
         frozen = cache.rows(slice(0, 2), frozen=torch.tensor([False, True]))  # rows that differ
         step(torch.randint(50, (2, 1)), frozen)
         assert len(forwards) == 2 and cache.lengths.tolist() == [5, 4]
@@ -311,3 +319,15 @@ def test_the_decoding_step_calls_modules_it_cannot_bind_and_falls_back_to_the_fo
         model(torch.randint(50, (1, 8)), kv_cache=full)
         with pytest.raises(ValueError, match="longer than block_size"):  # past the block: the forward's error
             step(torch.randint(50, (1, 1)), full)
+        seen = []  # forward hooks anywhere, or global ones, which the loop would skip: every step the forward's
+        for register in (model.transformer.h[1].register_forward_hook, nn.modules.module.register_module_forward_hook):
+            handle = register(lambda module, args, out: seen.append(1))
+            hooked = KVCache(model.config, 1, "cpu")
+            model(torch.randint(50, (1, 3)), kv_cache=hooked)
+            calls = len(forwards)
+            for forward, decoded in decode_both(model, steps=2, rows=1):
+                torch.testing.assert_close(decoded, forward, atol=0, rtol=0)
+            DecodingStep(model)(torch.randint(50, (1, 1)), hooked)
+            assert len(forwards) == calls + 2 + 2 * 2 + 1 and seen  # prefills, both sides' steps, this step
+            handle.remove()
+            seen.clear()
