@@ -390,7 +390,7 @@ class DecodingStep:
 
     Why a second spelling: between two weight streams a decoding step's small ops run with their code and data
     evicted, so each Python attribute lookup and module call costs microseconds. On a 2-core Xeon (GPT-2 124M,
-    fp32) the modules' forward took 1.17-1.23x the time of its matrix products alone, this loop 1.06-1.08x.
+    fp32) the modules' forward took 1.19-1.24x the time of its matrix products alone, this loop 1.06-1.08x.
     Any other call (a prefill, rows at different lengths, a step past block_size) is `GPT.forward`'s, and the
     tests hold the two to the same logits for every option of the config. So is every step of a model with
     forward hooks (on any module, or global ones: the loop would skip them) or compiled in place
