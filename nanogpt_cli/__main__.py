@@ -1,6 +1,7 @@
 """`ngpt` (the console script), `python -m nanogpt_cli ...` and `torchrun -m nanogpt_cli train ...`."""
 
 import gc
+import os
 import signal
 import sys
 
@@ -8,6 +9,8 @@ import sys
 START_UP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # The commands that import torch (a second or more): its import is part of their start-up.
 TORCH_COMMANDS = ("train", "finetune", "sample", "eval", "bench", "export", "serve", "info", "prepare")
+# The commands whose process ends as soon as their output is flushed, without tearing the interpreter down.
+QUICK_EXIT_COMMANDS = ("sample",)
 
 
 def main() -> None:
@@ -34,7 +37,25 @@ def main() -> None:
         if pending:
             raise SystemExit(min(START_UP_SIGNALS[sig] for sig in pending))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, START_UP_SIGNALS)
-    cli.main()
+    try:
+        cli.main()
+    except SystemExit as e:
+        if command in QUICK_EXIT_COMMANDS and isinstance(e.code, int):
+            quick_exit(e.code)
+        raise
+
+
+def quick_exit(code: int) -> None:
+    """End the process with code once stdout and stderr are flushed, skipping the interpreter's teardown (freeing
+    every module and torch's objects, then torch's static destructors: 0.13-0.15 s on a 2-core Xeon, against 1.2 s
+    for a whole one-token `ngpt sample` of GPT-2 124M). For a command that leaves nothing to finish: no files
+    open, no threads or child processes at work, no atexit handler of its own."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: cli.main has reported it already
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
