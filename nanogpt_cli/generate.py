@@ -222,12 +222,16 @@ class BatchDecoder:
         if decoding:
             first = min(request.rows.start for request in decoding)
             last = max(request.rows.stop for request in decoding)
-            tokens = torch.zeros(last - first, 1, dtype=torch.long, device=self.device)
-            frozen = torch.ones(last - first, dtype=torch.bool)
-            for request in decoding:
-                tokens[request.rows.start - first:request.rows.stop - first] = request.idx[:, -1:]
-                frozen[request.rows.start - first:request.rows.stop - first] = False
-            rows = self.cache.rows(slice(first, last), frozen if frozen.any() else None)
+            if len(decoding) == 1:  # the common case (ngpt sample, a lone request): its rows, no copies
+                tokens, frozen = decoding[0].idx[:, -1:], None
+            else:
+                tokens = torch.zeros(last - first, 1, dtype=torch.long, device=self.device)
+                frozen = torch.ones(last - first, dtype=torch.bool)
+                for request in decoding:
+                    tokens[request.rows.start - first:request.rows.stop - first] = request.idx[:, -1:]
+                    frozen[request.rows.start - first:request.rows.stop - first] = False
+                frozen = frozen if sum(request.n for request in decoding) < last - first else None
+            rows = self.cache.rows(slice(first, last), frozen)
             logits = self.decoding_step(tokens, rows)
             for request in decoding:
                 out[request] = logits[request.rows.start - first:request.rows.stop - first, -1, :]
