@@ -105,6 +105,15 @@ def apply_rotary(x, cos, sin):
     return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
+def norm_and_rotate(qk, qk_norm: bool, rotary: tuple[torch.Tensor, torch.Tensor] | None):
+    """Queries and keys side by side (any layout with head_size last): QK-norm, then rotary positions."""
+    if qk_norm:
+        qk = ops.rms_norm(qk, None, 1e-6)
+    if rotary is not None:
+        qk = apply_rotary(qk, *rotary)
+    return qk
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
@@ -139,12 +148,8 @@ class CausalSelfAttention(nn.Module):
             return q, k, v
         # queries and keys side by side, normalised and rotated in one go (half the small ops on the CPU)
         qkv = self.c_attn(x).view(B, T, 3 * self.n_head, C // self.n_head).transpose(1, 2)  # (B, 3 nh, T, hs)
-        qk, v = qkv[:, :2 * self.n_head], qkv[:, 2 * self.n_head:]
-        if self.qk_norm:
-            qk = ops.rms_norm(qk, None, 1e-6)
-        if rotary is not None:
-            qk = apply_rotary(qk, *rotary)
-        return qk[:, :self.n_head], qk[:, self.n_head:], v
+        qk = norm_and_rotate(qkv[:, :2 * self.n_head], self.qk_norm, rotary)
+        return qk[:, :self.n_head], qk[:, self.n_head:], qkv[:, 2 * self.n_head:]
 
     def forward(self, x, kv_cache: KVCache | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
         B, T, C = x.size()
@@ -425,19 +430,14 @@ class DecodingStep:
         x = F.embedding(idx, self.wte)  # (B, 1, C)
         if self.wpe is not None:
             x = x + self.wpe[pos]
-        if self.rotary is not None:
-            cos, sin = self.rotary[0][pos], self.rotary[1][pos]  # (1, hs)
+        rotary = None if self.rotary is None else (self.rotary[0][pos], self.rotary[1][pos])  # (1, hs) each
         if self.ln_e is not None:
             x = self.ln_e(x)
         caches = kv_cache.root.buffer[:, :, kv_cache.row_range]  # (n_layer, 2, B, nh, positions, hs)
         for cache, (ln_1, c_attn, attn_proj, ln_2, c_fc, act, mlp_proj) in zip(caches, self.layers, strict=True):
             qkv = c_attn(ln_1(x)).view(B, 3, nh, hs)
-            if self.qk_norm or self.rotary is not None:
-                qk = qkv[:, :2]
-                if self.qk_norm:
-                    qk = ops.rms_norm(qk, None, 1e-6)
-                if self.rotary is not None:
-                    qk = apply_rotary(qk, cos, sin)
+            if self.qk_norm or rotary is not None:
+                qk = norm_and_rotate(qkv[:, :2], self.qk_norm, rotary)
                 q = qk[:, 0]
                 cache[0, :, :, start] = qk[:, 1]
                 cache[1, :, :, start] = qkv[:, 2]
