@@ -3,6 +3,7 @@
     python benchmarks/bench_decode.py                     # 256 new tokens
     python benchmarks/bench_decode.py --new-tokens 64 --json
     python benchmarks/bench_decode.py --val-loss out/shakespeare-char-cpu     # each precision's val loss
+    python benchmarks/bench_decode.py --first-token                           # start-up to the first token
 
 A checkpoint of random weights (n_layer 12, n_head 12, n_embd 768, vocab 50304, block 1024) is saved in a
 temporary folder and read once, so that every process starts with a warm page cache. Each row is one process,
@@ -16,6 +17,10 @@ default sampling (temperature 0.8, top-k 200, no stop at <|endoftext|>):
   int8+bf16 `ngpt sample --quantize=int8 --dtype=bfloat16` (the int8 kernel's bf16 activations throughout).
 The ratio is the baseline's wall time over the row's. The load average is printed with the figures: on a shared
 machine they move with it.
+
+--first-token times instead each row's start-up: one process per row and repeat (--repeats, alternating rows),
+each generating one token, timed from its start to the first byte of that token on its stdout (the byte after the
+echoed prompt; ngpt flushes each piece as it comes), and to its exit; medians, with the ratio to the baseline's.
 
 --val-loss RUN (repeatable) measures instead what each precision does to a trained model: the run's checkpoint is
 loaded as `ngpt sample` loads it in each precision (`for_inference`) and evaluated as `ngpt eval` evaluates it
@@ -126,12 +131,63 @@ def timed(command: list[str]) -> float:
     return seconds
 
 
+def first_token(command: list[str]) -> tuple[float, float]:
+    """(seconds to the first byte after the echoed prompt on the command's stdout, seconds to its exit)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wanted, seen = len(PROMPT.encode()) + 1, b""
+    while len(seen) < wanted:
+        piece = proc.stdout.read1(wanted - len(seen))
+        if not piece:
+            break
+        seen += piece
+    first = time.perf_counter() - start
+    proc.stdout.read()
+    stderr = proc.stderr.read().decode(errors="replace")
+    proc.wait()
+    if proc.returncode != 0 or len(seen) < wanted:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
+    return first, time.perf_counter() - start
+
+
+def report_first_tokens(commands: dict[str, list[str]], repeats: int, as_json: bool) -> int:
+    import statistics
+
+    load_before = os.getloadavg()
+    runs = {name: [] for name in commands}
+    for _ in range(repeats):  # alternating, so that every row sees the machine's drift alike
+        for name, command in commands.items():
+            runs[name].append(first_token(command))
+    first = {name: statistics.median(t[0] for t in times) for name, times in runs.items()}
+    end = {name: statistics.median(t[1] for t in times) for name, times in runs.items()}
+    report = {"repeats": repeats, "cpus": os.cpu_count(),
+              "first_token_seconds": {name: round(v, 3) for name, v in first.items()},
+              "first_token_range": {name: [round(min(t[0] for t in times), 3), round(max(t[0] for t in times), 3)]
+                                    for name, times in runs.items()},
+              "process_seconds": {name: round(v, 3) for name, v in end.items()},
+              "speedup": {name: round(first["baseline"] / v, 2) for name, v in first.items()},
+              "load_average_before": [round(x, 2) for x in load_before],
+              "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+    if as_json:
+        print(json.dumps(report))
+        return 0
+    for name in commands:
+        low, high = report["first_token_range"][name]
+        print(f"{name:>9}: first token {first[name]:5.2f} s ({low:.2f}-{high:.2f}), process {end[name]:5.2f} s, "
+              f"{report['speedup'][name]:5.2f}x the baseline's first token")
+    print(f"medians of {repeats}; load average {load_before[0]:.1f} before, {report['load_average_after'][0]:.1f} "
+          f"after ({report['cpus']} CPUs)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--val-loss", metavar="RUN", action="append",
                         help="a trained run (out_dir): each precision's val loss instead of the timing (repeatable)")
+    parser.add_argument("--first-token", action="store_true", help="time each row's start-up to its first token")
+    parser.add_argument("--repeats", type=int, default=5, help="--first-token: processes per row")
     parser.add_argument("--eval-iters", type=int, default=200, help="--val-loss: batches evaluated")
     parser.add_argument("--batch-size", type=int, default=12, help="--val-loss: rows per batch")
     parser.add_argument("--nanogpt-baseline", metavar="CKPT", help=argparse.SUPPRESS)  # the baseline's process
@@ -145,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = save_random_checkpoint(Path(folder))
         checkpoint.read_bytes()  # a warm page cache for every process
         load_before = os.getloadavg()
-        rows = {"baseline": timed([sys.executable, __file__, "--nanogpt-baseline", str(checkpoint),
-                                   "--new-tokens", str(args.new_tokens)])}
+        new_tokens = 1 if args.first_token else args.new_tokens
+        baseline = [sys.executable, __file__, "--nanogpt-baseline", str(checkpoint), "--new-tokens", str(new_tokens)]
         sample = [sys.executable, "-m", "nanogpt_cli", "--quiet", "sample", f"--out_dir={folder}", "--device=cpu",
-                  f"--max_new_tokens={args.new_tokens}", f"--prompt={PROMPT}", *SAMPLING]
+                  f"--max_new_tokens={new_tokens}", f"--prompt={PROMPT}", *SAMPLING]
+        if args.first_token:
+            return report_first_tokens({"baseline": baseline, **{name: [*sample, *extra] for name, extra in
+                                                                  VARIANTS.items()}}, args.repeats, args.json)
+        rows = {"baseline": timed(baseline)}
         for name, extra in VARIANTS.items():
             rows[name] = timed([*sample, *extra])
         load_after = os.getloadavg()
