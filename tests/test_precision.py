@@ -282,3 +282,18 @@ def test_bench_decode_val_loss_evaluates_every_precision_on_the_same_batches(tra
     for name in ("bf16", "int8", "int8+bf16"):  # a trained model's loss barely moves with its precision
         assert abs(losses[name] - losses["fp32"]) < 0.05, (name, losses)
     assert len(set(losses.values())) > 1  # each row really evaluated its own precision
+
+
+def test_bench_decode_first_token_waits_for_the_byte_after_the_echoed_prompt(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_decode
+
+    script = (f"import sys, time; p = sys.stdout.buffer; p.write({bench_decode.PROMPT!r}.encode()); p.flush(); "
+              "time.sleep(0.4); p.write(b' token'); p.flush(); time.sleep(0.4)")
+    first, end = bench_decode.first_token([sys.executable, "-c", script])
+    assert 0.4 <= first < end and end - first >= 0.3  # not the echoed prompt, not the exit
+    with pytest.raises(SystemExit, match="failed"):  # a process that ends before its first token
+        bench_decode.first_token([sys.executable, "-c", "import sys; print('The meaning'); sys.exit(3)"])
