@@ -7,6 +7,7 @@ Each test names what it tries; each failed before these paths were hardened (a h
 from __future__ import annotations
 
 import errno
+import functools
 import http.server
 import json
 import os
@@ -238,8 +239,11 @@ def test_the_old_meta_json_stays_until_the_new_files_are_in(tmp_path, monkeypatc
     assert seen == [("train.bin", True), ("val.bin", True), ("meta.json", True)]
 
 
-def test_a_signal_during_the_commit_waits_for_the_whole_new_dataset(tmp_path, monkeypatch):
+def test_a_signal_during_the_commit_waits_for_the_whole_new_dataset(tmp_path, monkeypatch, request):
     folder = prepared(tmp_path)
+    # Python's Ctrl-C handler, also under a runner started in the background (which inherits SIGINT ignored)
+    request.addfinalizer(functools.partial(signal.signal, signal.SIGINT,
+                                           signal.signal(signal.SIGINT, signal.default_int_handler)))
     real = os.replace
 
     def replace(src, dst):
