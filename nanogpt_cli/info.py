@@ -43,12 +43,14 @@ def cpu_features() -> dict:
         features["torch_capability"] = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # older torch
         features["torch_capability"] = None
+    from nanogpt_cli import native
     from nanogpt_cli.cpu_tuning import cpu_has_fast_bf16, cpu_model
     from nanogpt_cli.precision import cpu_linear_kernel
 
     features["fast_bf16"] = cpu_has_fast_bf16()
     features["model"] = cpu_model()
     features["inference_matmuls"] = cpu_linear_kernel()  # what runs the Linear products of sample, serve and eval here
+    features["int8_matmuls"] = native.int8_kernel_status()  # what runs --quantize int8's products (built if need be)
     return features
 
 

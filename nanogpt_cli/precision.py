@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nanogpt_cli import native
 from nanogpt_cli.cpu_tuning import DTYPES, cpu_has_fast_bf16, cpu_vendor
 from nanogpt_cli.errors import UsageError
 
@@ -52,7 +53,23 @@ class Int8Linear(nn.Module):
 
     def bound_forward(self):  # see model.bound
         weight, scales, bias = self.weight, self.scales, self.bias
-        return lambda x: int8_linear(x, weight, scales, bias)
+        float_scales = scales.float().contiguous()  # the bf16 values exactly, for the native kernel
+        kernel = native.int8_kernel() if weight.device.type == "cpu" and weight.is_contiguous() else None
+        if kernel is None or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
+            return lambda x: int8_linear(x, weight, scales, bias, float_scales)
+        call, out_features, threads = kernel.bind(weight, float_scales, bias), weight.size(0), torch.get_num_threads
+
+        def forward(x):  # int8_linear's native branch, its checks on the weights made once
+            rows = x.numel() // weight.size(1)
+            if (x.dtype != torch.float32 or not 0 < rows <= NATIVE_MAX_ROWS or x.device.type != "cpu"
+                    or (x.requires_grad and torch.is_grad_enabled())):
+                return int8_linear(x, weight, scales, bias, float_scales)
+            x = x.contiguous()
+            out = x.new_empty(*x.shape[:-1], out_features)
+            call(x, out, rows, threads())
+            return out
+
+        return forward
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -82,9 +99,25 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized, scales.to(torch.bfloat16)
 
 
-def int8_linear(x, weight, scales, bias):
-    """x @ (weight * scales[:, None]).T + bias, the product in bfloat16, cast back to x's dtype."""
+NATIVE_MAX_ROWS = 16  # more rows (a prefill) go to torch's kernel, which computes a large product faster
+
+
+def int8_linear(x, weight, scales, bias, float_scales=None):
+    """x @ (weight * scales[:, None]).T + bias. Float32 rows on a CPU, up to NATIVE_MAX_ROWS of them, go through
+    ngpt's native kernel in float32 (`native.int8_kernel`) where it could be built; the rest through torch's
+    `_weight_int8pack_mm`, the product in bfloat16, cast back to x's dtype."""
     shape = x.shape
+    rows = x.numel() // shape[-1] if shape[-1] else 0
+    if (0 < rows <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and (bias is None or bias.dtype == torch.float32) and weight.is_contiguous()):
+        kernel = native.int8_kernel()
+        if kernel is not None:
+            out = torch.empty(*shape[:-1], weight.size(0), dtype=torch.float32)
+            float_scales = scales.float().contiguous() if float_scales is None else float_scales
+            kernel(x.reshape(rows, shape[-1]).contiguous(), weight, float_scales,
+                   None if bias is None else bias.contiguous(), out, torch.get_num_threads())
+            return out
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), weight, scales)  # (rows, out)
     y = y.view(*shape[:-1], weight.size(0)).to(x.dtype)
     return y if bias is None else y + bias

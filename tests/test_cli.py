@@ -147,7 +147,8 @@ def test_python_dash_m_entry_point():
 
 
 def test_presets_ship_inside_the_wheel(tmp_path):
-    """A non-editable install into a fresh venv still finds the presets (and the wheel holds the serve page)."""
+    """A non-editable install into a fresh venv still finds the presets (and the wheel holds the serve page
+    and the int8 kernel's source)."""
     require_module("hatchling")  # the build backend, in the dev extra: the build below runs without isolation
     repo = Path(__file__).resolve().parent.parent
     wheel_dir = tmp_path / "wheel"
@@ -155,7 +156,9 @@ def test_presets_ship_inside_the_wheel(tmp_path):
                             str(wheel_dir), str(repo)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(wheel_dir.glob("*.whl"))
-    assert "nanogpt_cli/static/index.html" in zipfile.ZipFile(wheel).namelist()  # ngpt serve's playground page
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "nanogpt_cli/static/index.html" in names  # ngpt serve's playground page
+    assert "nanogpt_cli/kernels/int8_linear.c" in names  # the int8 kernel's source, built on first use
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     py = venv / "bin" / "python"

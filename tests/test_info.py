@@ -38,6 +38,7 @@ def test_cpu_features_and_compile_support():
     assert {"avx2", "avx512", "avx512_bf16", "amx", "torch_capability", "fast_bf16"} <= set(features)
     assert all(features[k] in (True, False, None) for k in ("avx2", "avx512", "avx512_bf16", "amx"))
     assert features["inference_matmuls"] in ("mkl", "onednn")
+    assert features["int8_matmuls"].startswith(("ngpt's native kernel (", "torch's _weight_int8pack_mm ("))
     support = compile_support()
     assert support["usable"] == (support["torch_compile"] and support["inductor"] and bool(support["c_compiler"]))
     assert support["why"]

@@ -1,0 +1,119 @@
+"""The one native kernel: weight-only int8 products on a CPU at the speed of memory (`kernels/int8_linear.c`).
+
+torch has no weight-only int8 product that streams at the bandwidth on a CPU: `_weight_int8pack_mm` is
+compute-bound (on a 2-core Xeon with AMX it reads GPT-2 124M's int8 matrices at 11-12 GB/s where a read runs at
+19-27), fbgemm's dynamic linear quantizes the activations too (and is deprecated), and inductor's code for the
+same product measured 2 GB/s. So `ngpt` carries one small C file, built on first use with the machine's C compiler
+(`$CC`, else `cc`; `-O3 -march=native -fopenmp`, 0.2 s) into ngpt's cache, one library per CPU and source, and
+called through ctypes (which releases the GIL). Where there is no compiler, no OpenMP, or `NGPT_NATIVE=0`,
+`int8_kernel()` is None and `precision.int8_linear` uses torch's kernel: the same weights, bf16 activations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from nanogpt_cli.atomic import temp_folder
+from nanogpt_cli.config import cache_dir
+
+SOURCE = Path(__file__).with_name("kernels") / "int8_linear.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+BUILD_SECONDS = 120  # a compiler that hangs must not hang ngpt
+
+
+class Int8Kernel:
+    """ngpt_int8_linear of one built library, and the instruction set it was built for ("avx512", "avx2",
+    "generic")."""
+
+    def __init__(self, library: Path):
+        self.library = library
+        self._lib = ctypes.CDLL(str(library))
+        self._lib.ngpt_int8_path.restype = ctypes.c_char_p
+        self.path = self._lib.ngpt_int8_path().decode()
+        self._fn = self._lib.ngpt_int8_linear
+        self._fn.restype = None
+        self._fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+
+    def __call__(self, x, weight, scales, bias, out, threads: int) -> None:
+        """out (rows, out) = x (rows, in) @ (weight * scales[:, None]).T + bias: contiguous float32 x, scales,
+        bias (or None) and out, contiguous int8 weight (out, in), all on the CPU."""
+        self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
+                 out.data_ptr(), x.size(0), weight.size(0), weight.size(1), threads)
+
+    def bind(self, weight, scales, bias):
+        """call(x (rows, in), out (rows, out), rows, threads) for these weights (contiguous, as in __call__), which
+        the caller keeps alive: a decoding step's products pay no more than the foreign call."""
+        fn, out_features, in_features = self._fn, weight.size(0), weight.size(1)
+        w, s, b = weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr()
+        return lambda x, out, rows, threads: fn(x.data_ptr(), w, s, b, out.data_ptr(), rows, out_features,
+                                                in_features, threads)
+
+
+def _cpu_key() -> str:
+    """What `-march=native` builds for: the CPU's model and feature flags (a cache shared between machines
+    must not hand one CPU another's instructions)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        described = "".join(dict.fromkeys(lines))  # every core repeats them
+    except OSError:
+        described = ""
+    return f"{platform.machine()} {platform.processor()} {described}"
+
+
+def library_path(extra_flags: tuple[str, ...] = (), folder: Path | None = None) -> Path:
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *extra_flags, _cpu_key()]).encode())
+    return (folder or cache_dir() / "kernels") / f"int8_linear-{digest.hexdigest()[:16]}.so"
+
+
+def build(extra_flags: tuple[str, ...] = (), folder: Path | None = None) -> Int8Kernel:
+    """The kernel, compiled first unless this CPU's library is in the cache already. Raises OSError or
+    subprocess.SubprocessError where it cannot be built or loaded."""
+    library = library_path(extra_flags, folder)
+    if not library.is_file():
+        compiler = shutil.which(os.environ.get("CC") or "cc")
+        if compiler is None:
+            raise FileNotFoundError("no C compiler (set CC)")
+        library.parent.mkdir(parents=True, exist_ok=True)
+        work = temp_folder(library)
+        try:
+            built = work / library.name
+            subprocess.run([compiler, *FLAGS, *extra_flags, str(SOURCE), "-o", str(built)], check=True,
+                           capture_output=True, timeout=BUILD_SECONDS, stdin=subprocess.DEVNULL)
+            os.replace(built, library)  # whole or not at all: a concurrent build renames the same bytes
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return Int8Kernel(library)
+
+
+def int8_kernel() -> Int8Kernel | None:
+    """This machine's kernel, or None where it cannot be had (then torch's kernel is used)."""
+    return _int8_kernel()[0]
+
+
+def int8_kernel_status() -> str:
+    """What runs int8 products here, in words: the kernel and its instruction set, or why torch's does."""
+    kernel, why = _int8_kernel()
+    return f"ngpt's native kernel ({kernel.path})" if kernel else f"torch's _weight_int8pack_mm ({why})"
+
+
+@functools.cache
+def _int8_kernel() -> tuple[Int8Kernel | None, str]:
+    if os.environ.get("NGPT_NATIVE", "1") == "0":
+        return None, "NGPT_NATIVE=0"
+    try:
+        return build(), ""
+    except subprocess.CalledProcessError as e:
+        first = (e.stderr or b"").decode(errors="replace").strip().splitlines()[:1]
+        return None, "the C compiler failed" + (f": {first[0]}" if first else "")
+    except subprocess.TimeoutExpired:
+        return None, f"the C compiler ran past {BUILD_SECONDS} s"
+    except (OSError, AttributeError, UnicodeDecodeError) as e:
+        return None, str(e) or type(e).__name__
