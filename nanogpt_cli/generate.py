@@ -264,12 +264,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         return logits.argmax(dim=-1, keepdim=True)
     candidates = None  # the vocabulary ids of the columns of logits when they are a subset (top-k)
     if top_k is not None and 0 < top_k < logits.size(-1):
-        values, candidates = torch.topk(logits, top_k)  # sorted, largest first; a temperature keeps the order
-        kth = values[:, -1:]
-        kept = int((logits >= kth).sum(dim=-1).max())  # ties with the k-th value stay in (common in bf16)
-        if kept > top_k:
+        # sorted, largest first (a temperature keeps the order), and one more: whether the k-th value has a tie
+        values, candidates = torch.topk(logits, top_k + 1)
+        kth = values[:, top_k - 1:top_k]
+        if bool((values[:, top_k:] == kth).any()):  # ties with the k-th value stay in (common in bf16)
+            kept = int((logits >= kth).sum(dim=-1).max())
             values, candidates = torch.topk(logits, kept)
             values = values.masked_fill(values < kth, -float("inf"))  # a row with fewer ties keeps its own
+        else:  # the common case: no pass over the vocabulary beyond the top-k's own
+            values, candidates = values[:, :top_k], candidates[:, :top_k]
         logits = values
     # below MIN_TEMPERATURE float32 division overflows (1e-300 is 0 in float32); sampling there is greedy anyway
     logits = logits.float() / max(temperature, MIN_TEMPERATURE)

@@ -25,6 +25,7 @@ from nanogpt_cli.config import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels") / "int8_linear.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)
 BUILD_SECONDS = 120  # a compiler that hangs must not hang ngpt
 
 
@@ -40,12 +41,21 @@ class Int8Kernel:
         self._fn = self._lib.ngpt_int8_linear
         self._fn.restype = None
         self._fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        self._quantize = self._lib.ngpt_int8_quantize
+        self._quantize.restype = None
+        self._quantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
 
     def __call__(self, x, weight, scales, bias, out, threads: int) -> None:
         """out (rows, out) = x (rows, in) @ (weight * scales[:, None]).T + bias: contiguous float32 x, scales,
         bias (or None) and out, contiguous int8 weight (out, in), all on the CPU."""
         self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
                  out.data_ptr(), x.size(0), weight.size(0), weight.size(1), threads)
+
+    def quantize(self, weight, quantized, scales, threads: int) -> None:
+        """quantized (out, in) int8 and scales (out,) float32 of a contiguous float32 weight (out, in) on the CPU:
+        `precision.quantize_rows`' formula, bit for bit."""
+        self._quantize(weight.data_ptr(), quantized.data_ptr(), scales.data_ptr(), weight.size(0), weight.size(1),
+                       threads)
 
     def bind(self, weight, scales, bias):
         """call(x (rows, in), out (rows, out), rows, threads) for these weights (contiguous, as in __call__), which
@@ -62,10 +72,9 @@ def _cpu_key() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        described = "".join(dict.fromkeys(lines))  # every core repeats them
-    except OSError:
-        described = ""
-    return f"{platform.machine()} {platform.processor()} {described}"
+        return platform.machine() + "".join(dict.fromkeys(lines))  # every core repeats them
+    except OSError:  # not Linux: platform.processor() (on Linux it would run `uname -p`, 0.1 s of a start-up)
+        return f"{platform.machine()} {platform.processor()}"
 
 
 def library_path(extra_flags: tuple[str, ...] = (), folder: Path | None = None) -> Path:
@@ -85,7 +94,7 @@ def build(extra_flags: tuple[str, ...] = (), folder: Path | None = None) -> Int8
         work = temp_folder(library)
         try:
             built = work / library.name
-            subprocess.run([compiler, *FLAGS, *extra_flags, str(SOURCE), "-o", str(built)], check=True,
+            subprocess.run([compiler, *FLAGS, *extra_flags, str(SOURCE), "-o", str(built), *LIBS], check=True,
                            capture_output=True, timeout=BUILD_SECONDS, stdin=subprocess.DEVNULL)
             os.replace(built, library)  # whole or not at all: a concurrent build renames the same bytes
         finally:

@@ -135,3 +135,42 @@ def test_the_scales_follow_a_load_into_the_module(monkeypatch):
     with torch.no_grad():
         linear.scales.mul_(2)  # in place, as load_state_dict copies
     assert torch.allclose(linear(x) - linear.bias, 2 * (before - linear.bias), atol=1e-5)
+
+
+def quantize_formula(weight):
+    """precision.quantize_rows' formula on the whole matrix at once, in torch's ops."""
+    scales = weight.abs().amax(dim=1) / 127
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+@needs_cc
+@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
+def test_the_native_quantization_is_the_formula_bit_for_bit(tmp_path, extra, path):
+    kernel = native.build(extra, folder=tmp_path)
+    torch.manual_seed(0)
+    weight = torch.randn(50, 77) * torch.logspace(-30, 3, 50)[:, None]  # tiny rows to large ones
+    weight[3] = 0  # an all-zero row: scale 1
+    weight[7, :] = torch.arange(77) - 38.5  # halves of a scale: ties, rounded to even
+    weight[7, 0] = 127.0  # its largest |w|: scale 1 exactly
+    weight[9, :] = 1e-42  # subnormal
+    quantized, scales = torch.empty(50, 77, dtype=torch.int8), torch.empty(50)
+    kernel.quantize(weight, quantized, scales, threads=2)
+    expected, expected_scales = quantize_formula(weight)
+    assert torch.equal(scales, expected_scales) and torch.equal(quantized, expected)
+
+
+@needs_cc
+def test_quantize_rows_takes_the_kernel_for_contiguous_float32_and_gives_the_same_bytes(monkeypatch):
+    assert native.int8_kernel() is not None, native.int8_kernel_status()
+    torch.manual_seed(0)
+    weight = torch.randn(300, 96)
+    native_result = precision.quantize_rows(weight)
+    monkeypatch.setenv("NGPT_NATIVE", "0")
+    native._int8_kernel.cache_clear()
+    try:
+        torch_result = precision.quantize_rows(weight)
+    finally:
+        monkeypatch.undo()
+        native._int8_kernel.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(native_result, torch_result, strict=True))

@@ -8,6 +8,7 @@
  * split between OpenMP threads; torch's own OpenMP runtime is the one already loaded, so both share one pool.
  * Built by nanogpt_cli/native.py with -O3 -march=native -fopenmp, once per CPU; docs/performance.md has figures.
  */
+#include <math.h>
 #include <stdint.h>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -85,5 +86,31 @@ void ngpt_int8_linear(const float *x, const int8_t *w, const float *scale, const
     const int8_t *wn = w + n * in;
     for (int64_t m = 0; m < rows; m++)
       y[m * out + n] = dot(x + m * in, wn, in) * scale[n] + (bias ? bias[n] : 0.0f);
+  }
+}
+
+/* q, scale = precision.quantize_rows(w) for a float32 w (out, in), bit for bit: each row's largest |w| over 127
+ * (1 for an all-zero row), then w / scale rounded to the nearest integer, ties to even, clamped to +-127. One pass
+ * over the weights instead of five over cached chunks: a load of GPT-2 124M with --quantize int8 spends 0.03 s
+ * here against 0.15-0.2 s in torch's ops. */
+#define ROUND_EVEN 12582912.0f /* 1.5 * 2^23: v + it - it is v rounded to the nearest integer, ties to even, for |v| < 2^22 */
+
+void ngpt_int8_quantize(const float *w, int8_t *q, float *scale, int64_t out, int64_t in, int threads) {
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < out; n++) {
+    const float *row = w + n * in;
+    int8_t *qrow = q + n * in;
+    float largest = 0.0f;
+    #pragma omp simd reduction(max : largest)
+    for (int64_t k = 0; k < in; k++) largest = fabsf(row[k]) > largest ? fabsf(row[k]) : largest;
+    float s = largest / 127.0f;
+    if (s == 0.0f) s = 1.0f;
+    scale[n] = s;
+    #pragma omp simd
+    for (int64_t k = 0; k < in; k++) {  /* clamped first (the same result: the bounds are integers), then rounded */
+      float v = row[k] / s;
+      v = v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v;
+      qrow[k] = (int8_t)((v + ROUND_EVEN) - ROUND_EVEN);
+    }
   }
 }
