@@ -17,6 +17,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class Int8Kernel:
     def __init__(self, library: Path):
         self.library = library
         self._lib = ctypes.CDLL(str(library))
+        if not self._lib.ngpt_int8_supported():
+            raise OSError(f"{library.name} was built for instructions this CPU does not have")
         self._lib.ngpt_int8_path.restype = ctypes.c_char_p
         self.path = self._lib.ngpt_int8_path().decode()
         self._fn = self._lib.ngpt_int8_linear
@@ -45,25 +48,18 @@ class Int8Kernel:
         self._quantize.restype = None
         self._quantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
 
-    def __call__(self, x, weight, scales, bias, out, threads: int) -> None:
-        """out (rows, out) = x (rows, in) @ (weight * scales[:, None]).T + bias: contiguous float32 x, scales,
-        bias (or None) and out, contiguous int8 weight (out, in), all on the CPU."""
+    def __call__(self, x, weight, scales, bias, out, rows: int, threads: int) -> None:
+        """out = x @ (weight * scales[:, None]).T + bias for `rows` rows: contiguous float32 x (rows, in) and out
+        (rows, out) in any shape of that size, float32 scales and bias (or None) of out values, contiguous int8
+        weight (out, in), all on the CPU (the caller checks: `precision.int8_linear`)."""
         self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
-                 out.data_ptr(), x.size(0), weight.size(0), weight.size(1), threads)
+                 out.data_ptr(), rows, weight.size(0), weight.size(1), threads)
 
     def quantize(self, weight, quantized, scales, threads: int) -> None:
         """quantized (out, in) int8 and scales (out,) float32 of a contiguous float32 weight (out, in) on the CPU:
         `precision.quantize_rows`' formula, bit for bit."""
         self._quantize(weight.data_ptr(), quantized.data_ptr(), scales.data_ptr(), weight.size(0), weight.size(1),
                        threads)
-
-    def bind(self, weight, scales, bias):
-        """call(x (rows, in), out (rows, out), rows, threads) for these weights (contiguous, as in __call__), which
-        the caller keeps alive: a decoding step's products pay no more than the foreign call."""
-        fn, out_features, in_features = self._fn, weight.size(0), weight.size(1)
-        w, s, b = weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr()
-        return lambda x, out, rows, threads: fn(x.data_ptr(), w, s, b, out.data_ptr(), rows, out_features,
-                                                in_features, threads)
 
 
 def _cpu_key() -> str:
@@ -82,23 +78,39 @@ def library_path(extra_flags: tuple[str, ...] = (), folder: Path | None = None) 
     return (folder or cache_dir() / "kernels") / f"int8_linear-{digest.hexdigest()[:16]}.so"
 
 
+def _trusted(library: Path) -> bool:
+    """A regular file (not a link), this user's, that nobody else can write: a library ngpt may load."""
+    try:
+        st = os.lstat(library)
+    except OSError:
+        return False
+    mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    return stat.S_ISREG(st.st_mode) and mine and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
 def build(extra_flags: tuple[str, ...] = (), folder: Path | None = None) -> Int8Kernel:
-    """The kernel, compiled first unless this CPU's library is in the cache already. Raises OSError or
-    subprocess.SubprocessError where it cannot be built or loaded."""
+    """The kernel, compiled first unless this CPU's library is in the cache already (as a file of this user's
+    that loads: anything else at its name is replaced). Raises OSError or subprocess.SubprocessError where it
+    cannot be built or loaded."""
     library = library_path(extra_flags, folder)
-    if not library.is_file():
-        compiler = shutil.which(os.environ.get("CC") or "cc")
-        if compiler is None:
-            raise FileNotFoundError("no C compiler (set CC)")
-        library.parent.mkdir(parents=True, exist_ok=True)
-        work = temp_folder(library)
+    if _trusted(library):
         try:
-            built = work / library.name
-            subprocess.run([compiler, *FLAGS, *extra_flags, str(SOURCE), "-o", str(built), *LIBS], check=True,
-                           capture_output=True, timeout=BUILD_SECONDS, stdin=subprocess.DEVNULL)
-            os.replace(built, library)  # whole or not at all: a concurrent build renames the same bytes
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            return Int8Kernel(library)
+        except (OSError, AttributeError):  # a truncated or foreign file: built again below
+            pass
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None:
+        raise FileNotFoundError("no C compiler (set CC)")
+    library.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    work = temp_folder(library)
+    try:
+        built = work / library.name
+        subprocess.run([compiler, *FLAGS, *extra_flags, str(SOURCE), "-o", str(built), *LIBS], check=True,
+                       capture_output=True, timeout=BUILD_SECONDS, stdin=subprocess.DEVNULL)
+        os.chmod(built, 0o755)
+        os.replace(built, library)  # whole or not at all; a link planted at the name is replaced, not followed
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return Int8Kernel(library)
 
 

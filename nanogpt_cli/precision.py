@@ -32,7 +32,8 @@ QUANTIZE = ("none", "int8")
 
 class Int8Linear(nn.Module):
     """A Linear whose weight (out, in) is int8 with one scale per output channel: w ~ weight * scales[:, None].
-    The product runs in bfloat16 (what the int8 kernel takes), its result is cast back to the input's dtype."""
+    The product is `int8_linear`'s: ngpt's native kernel in float32 for a few float32 rows on a CPU, torch's
+    kernel in bfloat16 otherwise, its result cast back to the input's dtype."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -41,6 +42,7 @@ class Int8Linear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in) int8
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.register_buffer("scales", scales)  # (out,) bfloat16
+        self.float_scales = FloatScales()  # the same in float32, for the native kernel
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -49,27 +51,11 @@ class Int8Linear(nn.Module):
         return cls(quantized, scales, bias)
 
     def forward(self, x):
-        return int8_linear(x, self.weight, self.scales, self.bias)
+        return int8_linear(x, self.weight, self.scales, self.bias, self.float_scales)
 
     def bound_forward(self):  # see model.bound
-        weight, scales, bias = self.weight, self.scales, self.bias
-        float_scales = scales.float().contiguous()  # the bf16 values exactly, for the native kernel
-        kernel = native.int8_kernel() if weight.device.type == "cpu" and weight.is_contiguous() else None
-        if kernel is None or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
-            return lambda x: int8_linear(x, weight, scales, bias, float_scales)
-        call, out_features, threads = kernel.bind(weight, float_scales, bias), weight.size(0), torch.get_num_threads
-
-        def forward(x):  # int8_linear's native branch, its checks on the weights made once
-            rows = x.numel() // weight.size(1)
-            if (x.dtype != torch.float32 or not 0 < rows <= NATIVE_MAX_ROWS or x.device.type != "cpu"
-                    or (x.requires_grad and torch.is_grad_enabled())):
-                return int8_linear(x, weight, scales, bias, float_scales)
-            x = x.contiguous()
-            out = x.new_empty(*x.shape[:-1], out_features)
-            call(x, out, rows, threads())
-            return out
-
-        return forward
+        weight, scales, bias, float_scales = self.weight, self.scales, self.bias, self.float_scales
+        return lambda x: int8_linear(x, weight, scales, bias, float_scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -105,24 +91,43 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized, scales.to(torch.bfloat16)
 
 
+class FloatScales:
+    """An Int8Linear's bf16 scales as float32 (the same values), made again whenever the scales change: another
+    tensor, or the same one written in place (its version counter; an inference tensor has none, so for one
+    they are made at every call)."""
+
+    def __init__(self):
+        self._key, self._value = None, None
+
+    def __call__(self, scales: torch.Tensor) -> torch.Tensor:
+        key = (scales.data_ptr(), scales.shape, None if scales.is_inference() else scales._version)
+        if key != self._key or key[2] is None:
+            self._key, self._value = key, scales.float().contiguous()
+        return self._value
+
+
 NATIVE_MAX_ROWS = 16  # more rows (a prefill) go to torch's kernel, which computes a large product faster
 
 
-def int8_linear(x, weight, scales, bias, float_scales=None):
+def int8_linear(x, weight, scales, bias, float_scales: FloatScales | None = None):
     """x @ (weight * scales[:, None]).T + bias. Float32 rows on a CPU, up to NATIVE_MAX_ROWS of them, go through
-    ngpt's native kernel in float32 (`native.int8_kernel`) where it could be built; the rest through torch's
-    `_weight_int8pack_mm`, the product in bfloat16, cast back to x's dtype."""
+    ngpt's native kernel in float32 (`native.int8_kernel`) where it could be built; the rest, and anything the
+    kernel does not take (another dtype or device, autograd recording, shapes that do not fit), through torch's
+    `_weight_int8pack_mm`, the product in bfloat16, cast back to x's dtype (torch's checks and errors)."""
     shape = x.shape
-    rows = x.numel() // shape[-1] if shape[-1] else 0
-    if (0 < rows <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and (bias is None or bias.dtype == torch.float32) and weight.is_contiguous()):
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features if in_features else 0
+    if (0 < rows <= NATIVE_MAX_ROWS and shape[-1] == in_features and x.dtype is torch.float32 and x.is_cpu
+            and weight.dtype is torch.int8 and weight.is_cpu and weight.is_contiguous() and scales.is_cpu
+            and scales.dim() == 1 and scales.numel() == out_features
+            and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu and bias.dim() == 1
+                                  and bias.numel() == out_features))
+            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
         kernel = native.int8_kernel()
         if kernel is not None:
-            out = torch.empty(*shape[:-1], weight.size(0), dtype=torch.float32)
-            float_scales = scales.float().contiguous() if float_scales is None else float_scales
-            kernel(x.reshape(rows, shape[-1]).contiguous(), weight, float_scales,
-                   None if bias is None else bias.contiguous(), out, torch.get_num_threads())
+            out = x.new_empty(*shape[:-1], out_features)
+            kernel(x if x.is_contiguous() else x.contiguous(), weight, (float_scales or FloatScales())(scales),
+                   None if bias is None else bias.contiguous(), out, rows, torch.get_num_threads())
             return out
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), weight, scales)  # (rows, out)
     y = y.view(*shape[:-1], weight.size(0)).to(x.dtype)

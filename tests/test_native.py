@@ -54,7 +54,7 @@ def test_the_kernel_equals_the_formula_on_every_path_and_shape(tmp_path, extra, 
             bias = torch.randn(out_features) if has_bias else None
             x = torch.randn(rows, in_features)
             out = torch.full((rows, out_features), float("nan"))
-            kernel(x, weight, scales, bias, out, threads=2)
+            kernel(x, weight, scales, bias, out, rows, threads=2)
             expected = reference(x, weight, scales, bias)
             scale = expected.abs().max().item() + 1.0
             assert (out.double() - expected).abs().max().item() <= 1e-5 * scale, (rows, out_features, in_features)
@@ -126,27 +126,20 @@ def test_int8_linear_takes_the_kernel_for_float32_rows_and_torchs_for_the_rest(m
     assert linear(x).requires_grad  # recorded by autograd: torch's kernel, which it can differentiate through
 
 
-@needs_cc
-def test_the_scales_follow_a_load_into_the_module(monkeypatch):
-    torch.manual_seed(0)
-    linear = Int8Linear.from_linear(torch.nn.Linear(64, 16))
-    x = torch.randn(1, 64)
-    before = linear(x)
-    with torch.no_grad():
-        linear.scales.mul_(2)  # in place, as load_state_dict copies
-    assert torch.allclose(linear(x) - linear.bias, 2 * (before - linear.bias), atol=1e-5)
-
-
-def quantize_formula(weight):
-    """precision.quantize_rows' formula on the whole matrix at once, in torch's ops."""
-    scales = weight.abs().amax(dim=1) / 127
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+def torch_quantize_rows(weight, monkeypatch):
+    """precision.quantize_rows by torch's ops alone (no native kernel)."""
+    with monkeypatch.context() as m:
+        m.setenv("NGPT_NATIVE", "0")
+        native._int8_kernel.cache_clear()
+        try:
+            return precision.quantize_rows(weight)
+        finally:
+            native._int8_kernel.cache_clear()
 
 
 @needs_cc
 @pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
-def test_the_native_quantization_is_the_formula_bit_for_bit(tmp_path, extra, path):
+def test_the_native_quantization_is_the_formula_bit_for_bit(tmp_path, monkeypatch, extra, path):
     kernel = native.build(extra, folder=tmp_path)
     torch.manual_seed(0)
     weight = torch.randn(50, 77) * torch.logspace(-30, 3, 50)[:, None]  # tiny rows to large ones
@@ -154,10 +147,15 @@ def test_the_native_quantization_is_the_formula_bit_for_bit(tmp_path, extra, pat
     weight[7, :] = torch.arange(77) - 38.5  # halves of a scale: ties, rounded to even
     weight[7, 0] = 127.0  # its largest |w|: scale 1 exactly
     weight[9, :] = 1e-42  # subnormal
+    weight[11, 5] = -0.0
+    weight[13, 2] = float("inf")  # a scale of inf: inf / inf is NaN, cast to 0
+    weight[15, 40] = float("nan")  # a NaN scale and zeros, as torch's ops give
+    weight[17, :] = float("nan")
     quantized, scales = torch.empty(50, 77, dtype=torch.int8), torch.empty(50)
     kernel.quantize(weight, quantized, scales, threads=2)
-    expected, expected_scales = quantize_formula(weight)
-    assert torch.equal(scales, expected_scales) and torch.equal(quantized, expected)
+    expected, expected_scales = torch_quantize_rows(weight, monkeypatch)
+    assert torch.equal(scales.to(torch.bfloat16).view(torch.int16), expected_scales.view(torch.int16))  # NaN too
+    assert torch.equal(quantized, expected)
 
 
 @needs_cc
@@ -166,11 +164,56 @@ def test_quantize_rows_takes_the_kernel_for_contiguous_float32_and_gives_the_sam
     torch.manual_seed(0)
     weight = torch.randn(300, 96)
     native_result = precision.quantize_rows(weight)
-    monkeypatch.setenv("NGPT_NATIVE", "0")
-    native._int8_kernel.cache_clear()
-    try:
-        torch_result = precision.quantize_rows(weight)
-    finally:
-        monkeypatch.undo()
-        native._int8_kernel.cache_clear()
+    torch_result = torch_quantize_rows(weight, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(native_result, torch_result, strict=True))
+
+
+@needs_cc
+def test_inputs_the_kernel_cannot_take_go_to_torchs_kernel_and_its_errors():
+    torch.manual_seed(0)
+    linear = Int8Linear.from_linear(torch.nn.Linear(96, 40))
+    for forward in (linear, linear.bound_forward()):
+        for x in (torch.randn(1, 32), torch.randn(2, 200), torch.randn(3, 50)):  # rows that do not fit its inputs
+            with pytest.raises(RuntimeError):
+                forward(x)
+        x = torch.randn(4, 96)[:, ::2].repeat(1, 2)  # strided rows are made contiguous first
+        assert torch.allclose(forward(x), reference(x, linear.weight, linear.scales.float(), linear.bias).float(),
+                              atol=1e-5)
+
+
+@needs_cc
+def test_a_bound_forward_follows_the_modules_tensors():
+    torch.manual_seed(0)
+    linear = Int8Linear.from_linear(torch.nn.Linear(64, 16))
+    bound, x = linear.bound_forward(), torch.randn(1, 64)
+    before = bound(x) - linear.bias
+    with torch.no_grad():
+        linear.scales.mul_(2)  # in place, as load_state_dict copies
+    assert torch.allclose(bound(x) - linear.bias, 2 * before, atol=1e-5)
+    assert torch.allclose(linear(x) - linear.bias, 2 * before, atol=1e-5)
+    linear.weight.data = -linear.weight.data.clone()  # other storage: the old one may be freed
+    linear.bias.data = torch.zeros(16)
+    assert torch.allclose(bound(x), -2 * before, atol=1e-5)
+    with torch.inference_mode():  # scales made under inference mode have no version: made again at every call
+        quantized = Int8Linear.from_linear(torch.nn.Linear(64, 16))
+        value = quantized(x)
+        quantized.scales.mul_(4)  # exact in bf16
+        assert torch.allclose(quantized(x) - quantized.bias, 4 * (value - quantized.bias), atol=1e-5)
+
+
+@needs_cc
+def test_anything_but_this_users_own_library_at_its_name_is_built_again(tmp_path):
+    library = native.library_path(folder=tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    elsewhere = tmp_path / "elsewhere.so"
+    elsewhere.write_bytes(b"not a library")
+    library.symlink_to(elsewhere)  # a planted link: replaced, its target left alone
+    kernel = native.build(folder=tmp_path)
+    assert not library.is_symlink() and elsewhere.read_bytes() == b"not a library" and kernel.path
+    broken = native.library_path(folder=tmp_path / "broken")
+    broken.parent.mkdir()
+    broken.write_bytes(b"truncated")  # a broken library (never loaded): built again
+    assert native.build(folder=broken.parent).path == kernel.path and broken.stat().st_size > 1000
+    library.chmod(0o777)  # writable by others: built again
+    native.build(folder=tmp_path)
+    assert library.stat().st_mode & 0o022 == 0
