@@ -30,7 +30,13 @@ class KVCache:
     memory; `frozen` rows of it sit a forward out: they write into a spare position past block_size,
     keep their length, and their outputs are to be ignored. The buffer is allocated on the first
     update, in the dtype of the keys (so autocast's bf16 keys are stored as bf16), unless `dtype` is given.
+    It is zeroed as the rows reach it, ZERO_CHUNK positions at a time ahead of every write (`positions`):
+    a row shorter than the longest attends to positions it never wrote through a mask, which keeps their
+    keys out but would let a NaN of uninitialised memory through in a value. Zeroing the whole block up front
+    cost GPT-2 124M's `ngpt sample` (10 rows) 0.2 s and 756 MB for a 1024-token block it rarely fills.
     """
+
+    ZERO_CHUNK = 64
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype=None):
         head_size = config.n_embd // config.n_head
@@ -38,10 +44,24 @@ class KVCache:
         # one position more than a row can hold: where frozen rows write
         self.shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size + 1, head_size)
         self.device, self.dtype = torch.device(device), dtype
-        self.buffer = None if dtype is None else torch.zeros(self.shape, device=device, dtype=dtype)
+        self.buffer, self.zeroed = None, 0  # positions [0, zeroed) of every row are zeroed or written
+        if dtype is not None:
+            self._allocate(dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # on the CPU: read without waiting for the device
         self.root, self.row_range, self.frozen = self, slice(0, batch_size), None
         self._begin()
+
+    def _allocate(self, dtype) -> None:
+        self.buffer = torch.empty(self.shape, device=self.device, dtype=dtype)
+        self.buffer[:, :, :, :, self.block_size].zero_()  # frozen rows' spare position
+
+    def _zero_until(self, end: int) -> None:
+        """Zero every row's positions up to end (and a chunk beyond) that nothing has written yet."""
+        root = self.root
+        if root.buffer is not None and end > root.zeroed:
+            stop = min(self.block_size, max(end, root.zeroed + self.ZERO_CHUNK))
+            root.buffer[:, :, :, :, root.zeroed:stop].zero_()
+            root.zeroed = stop
 
     def rows(self, row_range: slice, frozen: torch.Tensor | None = None) -> KVCache:
         """The cache of rows row_range (a view: writes go to this cache); frozen (bool, one per row) marks the
@@ -61,6 +81,7 @@ class KVCache:
         """Begin a forward of t new tokens per row: their positions, (t,) when every row is at the same length,
         else (B, 1) (rows at different lengths take one token at a time)."""
         self._begin()
+        self._zero_until(self.longest + t)  # every write and read of this forward is below longest + t
         if self.aligned:  # a chunk after a filled cache: query i sees the keys up to longest + i
             chunk = t > 1 and not self.empty
             self._mask = torch.ones(t, self.longest + t, dtype=torch.bool, device=self.device).tril(
@@ -80,7 +101,8 @@ class KVCache:
         (B, nh, longest + T, hs) and the attention mask (None: every query sees every key before it)."""
         root = self.root
         if root.buffer is None:
-            root.buffer = torch.zeros(root.shape, device=root.device, dtype=k.dtype)
+            root._allocate(k.dtype)
+            self._zero_until(self.longest + k.size(2))
         keys, values = root.buffer[layer, 0, self.row_range], root.buffer[layer, 1, self.row_range]
         T = k.size(2)
         end = self.longest + T

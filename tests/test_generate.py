@@ -261,6 +261,36 @@ def test_rows_at_different_lengths_give_each_its_own_full_forward_logits():
         assert cache.lengths.tolist() == [7, 12, 9, 0]  # the frozen row kept its length
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_no_row_reads_cache_memory_that_nothing_wrote_or_zeroed(monkeypatch, chunk):
+    """The buffer starts uninitialised (here: NaN everywhere but the spare position) and is zeroed ahead of the
+    writes: a row shorter than the longest, whose masked positions are below the longest row's, still gets its
+    own full forward's logits, with the frontier a position ahead (chunk 1) or further."""
+    allocate = KVCache._allocate
+
+    def poisoned(self, dtype):
+        allocate(self, dtype)
+        self.buffer[:, :, :, :, :self.block_size].fill_(float("nan"))
+
+    monkeypatch.setattr(KVCache, "_allocate", poisoned)
+    monkeypatch.setattr(KVCache, "ZERO_CHUNK", chunk)
+    model = tiny(block_size=32, zero_init_proj=False)
+    prompts = [torch.randint(50, (1, length)) for length in (2, 7, 4)]
+    cache = KVCache(model.config, 4, "cpu")
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):
+            model(prompt, kv_cache=cache.rows(slice(row, row + 1)))
+        frozen = torch.tensor([False, False, False, True])
+        for _ in range(6):
+            nxt = torch.randint(50, (4, 1))
+            logits, _ = model(nxt, kv_cache=cache.rows(slice(0, 4), frozen))
+            for row in range(3):
+                prompts[row] = torch.cat([prompts[row], nxt[row:row + 1]], 1)
+                torch.testing.assert_close(logits[row], model(prompts[row])[0][0], atol=1e-5, rtol=1e-5)
+    assert cache.zeroed >= 13 and (chunk > 1 or cache.zeroed == 13)  # the longest row's 13 positions, no more
+    assert torch.isnan(cache.buffer[:, :, :, :, cache.zeroed:cache.block_size]).all()  # never touched
+
+
 def test_greedy_output_is_the_same_alone_and_in_a_batch_of_other_prompts():
     """Prompts of different lengths (one longer than block_size) join a 5-slot batch at different steps, decode past
     block_size (each request rebuilds its rows on its own) and leave when done."""
