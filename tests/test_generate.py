@@ -242,23 +242,28 @@ def test_the_loop_gives_what_ngpt_sample_prints_for_a_seed(tmp_path, use_cache):
 # ---------------------------------------------------------------- the batch: requests of their own lengths
 
 
-def test_rows_at_different_lengths_give_each_its_own_full_forward_logits():
-    model = tiny(block_size=32)
+def decode_rows_of_their_own_lengths(model, cache: KVCache, steps: int) -> None:
+    """Prefill rows 0-2 of a 4-row cache with prompts of 2, 7 and 4 tokens, then decode `steps` tokens with row 3
+    free and sitting the steps out, each row's logits checked against its own full forward."""
     prompts = [torch.randint(50, (1, length)) for length in (2, 7, 4)]
-    cache = KVCache(model.config, 4, "cpu")  # row 3 stays free and sits the steps out
     with torch.inference_mode():
         for row, prompt in enumerate(prompts):
             model(prompt, kv_cache=cache.rows(slice(row, row + 1)))
         assert cache.lengths.tolist() == [2, 7, 4, 0]
         frozen = torch.tensor([False, False, False, True])
-        for _ in range(5):
+        for _ in range(steps):
             nxt = torch.randint(50, (4, 1))
             logits, _ = model(nxt, kv_cache=cache.rows(slice(0, 4), frozen))
             for row in range(3):
                 prompts[row] = torch.cat([prompts[row], nxt[row:row + 1]], 1)
                 full, _ = model(prompts[row])
                 torch.testing.assert_close(logits[row], full[0], atol=1e-5, rtol=1e-5)
-        assert cache.lengths.tolist() == [7, 12, 9, 0]  # the frozen row kept its length
+    assert cache.lengths.tolist() == [2 + steps, 7 + steps, 4 + steps, 0]  # the frozen row kept its length
+
+
+def test_rows_at_different_lengths_give_each_its_own_full_forward_logits():
+    model = tiny(block_size=32)
+    decode_rows_of_their_own_lengths(model, KVCache(model.config, 4, "cpu"), steps=5)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
@@ -275,18 +280,8 @@ def test_no_row_reads_cache_memory_that_nothing_wrote_or_zeroed(monkeypatch, chu
     monkeypatch.setattr(KVCache, "_allocate", poisoned)
     monkeypatch.setattr(KVCache, "ZERO_CHUNK", chunk)
     model = tiny(block_size=32, zero_init_proj=False)
-    prompts = [torch.randint(50, (1, length)) for length in (2, 7, 4)]
     cache = KVCache(model.config, 4, "cpu")
-    with torch.inference_mode():
-        for row, prompt in enumerate(prompts):
-            model(prompt, kv_cache=cache.rows(slice(row, row + 1)))
-        frozen = torch.tensor([False, False, False, True])
-        for _ in range(6):
-            nxt = torch.randint(50, (4, 1))
-            logits, _ = model(nxt, kv_cache=cache.rows(slice(0, 4), frozen))
-            for row in range(3):
-                prompts[row] = torch.cat([prompts[row], nxt[row:row + 1]], 1)
-                torch.testing.assert_close(logits[row], model(prompts[row])[0][0], atol=1e-5, rtol=1e-5)
+    decode_rows_of_their_own_lengths(model, cache, steps=6)
     assert cache.zeroed >= 13 and (chunk > 1 or cache.zeroed == 13)  # the longest row's 13 positions, no more
     assert torch.isnan(cache.buffer[:, :, :, :, cache.zeroed:cache.block_size]).all()  # never touched
 
