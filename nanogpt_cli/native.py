@@ -23,6 +23,7 @@ from pathlib import Path
 
 from nanogpt_cli.atomic import temp_folder
 from nanogpt_cli.config import cache_dir
+from nanogpt_cli.cpu_tuning import _cpuinfo_field, cpu_model
 
 SOURCE = Path(__file__).with_name("kernels") / "int8_linear.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -65,12 +66,8 @@ class Int8Kernel:
 def _cpu_key() -> str:
     """What `-march=native` builds for: the CPU's model and feature flags (a cache shared between machines
     must not hand one CPU another's instructions)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        return platform.machine() + "".join(dict.fromkeys(lines))  # every core repeats them
-    except OSError:  # not Linux: platform.processor() (on Linux it would run `uname -p`, 0.1 s of a start-up)
-        return f"{platform.machine()} {platform.processor()}"
+    flags = _cpuinfo_field("flags") or _cpuinfo_field("Features") or ""  # x86, ARM
+    return f"{platform.machine()} {cpu_model()} {flags}"
 
 
 def library_path(extra_flags: tuple[str, ...] = (), folder: Path | None = None) -> Path:
