@@ -45,12 +45,14 @@ def cpu_features() -> dict:
         features["torch_capability"] = None
     from nanogpt_cli import native
     from nanogpt_cli.cpu_tuning import cpu_has_fast_bf16, cpu_model
-    from nanogpt_cli.precision import cpu_linear_kernel
+    from nanogpt_cli.precision import cpu_linear_kernel, float_rows_native
 
     features["fast_bf16"] = cpu_has_fast_bf16()
     features["model"] = cpu_model()
     features["inference_matmuls"] = cpu_linear_kernel()  # what runs the Linear products of sample, serve and eval here
     features["int8_matmuls"] = native.int8_kernel_status()  # what runs --quantize int8's products (built if need be)
+    features["float32_batch_matmuls"] = ("ngpt's native kernel" if float_rows_native(features["inference_matmuls"])
+                                         else "as the inference matmuls")  # 2-16 float32 rows a decoding step
     return features
 
 

@@ -1,4 +1,6 @@
-"""The one native kernel: weight-only int8 products on a CPU at the speed of memory (`kernels/int8_linear.c`).
+"""The one native kernel: weight-only int8 products on a CPU at the speed of memory (`kernels/int8_linear.c`),
+and in the same file the float32 product of a batched decoding step's few rows, which oneDNN and MKL compute
+far from the bandwidth on an AVX2 EPYC (`precision.onednn_linear`).
 
 torch has no weight-only int8 product that streams at the bandwidth on a CPU: `_weight_int8pack_mm` is
 compute-bound (on a 2-core Xeon with AMX it reads GPT-2 124M's int8 matrices at 11-12 GB/s where a read runs at
@@ -45,6 +47,9 @@ class Int8Kernel:
         self._fn = self._lib.ngpt_int8_linear
         self._fn.restype = None
         self._fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        self._float = self._lib.ngpt_f32_linear
+        self._float.restype = None
+        self._float.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         self._quantize = self._lib.ngpt_int8_quantize
         self._quantize.restype = None
         self._quantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
@@ -55,6 +60,13 @@ class Int8Kernel:
         weight (out, in), all on the CPU (the caller checks: `precision.int8_linear`)."""
         self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
                  out.data_ptr(), rows, weight.size(0), weight.size(1), threads)
+
+    def float_linear(self, x, weight, bias, out, rows: int, threads: int) -> None:
+        """out = x @ weight.T + bias for `rows` rows, all float32 on the CPU: contiguous x (rows, in) and out
+        (rows, out) in any shape of that size, contiguous weight (out, in), bias (or None) of out values (the
+        caller checks: `precision.onednn_linear`). The product of a batched decoding step's few rows."""
+        self._float(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                    rows, weight.size(0), weight.size(1), threads)
 
     def quantize(self, weight, quantized, scales, threads: int) -> None:
         """quantized (out, in) int8 and scales (out,) float32 of a contiguous float32 weight (out, in) on the CPU:

@@ -11,7 +11,8 @@ channel), a CPU kernel; elsewhere `--quantize int8` is refused. On a CPU, a bf16
 one-row matrix product (`VectorLinear`), and float32 weights that decode 4 rows or more at once are stored
 transposed, which MKL's GEMM of a few rows streams 1.2-1.8x faster (`transposed_storage`). On x86 CPUs that are
 not Intel's, MKL (torch's BLAS, which runs every float32 Linear) is far from the bandwidth, so there the
-products go through oneDNN (`OneDNNLinear`) and weights decoding 2 rows or more are stored transposed.
+products go through oneDNN (`OneDNNLinear`), and a batched step's few float32 rows through ngpt's native kernel
+(`float_rows_native`; where it cannot be built, weights decoding 2 rows or more are stored transposed instead).
 docs/performance.md has the measurements.
 """
 
@@ -188,11 +189,38 @@ ONEDNN_DTYPES = _onednn_dtypes()
 
 
 def onednn_linear(x, weight, bias):
-    """F.linear(x, weight, bias) through oneDNN where it can run (see `OneDNNLinear`), else F.linear."""
+    """F.linear(x, weight, bias) through oneDNN where it can run (see `OneDNNLinear`), else F.linear; a float32
+    product of 2 to NATIVE_MAX_ROWS rows (a batched decoding step) through ngpt's native kernel where
+    `float_rows_native` and the weight is stored (out, in)."""
     if (x.dtype not in ONEDNN_DTYPES or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu")
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))):
         return F.linear(x, weight, bias)
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features if in_features else 0
+    if (1 < rows <= NATIVE_MAX_ROWS and x.dtype is torch.float32 and x.shape[-1] == in_features
+            and weight.is_contiguous() and (bias is None or (bias.dtype is torch.float32 and bias.dim() == 1
+                                                             and bias.numel() == out_features))
+            and float_rows_native("onednn")):
+        out = x.new_empty(*x.shape[:-1], out_features)
+        native.int8_kernel().float_linear(x if x.is_contiguous() else x.contiguous(), weight,
+                                          None if bias is None else bias.contiguous(), out, rows,
+                                          torch.get_num_threads())
+        return out
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def float_rows_native(kernel: str) -> bool:
+    """Whether float32 products of a few rows go through ngpt's native kernel with this CPU's Linear `kernel`:
+    on the oneDNN route, where it builds for AVX2 (not AVX512). On an AVX2 EPYC (Zen 3, 2 cores) it computes
+    GPT-2 124M's matrices for 2-4 rows in 15-16 ms and for 8 rows in 23 ms, against oneDNN's 29-35 and 41-46 ms
+    (16.6 ms for one row), with the weights as loaded. On the AVX512 EPYC (Zen 5) oneDNN on transposed weights
+    measured 13.4 ms for 2 rows and 21.2 for 8, near the read; the kernel is unmeasured there, so that route
+    stays, as does MKL's (Intel), measured with transposed weights."""
+    if kernel != "onednn":
+        return False
+    built = native.int8_kernel()
+    return built is not None and built.path == "avx2"
 
 
 def retype_linears(model: nn.Module, cls: type[nn.Linear]) -> nn.Module:
@@ -274,7 +302,8 @@ def for_inference(model: nn.Module, device: torch.device, dtype: str, quantize: 
     """The model (eval mode, on device) with its weights in the precision asked for: cast to dtype unless it is
     float32, then its matrices quantized to int8 if quantize is "int8"; on a CPU, laid out for the kernels that
     stream them fastest for `rows` rows a decoding step (`cpu_linear_kernel`: oneDNN's, or MKL's with bf16's one
-    row through `VectorLinear`; float32 batches: `transposed_storage`)."""
+    row through `VectorLinear`; float32 batches: `transposed_storage`, or as loaded where `float_rows_native`).
+    """
     check_precision(device, dtype, quantize)
     model = model.eval().to(device)
     if dtype != "float32":
@@ -288,7 +317,8 @@ def for_inference(model: nn.Module, device: torch.device, dtype: str, quantize: 
         model = retype_linears(model, OneDNNLinear)
     elif dtype == "bfloat16" and cpu_has_fast_bf16():  # measured with AMX (see above)
         model = vector_linears(model)
-    if dtype == "float32" and quantize == "none" and rows >= TRANSPOSED_FROM_ROWS[kernel]:
+    if (dtype == "float32" and quantize == "none" and rows >= TRANSPOSED_FROM_ROWS[kernel]
+            and not float_rows_native(kernel)):
         model = transposed_storage(model)
     return model
 

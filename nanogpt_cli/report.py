@@ -293,7 +293,8 @@ def environment_rows(report: dict) -> list[tuple[str, str]]:
         ("CPU", f"{cpu['model']}"),
         ("CPU features", ", ".join(f"{name.upper().replace('_', '-')} {_yes_no(cpu[name])}" for name in CPU_FLAGS)
          + f"; torch kernels: {cpu['torch_capability'] or 'unknown'}; inference matmuls: "
-         + MATMUL_KERNELS.get(cpu.get("inference_matmuls"), "-") + "; int8 matmuls: " + cpu.get("int8_matmuls", "-")),
+         + MATMUL_KERNELS.get(cpu.get("inference_matmuls"), "-") + "; float32 batches of 2-16 rows: "
+         + cpu.get("float32_batch_matmuls", "-") + "; int8 matmuls: " + cpu.get("int8_matmuls", "-")),
         ("threads", f"torch {threads['torch']} (interop {threads['interop']}), {threads['cpu_count']} CPUs"
                     + (f", OMP_NUM_THREADS={threads['OMP_NUM_THREADS']}" if threads["OMP_NUM_THREADS"] else "")),
         ("packages", ", ".join(f"{name} {version}" for name, version in report["packages"].items() if version)

@@ -39,6 +39,7 @@ def test_cpu_features_and_compile_support():
     assert all(features[k] in (True, False, None) for k in ("avx2", "avx512", "avx512_bf16", "amx"))
     assert features["inference_matmuls"] in ("mkl", "onednn")
     assert features["int8_matmuls"].startswith(("ngpt's native kernel (", "torch's _weight_int8pack_mm ("))
+    assert features["float32_batch_matmuls"] in ("ngpt's native kernel", "as the inference matmuls")
     support = compile_support()
     assert support["usable"] == (support["torch_compile"] and support["inductor"] and bool(support["c_compiler"]))
     assert support["why"]

@@ -1,6 +1,6 @@
-"""The native int8 kernel (nanogpt_cli/kernels/int8_linear.c): built with the machine's compiler, equal to the
-formula on every instruction path and shape, reused from the cache, and replaced by torch's kernel where it
-cannot be built."""
+"""The native kernels (nanogpt_cli/kernels/int8_linear.c: int8 weights, and float32 products of a few rows):
+built with the machine's compiler, equal to the formula on every instruction path and shape, reused from the
+cache, and replaced by torch's kernel where it cannot be built."""
 
 from __future__ import annotations
 
@@ -58,6 +58,59 @@ def test_the_kernel_equals_the_formula_on_every_path_and_shape(tmp_path, extra, 
             expected = reference(x, weight, scales, bias)
             scale = expected.abs().max().item() + 1.0
             assert (out.double() - expected).abs().max().item() <= 1e-5 * scale, (rows, out_features, in_features)
+
+
+@needs_cc
+@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
+def test_the_float32_kernel_equals_the_product_on_every_path_and_shape(tmp_path, extra, path):
+    kernel = native.build(extra, folder=tmp_path)
+    assert kernel.path == path
+    torch.manual_seed(0)
+    # every tile shape (3 channels by 4 rows and their remainders) and every tail of a vector's length
+    for rows, out_features, in_features in [(1, 1, 1), (2, 3, 15), (4, 67, 16), (3, 5, 17), (5, 4, 63), (8, 9, 64),
+                                            (7, 2, 65), (16, 33, 100), (6, 130, 768), (2, 8, 3072 + 40)]:
+        for has_bias in (False, True):
+            weight = torch.randn(out_features, in_features)
+            bias = torch.randn(out_features) if has_bias else None
+            x = torch.randn(rows, in_features)
+            out = torch.full((rows, out_features), float("nan"))
+            kernel.float_linear(x, weight, bias, out, rows, threads=2)
+            expected = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+            scale = expected.abs().max().item() + 1.0
+            assert (out.double() - expected).abs().max().item() <= 1e-5 * scale, (rows, out_features, in_features)
+
+
+@needs_cc
+def test_onednn_linear_takes_the_float32_kernel_for_a_few_rows_only(monkeypatch):
+    kernel = native.int8_kernel()
+    assert kernel is not None, native.int8_kernel_status()
+    calls = []
+
+    class Counting:
+        path = "avx2"  # the CPUs whose few rows take it (`precision.float_rows_native`); it runs on any path
+
+        def float_linear(self, *args):
+            calls.append(args[4])  # rows
+            kernel.float_linear(*args)
+
+    monkeypatch.setattr(native, "int8_kernel", lambda: Counting())
+    torch.manual_seed(0)
+    linear = precision.retype_linears(torch.nn.Linear(96, 40), precision.OneDNNLinear)
+    with torch.inference_mode():
+        for shape in [(2, 1, 96), (precision.NATIVE_MAX_ROWS, 96), (3, 2, 96)]:  # decoding steps of 2-16 rows
+            x = torch.randn(shape)
+            got, bound = linear(x), linear.bound_forward()(x)
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, linear.weight, linear.bias))
+            assert torch.equal(bound, got)
+        assert calls == [2, 2, 16, 16, 6, 6]
+        linear(torch.randn(1, 1, 96))  # one row: oneDNN's matrix-vector product, measured at the bandwidth
+        linear(torch.randn(precision.NATIVE_MAX_ROWS + 1, 96))  # a prefill: oneDNN's GEMM
+    x = torch.randn(4, 96, requires_grad=True)
+    assert linear(x).requires_grad  # autograd recording: F.linear
+    precision.transposed_storage(linear)
+    with torch.inference_mode():
+        linear(torch.randn(4, 96))  # weights stored (in, out): oneDNN's
+    assert calls == [2, 2, 16, 16, 6, 6]
 
 
 @needs_cc

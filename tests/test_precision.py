@@ -128,6 +128,7 @@ def test_float32_weights_decoding_several_rows_are_stored_transposed(monkeypatch
     import nanogpt_cli.precision as precision
 
     monkeypatch.setattr(precision, "cpu_linear_kernel", lambda: kernel)
+    monkeypatch.setattr(precision.native, "int8_kernel", lambda: None)  # oneDNN's route without ngpt's kernel
     TRANSPOSED_FROM_ROWS = precision.TRANSPOSED_FROM_ROWS[kernel]
     one = for_inference(tiny_model(), CPU, "float32", rows=1)
     few = for_inference(tiny_model(), CPU, "float32", rows=TRANSPOSED_FROM_ROWS - 1)
@@ -154,6 +155,21 @@ def test_float32_weights_decoding_several_rows_are_stored_transposed(monkeypatch
                if isinstance(m, torch.nn.Linear))
     assert all(m.weight.is_contiguous() for m in for_inference(tiny_model(), CPU, "float32", "int8", rows=8).modules()
                if isinstance(m, Int8Linear))
+
+
+def test_float32_weights_keep_their_layout_where_the_native_kernel_takes_the_few_rows(monkeypatch):
+    import nanogpt_cli.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_linear_kernel", lambda: "onednn")
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(precision.native, "int8_kernel", lambda: SimpleNamespace(path="avx512"))
+    assert not precision.float_rows_native("onednn")  # measured there with oneDNN on transposed weights
+    monkeypatch.setattr(precision.native, "int8_kernel", lambda: SimpleNamespace(path="avx2"))
+    assert precision.float_rows_native("onednn") and not precision.float_rows_native("mkl")
+    many = for_inference(tiny_model(), CPU, "float32", rows=8)  # as loaded: no copy at start-up
+    linears = [m for m in many.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is precision.OneDNNLinear and m.weight.is_contiguous() for m in linears)
 
 
 def test_cpu_linear_kernel_is_onednn_on_x86_cpus_other_than_intels(monkeypatch):

@@ -130,3 +130,66 @@ void ngpt_int8_quantize(const float *w, int8_t *q, float *scale, int64_t out, in
     }
   }
 }
+
+/* y = x @ w.T + bias for float32 x (rows, in) and w (out, in), for the few rows of a batched decoding step.
+ *
+ * A step of 2-16 rows reads every weight once and does rows multiply-adds with each, so it should cost little
+ * more than a step of one. oneDNN's and MKL's products of such short, wide matrices do not get there on an AVX2
+ * EPYC (Zen 3, 2 cores: GPT-2 124M's 49 matrices for 8 rows in 43-46 ms and 72-78 ms, against 17-21 ms for one).
+ * Here a tile of 3 output channels by 4 rows keeps 12 accumulators in registers: each weight vector loaded is
+ * used for 4 rows, each row's vector for 3 channels, and the weight rows stream in order with the prefetch above.
+ */
+#ifdef VLEN
+__attribute__((always_inline)) static inline void f32_tile(const float *x, const float *w, const float *bias,
+                                                           float *y, int64_t in, int64_t out, int no, int nr) {
+  VEC acc[3][4];
+  for (int o = 0; o < 3; o++)
+    for (int r = 0; r < 4; r++) acc[o][r] = VZERO();
+  int64_t k = 0;
+  for (; k + VLEN <= in; k += VLEN) {
+    VEC wv[3];
+    for (int o = 0; o < no; o++) {
+      if ((k & 15) == 0) PREFETCH(w + o * in + k, 4 * PREFETCH_BYTES);
+      wv[o] = VLOAD(w + o * in + k);
+    }
+    for (int r = 0; r < nr; r++) {
+      VEC xv = VLOAD(x + r * in + k);
+      for (int o = 0; o < no; o++) acc[o][r] = VFMA(xv, wv[o], acc[o][r]);
+    }
+  }
+  for (int o = 0; o < no; o++)
+    for (int r = 0; r < nr; r++) {
+      float sum = vsum(acc[o][r]);
+      for (int64_t j = k; j < in; j++) sum += x[r * in + j] * w[o * in + j];
+      y[r * out + o] = sum + (bias ? bias[o] : 0.0f);
+    }
+}
+#endif
+
+void ngpt_f32_linear(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t out,
+                     int64_t in, int threads) {
+  int64_t groups = (out + 2) / 3;
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t g = 0; g < groups; g++) {
+    int64_t n = 3 * g;
+    int no = out - n < 3 ? (int)(out - n) : 3;
+    for (int64_t m = 0; m < rows; m += 4) {
+      int nr = rows - m < 4 ? (int)(rows - m) : 4;
+      const float *xm = x + m * in, *wn = w + n * in, *bn = bias ? bias + n : 0;
+      float *ym = y + m * out + n;
+#ifdef VLEN
+      if (no == 3 && nr == 4) f32_tile(xm, wn, bn, ym, in, out, 3, 4);  /* the constant shapes unrolled */
+      else if (no == 3) f32_tile(xm, wn, bn, ym, in, out, 3, nr);
+      else f32_tile(xm, wn, bn, ym, in, out, no, nr);
+#else
+      for (int o = 0; o < no; o++)
+        for (int r = 0; r < nr; r++) {
+          float sum = 0.0f;
+          #pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < in; j++) sum += xm[r * in + j] * wn[o * in + j];
+          ym[r * out + o] = sum + (bn ? bn[o] : 0.0f);
+        }
+#endif
+    }
+  }
+}
