@@ -388,6 +388,16 @@ def bound(module: nn.Module):
     return module
 
 
+def bound_residual(module: nn.Module):
+    """residual + module(x) as a function of (x, residual), bound as `bound` binds the module: a module says how
+    with a `bound_residual_forward` method (precision's Int8Linear, whose kernel adds the residual in the pass
+    that writes its product: the same sum, one op fewer between two weight streams)."""
+    if getattr(type(module), "bound_residual_forward", None) is not None:
+        return module.bound_residual_forward()
+    forward = bound(module)
+    return lambda x, residual: residual + forward(x)
+
+
 class DecodingStep:
     """`GPT.forward` at inference for one new token per row, every row filled to the same length of a KV cache
     (batch-1 decoding, and batches that started together): the same operations on the same tensors, spelled
@@ -414,8 +424,8 @@ class DecodingStep:
         self.rotary = (model.rope_cos, model.rope_sin) if config.position == "rope" else None
         self.ln_e = bound(tr.ln_e) if config.embedding_norm else None
         self.qk_norm = config.qk_norm
-        self.layers = [(bound(b.ln_1), bound(b.attn.c_attn), bound(b.attn.c_proj), bound(b.ln_2), bound(b.mlp.c_fc),
-                        bound(b.mlp.act), bound(b.mlp.c_proj)) for b in tr.h]
+        self.layers = [(bound(b.ln_1), bound(b.attn.c_attn), bound_residual(b.attn.c_proj), bound(b.ln_2),
+                        bound(b.mlp.c_fc), bound(b.mlp.act), bound_residual(b.mlp.c_proj)) for b in tr.h]
         self.ln_f, self.lm_head = bound(tr.ln_f), bound(model.lm_head)
         self.softcap = config.logit_softcap
 
@@ -445,8 +455,8 @@ class DecodingStep:
                 q = qkv[:, 0]
                 cache[:, :, :, start] = qkv[:, 1:].transpose(0, 1)  # keys and values in one copy
             y = F.scaled_dot_product_attention(q[:, :, None], cache[0, :, :, :end], cache[1, :, :, :end])
-            x = x + attn_proj(y.view(B, 1, nh * hs))  # (B, nh, 1, hs): the heads side by side already
-            x = x + mlp_proj(act(c_fc(ln_2(x))))
+            x = attn_proj(y.view(B, 1, nh * hs), x)  # x + c_proj(y); (B, nh, 1, hs): the heads side by side
+            x = mlp_proj(act(c_fc(ln_2(x))), x)  # x + the MLP's
         kv_cache.advance(1)
         logits = self.lm_head(self.ln_f(x))
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)

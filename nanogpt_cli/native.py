@@ -46,7 +46,7 @@ class Int8Kernel:
         self.path = self._lib.ngpt_int8_path().decode()
         self._fn = self._lib.ngpt_int8_linear
         self._fn.restype = None
-        self._fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        self._fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         self._float = self._lib.ngpt_f32_linear
         self._float.restype = None
         self._float.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -54,12 +54,14 @@ class Int8Kernel:
         self._quantize.restype = None
         self._quantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
 
-    def __call__(self, x, weight, scales, bias, out, rows: int, threads: int) -> None:
-        """out = x @ (weight * scales[:, None]).T + bias for `rows` rows: contiguous float32 x (rows, in) and out
-        (rows, out) in any shape of that size, float32 scales and bias (or None) of out values, contiguous int8
-        weight (out, in), all on the CPU (the caller checks: `precision.int8_linear`)."""
+    def __call__(self, x, weight, scales, bias, out, rows: int, threads: int, residual=None) -> None:
+        """out = x @ (weight * scales[:, None]).T + bias (+ residual, where given) for `rows` rows: contiguous
+        float32 x (rows, in), out and residual (rows, out) in any shape of that size, float32 scales and bias (or
+        None) of out values, contiguous int8 weight (out, in), all on the CPU (the caller checks:
+        `precision.int8_linear`). The sum is rounded as residual + (the product) would be."""
         self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
-                 out.data_ptr(), rows, weight.size(0), weight.size(1), threads)
+                 None if residual is None else residual.data_ptr(), out.data_ptr(), rows, weight.size(0),
+                 weight.size(1), threads)
 
     def float_linear(self, x, weight, bias, out, rows: int, threads: int) -> None:
         """out = x @ weight.T + bias for `rows` rows, all float32 on the CPU: contiguous x (rows, in) and out

@@ -55,8 +55,39 @@ class Int8Linear(nn.Module):
         return int8_linear(x, self.weight, self.scales, self.bias, self.float_scales)
 
     def bound_forward(self):  # see model.bound
+        """f(x, residual=None) = int8_linear(x, ..., residual) on this layer's tensors. Between two weight streams
+        a decoding step's Python runs cold, and int8_linear's checks of every tensor cost more than the kernel's
+        call. So where the native kernel takes the layer's tensors as they are now, they are checked here, once,
+        and each call checks only its rows and that the tensors are still the ones checked: the same storage (held
+        here, so that its address cannot become another tensor's) and the same scales (their version). Anything
+        else, and any call with autograd on, goes through int8_linear."""
         weight, scales, bias, float_scales = self.weight, self.scales, self.bias, self.float_scales
-        return lambda x: int8_linear(x, weight, scales, bias, float_scales)
+        kernel = native.int8_kernel()
+        if (kernel is None or scales.is_inference() or not native_weights(weight, scales, bias)
+                or not (bias is None or bias.is_contiguous())):
+            return lambda x, residual=None: int8_linear(x, weight, scales, bias, float_scales, residual)
+        in_features, out_features, version = self.in_features, self.out_features, scales._version
+        watched = [t for t in (weight, scales, bias) if t is not None]
+        held = [t.detach() for t in watched]  # the storage checked, alive as long as this function is
+        addresses = [t.data_ptr() for t in held]
+        scales32 = float_scales(scales)
+        pointers = (weight.data_ptr(), scales32.data_ptr(), None if bias is None else bias.data_ptr())
+        fn = kernel._fn
+
+        def forward(x, residual=None, _held=(held, scales32)):
+            rows = native_rows(x, in_features)
+            if (rows and not torch.is_grad_enabled() and scales._version == version
+                    and [t.data_ptr() for t in watched] == addresses
+                    and (residual is None or native_residual(residual, x, out_features))):
+                x = x if x.is_contiguous() else x.contiguous()
+                out = x.new_empty(*x.shape[:-1], out_features)
+                fn(x.data_ptr(), *pointers, None if residual is None else residual.data_ptr(), out.data_ptr(), rows,
+                   out_features, in_features, torch.get_num_threads())
+                return out
+            return int8_linear(x, weight, scales, bias, float_scales, residual)
+        return forward
+
+    bound_residual_forward = bound_forward  # see model.bound_residual: residual + self(x), the sum in the kernel
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -110,26 +141,55 @@ class FloatScales:
 NATIVE_MAX_ROWS = 16  # more rows (a prefill) go to torch's kernel, which computes a large product faster
 
 
-def int8_linear(x, weight, scales, bias, float_scales: FloatScales | None = None):
-    """x @ (weight * scales[:, None]).T + bias. Float32 rows on a CPU, up to NATIVE_MAX_ROWS of them, go through
-    ngpt's native kernel in float32 (`native.int8_kernel`) where it could be built; the rest, and anything the
-    kernel does not take (another dtype or device, autograd recording, shapes that do not fit), through torch's
-    `_weight_int8pack_mm`, the product in bfloat16, cast back to x's dtype (torch's checks and errors)."""
+def native_weights(weight, scales, bias) -> bool:
+    """Whether an int8 layer's tensors are ones the native kernel takes: a contiguous int8 weight (out, in), one
+    scale per output channel and a float32 bias (or none), all on the CPU, none recording autograd."""
+    out_features = weight.size(0)
+    return (weight.dtype is torch.int8 and weight.is_cpu and weight.dim() == 2 and weight.is_contiguous()
+            and scales.is_cpu and scales.dim() == 1 and scales.numel() == out_features
+            and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu and bias.dim() == 1
+                                  and bias.numel() == out_features
+                                  and not (torch.is_grad_enabled() and bias.requires_grad))))
+
+
+def native_rows(x, in_features: int) -> int:
+    """The rows of x the native kernel computes (float32 on the CPU, 1 to NATIVE_MAX_ROWS of in_features values,
+    not recording autograd), else 0."""
+    rows = x.numel() // in_features if in_features else 0
+    if (0 < rows <= NATIVE_MAX_ROWS and x.shape[-1] == in_features and x.dtype is torch.float32 and x.is_cpu
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return rows
+    return 0
+
+
+def native_residual(residual, x, out_features: int) -> bool:
+    """Whether the kernel adds a residual to the product of x's rows: contiguous float32 on the CPU, of the
+    product's shape (x's but for out_features last), not recording autograd."""
+    return (residual.dtype is torch.float32 and residual.is_cpu and residual.is_contiguous()
+            and residual.dim() == x.dim() and residual.shape[-1] == out_features
+            and residual.shape[:-1] == x.shape[:-1] and not (torch.is_grad_enabled() and residual.requires_grad))
+
+
+def int8_linear(x, weight, scales, bias, float_scales: FloatScales | None = None, residual=None):
+    """x @ (weight * scales[:, None]).T + bias, added to residual where given. Float32 rows on a CPU, up to
+    NATIVE_MAX_ROWS of them, go through ngpt's native kernel in float32 (`native.int8_kernel`) where it could be
+    built, with the residual's sum where it takes the residual (rounded as residual + the product would be); the
+    rest, and anything the kernel does not take (another dtype or device, autograd recording, shapes that do not
+    fit), through torch's `_weight_int8pack_mm`, the product in bfloat16, cast back to x's dtype (torch's checks
+    and errors), and then the residual's add."""
     shape = x.shape
     out_features, in_features = weight.shape
-    rows = x.numel() // in_features if in_features else 0
-    if (0 < rows <= NATIVE_MAX_ROWS and shape[-1] == in_features and x.dtype is torch.float32 and x.is_cpu
-            and weight.dtype is torch.int8 and weight.is_cpu and weight.is_contiguous() and scales.is_cpu
-            and scales.dim() == 1 and scales.numel() == out_features
-            and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu and bias.dim() == 1
-                                  and bias.numel() == out_features))
-            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+    rows = native_rows(x, in_features)
+    if rows and native_weights(weight, scales, bias) and (residual is None or native_residual(residual, x,
+                                                                                              out_features)):
         kernel = native.int8_kernel()
         if kernel is not None:
             out = x.new_empty(*shape[:-1], out_features)
             kernel(x if x.is_contiguous() else x.contiguous(), weight, (float_scales or FloatScales())(scales),
-                   None if bias is None else bias.contiguous(), out, rows, torch.get_num_threads())
+                   None if bias is None else bias.contiguous(), out, rows, torch.get_num_threads(), residual)
             return out
+    if residual is not None:
+        return residual + int8_linear(x, weight, scales, bias, float_scales)
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), weight, scales)  # (rows, out)
     y = y.view(*shape[:-1], weight.size(0)).to(x.dtype)
     return y if bias is None else y + bias

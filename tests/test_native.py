@@ -58,6 +58,9 @@ def test_the_kernel_equals_the_formula_on_every_path_and_shape(tmp_path, extra, 
             expected = reference(x, weight, scales, bias)
             scale = expected.abs().max().item() + 1.0
             assert (out.double() - expected).abs().max().item() <= 1e-5 * scale, (rows, out_features, in_features)
+            residual, summed = torch.randn(rows, out_features), torch.full((rows, out_features), float("nan"))
+            kernel(x, weight, scales, bias, summed, rows, threads=2, residual=residual)
+            assert torch.equal(summed, residual + out)  # the sum rounded as the add after the product would be
 
 
 @needs_cc
@@ -252,6 +255,29 @@ def test_a_bound_forward_follows_the_modules_tensors():
         value = quantized(x)
         quantized.scales.mul_(4)  # exact in bf16
         assert torch.allclose(quantized(x) - quantized.bias, 4 * (value - quantized.bias), atol=1e-5)
+
+
+@needs_cc
+def test_a_bound_forward_checks_the_weights_once_and_adds_the_residual_in_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    linear = Int8Linear.from_linear(torch.nn.Linear(64, 16))
+    bound, x, residual = linear.bound_forward(), torch.randn(3, 1, 64), torch.randn(3, 1, 16)
+    with torch.inference_mode():
+        product = linear(x)
+        monkeypatch.setattr(precision, "int8_linear", lambda *a: pytest.fail("the checked path was not taken"))
+        assert torch.equal(bound(x), product)
+        assert torch.equal(bound(x, residual), residual + product)  # as the block's add would round it
+        assert torch.equal(linear.bound_residual_forward()(x, residual), residual + product)
+        monkeypatch.undo()
+        # what the kernel does not take goes through int8_linear: a residual of another shape (broadcast), a prefill
+        assert torch.equal(bound(x, residual.view(1, 3, 16)), residual.view(1, 3, 16) + product)
+        prefill = torch.randn(precision.NATIVE_MAX_ROWS + 1, 64)
+        assert torch.equal(bound(prefill), linear(prefill))
+    with torch.no_grad():
+        linear.scales.mul_(2)  # a new version: the scales made again
+        assert torch.allclose(bound(x) - linear.bias, 2 * (product - linear.bias), atol=1e-5)
+        linear.weight.data = -linear.weight.data.clone()  # other storage: the checked path is left
+        assert torch.allclose(bound(x) - linear.bias, -2 * (product - linear.bias), atol=1e-5)
 
 
 @needs_cc

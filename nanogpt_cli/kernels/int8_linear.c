@@ -92,13 +92,18 @@ static float dot(const float *x, const int8_t *w, int64_t in) {
   return sum;
 }
 
-void ngpt_int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
-                      int64_t rows, int64_t out, int64_t in, int threads) {
+/* With a residual (rows, out), y = residual + the product, rounded as the product and then the sum would be one
+ * after the other: a block's x + c_proj(...) of a decoding step in the pass that writes the product, one torch op
+ * fewer between two weight streams (`model.bound_residual`). */
+void ngpt_int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, const float *residual,
+                      float *y, int64_t rows, int64_t out, int64_t in, int threads) {
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < out; n++) {
     const int8_t *wn = w + n * in;
-    for (int64_t m = 0; m < rows; m++)
-      y[m * out + n] = dot(x + m * in, wn, in) * scale[n] + (bias ? bias[n] : 0.0f);
+    for (int64_t m = 0; m < rows; m++) {
+      float v = dot(x + m * in, wn, in) * scale[n] + (bias ? bias[n] : 0.0f);
+      y[m * out + n] = residual ? residual[m * out + n] + v : v;
+    }
   }
 }
 
