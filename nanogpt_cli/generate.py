@@ -48,7 +48,7 @@ class KVCache:
         if dtype is not None:
             self._allocate(dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # on the CPU: read without waiting for the device
-        self.root, self.row_range, self.frozen = self, slice(0, batch_size), None
+        self.root, self.row_range, self.frozen, self.key_counts = self, slice(0, batch_size), None, None
         self._begin()
 
     def _allocate(self, dtype) -> None:
@@ -82,6 +82,7 @@ class KVCache:
         else (B, 1) (rows at different lengths take one token at a time)."""
         self._begin()
         self._zero_until(self.longest + t)  # every write and read of this forward is below longest + t
+        self.key_counts = None  # rows at different lengths: the keys each row's one query sees (the mask's)
         if self.aligned:  # a chunk after a filled cache: query i sees the keys up to longest + i
             chunk = t > 1 and not self.empty
             self._mask = torch.ones(t, self.longest + t, dtype=torch.bool, device=self.device).tril(
@@ -94,6 +95,7 @@ class KVCache:
         # row b sees its own keys: positions 0..starts[b] once the new one is written
         keys = torch.arange(self.longest + 1, device=self.device)
         self._mask = (keys[None, :] <= starts[:, None])[:, None, None, :]  # (B, 1, 1, longest + 1)
+        self.key_counts = starts + 1 if starts.is_cpu else None  # for the CPU's kernel (`ops.one_query_attention`)
         return starts[:, None]
 
     def update(self, layer: int, k, v):

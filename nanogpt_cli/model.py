@@ -164,28 +164,38 @@ class CausalSelfAttention(nn.Module):
         else:  # mask: None when one new token attends to everything before it; for a chunk after a filled
             # cache, query i sees keys up to past + i; for rows at different lengths, each row its own keys
             k, v, mask = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            if T == 1 and not dropout_p:  # a decoding step: each row's query against its first key_counts keys
+                y = ops.one_query_attention(q, k, v, mask, kv_cache.key_counts)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
-class ReLUSquared(nn.Module):
+class Activation(nn.Module):
+    """The MLP's activation by its Hugging Face name: "gelu_new" (GELU's tanh approximation), "gelu" (exact) or
+    "relu2" (ReLU squared); a decoding step's few rows in ngpt's native kernel where it can (`ops.activation`)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
     def forward(self, x):
-        return F.relu(x).square()
+        return ops.activation(x, self.name)
 
-    def bound_forward(self):  # see `bound`: nothing to look up
-        return self.forward
+    def bound_forward(self):  # see `bound`
+        name = self.name
+        return lambda x: ops.activation(x, name)
 
-
-def make_activation(name: str) -> nn.Module:
-    return ReLUSquared() if name == "relu2" else nn.GELU(approximate="tanh" if name == "gelu_new" else "none")
+    def extra_repr(self) -> str:
+        return self.name
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = make_activation(config.activation)
+        self.act = Activation(config.activation)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -376,15 +386,12 @@ def bound(module: nn.Module):
     """module's forward as a function of its input alone, with its tensors looked up once, now, instead of through
     nn.Module's attribute and call machinery at every call (see `DecodingStep`). A module says how with a
     `bound_forward` method (the norms here, precision's Linears); a plain nn.Linear is F.linear on its weight and
-    bias, nn.GELU F.gelu; any other module (a LoRA layer) is called as it is."""
+    bias; any other module (a LoRA layer) is called as it is."""
     if getattr(type(module), "bound_forward", None) is not None:  # the class's: a wrapper's __getattr__ may forward
         return module.bound_forward()
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
-    if type(module) is nn.GELU:
-        approximate = module.approximate
-        return lambda x: F.gelu(x, approximate=approximate)
     return module
 
 
@@ -396,6 +403,18 @@ def bound_residual(module: nn.Module):
         return module.bound_residual_forward()
     forward = bound(module)
     return lambda x, residual: residual + forward(x)
+
+
+def bound_activated(linear: nn.Module, act: nn.Module):
+    """act(linear(x)) as one function, the two bound as `bound` binds them: a Linear says how to compute an
+    Activation in its own pass with a `bound_activated_forward` method (precision's Int8Linear: the MLP's c_fc and
+    its GELU in one call of the native kernel, bit for bit the two calls)."""
+    if isinstance(act, Activation) and getattr(type(linear), "bound_activated_forward", None) is not None:
+        fused = linear.bound_activated_forward(act.name)
+        if fused is not None:
+            return fused
+    product, activation = bound(linear), bound(act)
+    return lambda x: activation(product(x))
 
 
 class DecodingStep:
@@ -425,7 +444,7 @@ class DecodingStep:
         self.ln_e = bound(tr.ln_e) if config.embedding_norm else None
         self.qk_norm = config.qk_norm
         self.layers = [(bound(b.ln_1), bound(b.attn.c_attn), bound_residual(b.attn.c_proj), bound(b.ln_2),
-                        bound(b.mlp.c_fc), bound(b.mlp.act), bound_residual(b.mlp.c_proj)) for b in tr.h]
+                        bound_activated(b.mlp.c_fc, b.mlp.act), bound_residual(b.mlp.c_proj)) for b in tr.h]
         self.ln_f, self.lm_head = bound(tr.ln_f), bound(model.lm_head)
         self.softcap = config.logit_softcap
 
@@ -444,7 +463,8 @@ class DecodingStep:
         if self.ln_e is not None:
             x = self.ln_e(x)
         caches = kv_cache.root.buffer[:, :, kv_cache.row_range]  # (n_layer, 2, B, nh, positions, hs)
-        for cache, (ln_1, c_attn, attn_proj, ln_2, c_fc, act, mlp_proj) in zip(caches, self.layers, strict=True):
+        attend = ops.bound_attention(caches)
+        for cache, (ln_1, c_attn, attn_proj, ln_2, c_fc_act, mlp_proj) in zip(caches, self.layers, strict=True):
             qkv = c_attn(ln_1(x)).view(B, 3, nh, hs)
             if self.qk_norm or rotary is not None:
                 qk = norm_and_rotate(qkv[:, :2], self.qk_norm, rotary)
@@ -454,9 +474,9 @@ class DecodingStep:
             else:
                 q = qkv[:, 0]
                 cache[:, :, :, start] = qkv[:, 1:].transpose(0, 1)  # keys and values in one copy
-            y = F.scaled_dot_product_attention(q[:, :, None], cache[0, :, :, :end], cache[1, :, :, :end])
+            y = attend(q, cache, end)  # attention over the first end positions: (B, nh, 1, hs)
             x = attn_proj(y.view(B, 1, nh * hs), x)  # x + c_proj(y); (B, nh, 1, hs): the heads side by side
-            x = mlp_proj(act(c_fc(ln_2(x))), x)  # x + the MLP's
+            x = mlp_proj(c_fc_act(ln_2(x)), x)  # x + the MLP's
         kv_cache.advance(1)
         logits = self.lm_head(self.ln_f(x))
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)

@@ -1,6 +1,7 @@
-"""The one native kernel: weight-only int8 products on a CPU at the speed of memory (`kernels/int8_linear.c`),
+"""The one native library: weight-only int8 products on a CPU at the speed of memory (`kernels/int8_linear.c`),
 and in the same file the float32 product of a batched decoding step's few rows, which oneDNN and MKL compute
-far from the bandwidth on an AVX2 EPYC (`precision.onednn_linear`).
+far from the bandwidth on an AVX2 EPYC (`precision.onednn_linear`), and a decoding step's attention of one query
+per row and MLP activation, which torch's kernels spend longer setting up than computing (`ops`).
 
 torch has no weight-only int8 product that streams at the bandwidth on a CPU: `_weight_int8pack_mm` is
 compute-bound (on a 2-core Xeon with AMX it reads GPT-2 124M's int8 matrices at 11-12 GB/s where a read runs at
@@ -31,6 +32,7 @@ SOURCE = Path(__file__).with_name("kernels") / "int8_linear.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 BUILD_SECONDS = 120  # a compiler that hangs must not hang ngpt
+ACTIVATIONS = {"gelu_new": 1, "relu2": 2}  # the MLP activations the kernels compute, by their `act` number
 
 
 class Int8Kernel:
@@ -46,22 +48,30 @@ class Int8Kernel:
         self.path = self._lib.ngpt_int8_path().decode()
         self._fn = self._lib.ngpt_int8_linear
         self._fn.restype = None
-        self._fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        self._fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
         self._float = self._lib.ngpt_f32_linear
         self._float.restype = None
         self._float.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         self._quantize = self._lib.ngpt_int8_quantize
         self._quantize.restype = None
         self._quantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        self._attention = self._lib.ngpt_attention_step
+        self._attention.restype = None
+        self._attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9 + [ctypes.c_int]
+        self._activation = self._lib.ngpt_activation
+        self._activation.restype = None
+        self._activation.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int]
 
-    def __call__(self, x, weight, scales, bias, out, rows: int, threads: int, residual=None) -> None:
+    def __call__(self, x, weight, scales, bias, out, rows: int, threads: int, residual=None, activation=None) -> None:
         """out = x @ (weight * scales[:, None]).T + bias (+ residual, where given) for `rows` rows: contiguous
         float32 x (rows, in), out and residual (rows, out) in any shape of that size, float32 scales and bias (or
         None) of out values, contiguous int8 weight (out, in), all on the CPU (the caller checks:
-        `precision.int8_linear`). The sum is rounded as residual + (the product) would be."""
+        `precision.int8_linear`). The sum is rounded as residual + (the product) would be. With an activation
+        (a name of ACTIVATIONS; then no residual), out = the activation of the product, bit for bit
+        `activation`'s."""
         self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
                  None if residual is None else residual.data_ptr(), out.data_ptr(), rows, weight.size(0),
-                 weight.size(1), threads)
+                 weight.size(1), threads, ACTIVATIONS[activation] if activation else 0)
 
     def float_linear(self, x, weight, bias, out, rows: int, threads: int) -> None:
         """out = x @ weight.T + bias for `rows` rows, all float32 on the CPU: contiguous x (rows, in) and out
@@ -69,6 +79,22 @@ class Int8Kernel:
         caller checks: `precision.onednn_linear`). The product of a batched decoding step's few rows."""
         self._float(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
                     rows, weight.size(0), weight.size(1), threads)
+
+    def attention(self, q, k, v, out, counts, threads: int) -> None:
+        """out = F.scaled_dot_product_attention(q, k, v) for one query per row: float32 q (B, nh, 1, hs) and k, v
+        (B, nh, L, hs) on the CPU with a contiguous last dimension and k's strides v's, contiguous out of q's shape;
+        row b sees its first counts[b] keys (a contiguous int64 tensor of B values on the CPU; None: all L). The
+        caller checks (`ops.one_query_attention`)."""
+        B, nh, L, hs = k.shape
+        self._attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                        None if counts is None else counts.data_ptr(), B, nh, L, hs, q.stride(0), q.stride(1),
+                        k.stride(0), k.stride(1), k.stride(2), threads)
+
+    def activation(self, name: str, x, out) -> None:
+        """out = the MLP's activation `name` (a name of ACTIVATIONS: "gelu_new", GELU's tanh form, or "relu2", ReLU
+        squared) of x, both contiguous float32 on the CPU with as many values (the caller checks:
+        `ops.activation`); one thread."""
+        self._activation(x.data_ptr(), out.data_ptr(), x.numel(), ACTIVATIONS[name])
 
     def quantize(self, weight, quantized, scales, threads: int) -> None:
         """quantized (out, in) int8 and scales (out,) float32 of a contiguous float32 weight (out, in) on the CPU:

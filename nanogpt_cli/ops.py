@@ -1,6 +1,7 @@
-"""Kernels the model calls but a reader of model.py need not: the CPU loss, a few rows at a time, and RMSNorm.
+"""Kernels the model calls but a reader of model.py need not: the CPU loss, a few rows at a time, RMSNorm, and a
+decoding step's activation and attention of one query per row.
 
-This module imports only torch.
+This module imports only torch (and ngpt's native kernels, `native`, when a decoding step first needs them).
 """
 
 from __future__ import annotations
@@ -83,3 +84,89 @@ class RMSNorm(torch.autograd.Function):
             grad = grad * weight
         grad_x = (grad - normed * (grad * normed).mean(-1, keepdim=True)) * rstd
         return grad_x.to(grad_out.dtype), grad_weight, None
+
+
+def _native():
+    """The native kernels (`native.int8_kernel`: built on first use), or None where they cannot be had."""
+    from nanogpt_cli import native  # here, not at the top: a model that never decodes on a CPU never needs it
+
+    return native.int8_kernel()
+
+
+def one_query_attention(q, k, v, mask=None, counts=None):
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask) for one query per row, q (B, nh, 1, hs) and k, v
+    (B, nh, L, hs): row b sees its first counts[b] keys (what the mask says; None and None: all L).
+
+    A decoding step's product is tiny (GPT-2 124M: 12 heads of 64 against a few hundred keys), and torch's CPU
+    attention spends 60-80 us a call choosing and setting up its kernel: 0.9 ms of a 10 ms int8 step on a 2-core
+    EPYC. So float32 on the CPU with autograd off runs in ngpt's native kernel (`native.Int8Kernel.attention`,
+    the softmax in float32, within 1e-6 of torch's); anything else, or without the kernel, runs in torch's."""
+    if (q.dtype is torch.float32 and q.is_cpu and q.dim() == 4 and q.size(2) == 1 and k.shape == v.shape
+            and k.dim() == 4 and k.shape[:2] == q.shape[:2] and k.size(3) == q.size(3) and k.stride() == v.stride()
+            and k.dtype is v.dtype is torch.float32 and k.is_cpu and v.is_cpu
+            and q.stride(3) == 1 and k.stride(3) == 1 and (mask is None or counts is not None)
+            and (counts is None or (counts.dtype is torch.long and counts.is_cpu and counts.is_contiguous()
+                                    and counts.shape == (q.size(0),)))
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and not torch.compiler.is_compiling()):
+        kernel = _native()
+        if kernel is not None:
+            out = torch.empty(q.shape)
+            kernel.attention(q, k, v, out, counts, torch.get_num_threads())
+            return out
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def bound_attention(caches):
+    """attend(q, cache, end) = one_query_attention(q[:, :, None], cache[0, :, :, :end], cache[1, :, :, :end]) for
+    the decoding step (`model.DecodingStep`): q (B, nh, hs), cache one layer of caches (n_layer, 2, B, nh,
+    positions, hs). The caches are checked once, here (a step's twelve calls would each spend longer checking
+    than attending), and each call checks only q; the kernel's call is one_query_attention's, bit for bit."""
+    kernel = None
+    if (caches.dtype is torch.float32 and caches.is_cpu and caches.stride(-1) == 1
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        kernel = _native()
+    if kernel is None:
+        return lambda q, cache, end: one_query_attention(q[:, :, None], cache[0, :, :, :end], cache[1, :, :, :end])
+    fn, threads = kernel._attention, torch.get_num_threads()
+    rows, heads, hs = caches.size(2), caches.size(3), caches.size(5)
+    values, kv_row, kv_head, kv_step = caches.stride(1) * caches.element_size(), *caches.stride()[2:5]
+
+    def attend(q, cache, end):
+        if not (q.dtype is torch.float32 and q.is_cpu and q.shape == (rows, heads, hs) and q.stride(2) == 1):
+            return one_query_attention(q[:, :, None], cache[0, :, :, :end], cache[1, :, :, :end])
+        out = torch.empty(rows, heads, 1, hs)
+        keys = cache.data_ptr()
+        fn(q.data_ptr(), keys, keys + values, out.data_ptr(), None, rows, heads, end, hs, q.stride(0), q.stride(1),
+           kv_row, kv_head, kv_step, threads)
+        return out
+
+    return attend
+
+
+NATIVE_VALUES = 65536  # a decoding step's few rows (GPT-2 124M: 768 or 3072 a row); a prefill's go to torch's
+
+
+def _native_input(x) -> bool:
+    """Whether x is a decoding step's few rows: contiguous float32 on the CPU, not being compiled."""
+    return (x.dtype is torch.float32 and x.is_cpu and 0 < x.numel() <= NATIVE_VALUES and x.is_contiguous()
+            and not torch.compiler.is_compiling())
+
+
+def activation(x, name: str):
+    """The MLP's activation of x by its Hugging Face name: "gelu_new" (GELU's tanh form, OpenAI's GPT-2), "gelu"
+    (exact, nanoGPT's nn.GELU()) or "relu2" (ReLU squared).
+
+    Between two weight streams torch's kernel for a decoding step's 3072 values took 40-45 us a call (0.5 ms of
+    a 10 ms int8 step, GPT-2 124M on a 2-core EPYC), so a few rows (`_native_input`) with autograd off run in
+    ngpt's native kernel (`native.Int8Kernel.activation`: GELU within float32's rounding of torch's, ReLU squared
+    bit for bit); the rest, the exact GELU and anything recording autograd, in torch's."""
+    if name != "gelu" and _native_input(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        kernel = _native()
+        if kernel is not None:
+            out = torch.empty(x.shape)
+            kernel.activation(name, x, out)
+            return out
+    if name == "relu2":
+        return F.relu(x).square()
+    return F.gelu(x, approximate="tanh" if name == "gelu_new" else "none")

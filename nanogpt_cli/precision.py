@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nanogpt_cli import native
+from nanogpt_cli import native, ops
 from nanogpt_cli.cpu_tuning import DTYPES, cpu_has_fast_bf16, cpu_vendor
 from nanogpt_cli.errors import UsageError
 
@@ -54,38 +54,50 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         return int8_linear(x, self.weight, self.scales, self.bias, self.float_scales)
 
-    def bound_forward(self):  # see model.bound
-        """f(x, residual=None) = int8_linear(x, ..., residual) on this layer's tensors. Between two weight streams
-        a decoding step's Python runs cold, and int8_linear's checks of every tensor cost more than the kernel's
-        call. So where the native kernel takes the layer's tensors as they are now, they are checked here, once,
-        and each call checks only its rows and that the tensors are still the ones checked: the same storage (held
-        here, so that its address cannot become another tensor's) and the same scales (their version). Anything
-        else, and any call with autograd on, goes through int8_linear."""
+    def bound_forward(self, activation: str | None = None):  # see model.bound
+        """f(x, residual=None) = int8_linear(x, ..., residual) on this layer's tensors; with an activation (a name
+        of `native.ACTIVATIONS`), f(x) = ops.activation(int8_linear(x, ...), activation). Between two weight
+        streams a decoding step's Python runs cold, and int8_linear's checks of every tensor cost more than the
+        kernel's call. So where the native kernel takes the layer's tensors as they are now, they are checked here,
+        once, and each call checks only its rows and that the tensors are still the ones checked: the same storage
+        (held here, so that its address cannot become another tensor's) and the same scales (their version); the
+        activation then runs in the kernel's pass, bit for bit ops.activation's there. Anything else, and any call
+        with autograd on, goes through int8_linear (and ops.activation)."""
         weight, scales, bias, float_scales = self.weight, self.scales, self.bias, self.float_scales
+
+        def unbound(x, residual=None):
+            y = int8_linear(x, weight, scales, bias, float_scales, residual)
+            return y if activation is None else ops.activation(y, activation)
+
         kernel = native.int8_kernel()
         if (kernel is None or scales.is_inference() or not native_weights(weight, scales, bias)
                 or not (bias is None or bias.is_contiguous())):
-            return lambda x, residual=None: int8_linear(x, weight, scales, bias, float_scales, residual)
+            return unbound
         in_features, out_features, version = self.in_features, self.out_features, scales._version
         watched = [t for t in (weight, scales, bias) if t is not None]
         held = [t.detach() for t in watched]  # the storage checked, alive as long as this function is
         addresses = [t.data_ptr() for t in held]
         scales32 = float_scales(scales)
         pointers = (weight.data_ptr(), scales32.data_ptr(), None if bias is None else bias.data_ptr())
-        fn = kernel._fn
+        fn, act = kernel._fn, native.ACTIVATIONS[activation] if activation is not None else 0
 
         def forward(x, residual=None, _held=(held, scales32)):
             rows = native_rows(x, in_features)
             if (rows and not torch.is_grad_enabled() and scales._version == version
                     and [t.data_ptr() for t in watched] == addresses
-                    and (residual is None or native_residual(residual, x, out_features))):
+                    and (residual is None or (not act and native_residual(residual, x, out_features)))):
                 x = x if x.is_contiguous() else x.contiguous()
                 out = x.new_empty(*x.shape[:-1], out_features)
                 fn(x.data_ptr(), *pointers, None if residual is None else residual.data_ptr(), out.data_ptr(), rows,
-                   out_features, in_features, torch.get_num_threads())
+                   out_features, in_features, torch.get_num_threads(), act)
                 return out
-            return int8_linear(x, weight, scales, bias, float_scales, residual)
+            return unbound(x, residual)
         return forward
+
+    def bound_activated_forward(self, activation: str):  # see model.bound_activated
+        """activation(self(x)) as one function, the activation in the kernel's pass (`bound_forward`), or None where
+        the kernel has no such activation."""
+        return self.bound_forward(activation) if activation in native.ACTIVATIONS else None
 
     bound_residual_forward = bound_forward  # see model.bound_residual: residual + self(x), the sum in the kernel
 

@@ -296,3 +296,137 @@ def test_anything_but_this_users_own_library_at_its_name_is_built_again(tmp_path
     library.chmod(0o777)  # writable by others: built again
     native.build(folder=tmp_path)
     assert library.stat().st_mode & 0o022 == 0
+
+
+def attention_reference(q, k, v, counts):
+    mask = None if counts is None else (torch.arange(k.size(2))[None, :] < counts[:, None])[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+
+
+@needs_cc
+@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
+def test_the_attention_kernel_equals_torchs_on_every_path_and_shape(tmp_path, extra, path):
+    kernel = native.build(extra, folder=tmp_path)
+    assert kernel.path == path
+    torch.manual_seed(0)
+    # every tail of a vector's length in the head size and the keys, one key, and past the stack's 4096 scores
+    for rows, heads, keys, hs in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 12, 17, 64), (3, 2, 33, 16), (2, 4, 100, 65),
+                                  (1, 2, 4100, 24), (4, 1, 9, 128)]:
+        positions = keys + 3  # the cache holds more positions than are read
+        qkv = torch.randn(rows, 3, heads, hs) * 2  # q as the step has it: a view into c_attn's output
+        q = qkv[:, 0, :, None]
+        cache = torch.randn(2, rows, heads, positions, hs)
+        k, v = cache[0, :, :, :keys], cache[1, :, :, :keys]
+        for counts in (None, torch.randint(1, keys + 1, (rows,))):
+            out = torch.full((rows, heads, 1, hs), float("nan"))
+            kernel.attention(q, k, v, out, counts, threads=2)
+            error = (out.double() - attention_reference(q, k, v, counts)).abs().max().item()
+            assert error <= 2e-6, (rows, heads, keys, hs, counts)
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 3, 8)
+    k[0, 1, 2, 0] = float("nan")  # a NaN score reaches its head's output, as in torch's
+    out = torch.empty(1, 2, 1, 8)
+    kernel.attention(q, k, k, out, None, threads=2)
+    assert out[0, 0].isfinite().all() and out[0, 1].isnan().all()
+    kernel.attention(q, k, k, out, torch.tensor([0]), threads=2)  # no key to see: NaN, as torch's softmax
+    assert out.isnan().all()
+
+
+@needs_cc
+@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
+def test_the_activations_equal_torchs_and_run_bit_for_bit_in_the_products_pass(tmp_path, extra, path):
+    kernel = native.build(extra, folder=tmp_path)
+    assert kernel.path == path
+    torch.manual_seed(0)
+    for n in (1, 7, 8, 17, 40, 3072, 3072 + 5):
+        x = torch.randn(n) * 4
+        gelu, relu2 = torch.empty(n), torch.empty(n)
+        kernel.activation("gelu_new", x, gelu)
+        kernel.activation("relu2", x, relu2)
+        exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
+        assert ((gelu.double() - exact).abs() <= 1e-6 * exact.abs().clamp(min=1)).all(), n
+        assert torch.equal(relu2, torch.relu(x).square())
+        for shift in range(1, min(n, 16)):  # each value's result whether it falls in a vector or in the tail
+            shifted = torch.empty(n - shift)
+            kernel.activation("gelu_new", x[shift:].contiguous(), shifted)
+            assert torch.equal(shifted, gelu[shift:]), (n, shift)
+    special = torch.tensor([float("nan"), float("inf"), 0.0, -0.0, 100.0, -100.0, 1e-30, -1e-30, 9.0, -9.0] * 2)
+    for name, torchs in (("gelu_new", torch.nn.functional.gelu(special, approximate="tanh")),
+                         ("relu2", torch.relu(special).square())):
+        out = torch.empty_like(special)
+        kernel.activation(name, special, out)
+        torch.testing.assert_close(out, torchs, equal_nan=True, atol=1e-7, rtol=1e-6)
+    for rows, out_features, in_features in [(1, 3, 15), (2, 67, 16), (1, 200, 64), (3, 3072 + 3, 24)]:
+        weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+        scales, bias, x = torch.rand(out_features) + 0.01, torch.randn(out_features), torch.randn(rows, in_features)
+        for name in native.ACTIVATIONS:
+            product, fused, separate = (torch.empty(rows, out_features) for _ in range(3))
+            kernel(x, weight, scales, bias, product, rows, threads=2)
+            kernel.activation(name, product, separate)
+            kernel(x, weight, scales, bias, fused, rows, threads=2, activation=name)
+            assert torch.equal(fused, separate), (name, rows, out_features)  # wherever a value falls in a vector
+
+
+@needs_cc
+def test_a_decoding_steps_attention_and_activation_take_the_kernel_and_the_rest_torchs(monkeypatch):
+    from nanogpt_cli import ops
+
+    kernel = native.int8_kernel()
+    assert kernel is not None, native.int8_kernel_status()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
+    counts = torch.tensor([4, 9])
+    mask = (torch.arange(9)[None, :] < counts[:, None])[:, None, None, :]
+    x = torch.randn(2, 1, 96)
+    with torch.no_grad():
+        native_attention = ops.one_query_attention(q, k, v)
+        torch.testing.assert_close(native_attention, sdpa(q, k, v), atol=2e-6, rtol=0)
+        torch.testing.assert_close(ops.one_query_attention(q, k, v, mask, counts), sdpa(q, k, v, attn_mask=mask),
+                                   atol=2e-6, rtol=0)
+        caches = torch.stack([torch.stack([k, v])] * 2)  # (layers, 2, B, nh, positions, hs)
+        assert torch.equal(ops.bound_attention(caches)(q[:, :, 0], caches[1], 9), native_attention)  # bit for bit
+        native_gelu = ops.activation(x, "gelu_new")
+        torch.testing.assert_close(native_gelu, torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6, rtol=0)
+        monkeypatch.setattr(native.Int8Kernel, "attention", lambda *a: pytest.fail("the kernel was called"))
+        monkeypatch.setattr(native.Int8Kernel, "activation", lambda *a: pytest.fail("the kernel was called"))
+        # torch's: a mask with no counts, another dtype, several queries, a prefill's many values, the exact GELU
+        assert torch.equal(ops.one_query_attention(q, k, v, mask), sdpa(q, k, v, attn_mask=mask))
+        assert torch.equal(ops.one_query_attention(q.double(), k.double(), v.double()),
+                           sdpa(q.double(), k.double(), v.double()))
+        assert torch.equal(ops.one_query_attention(k, k, v), sdpa(k, k, v))
+        big = torch.randn(ops.NATIVE_VALUES + 1)
+        assert torch.equal(ops.activation(big, "gelu_new"), torch.nn.functional.gelu(big, approximate="tanh"))
+        assert torch.equal(ops.activation(x, "gelu"), torch.nn.functional.gelu(x))
+        assert torch.equal(ops.activation(x.bfloat16(), "relu2"), torch.relu(x.bfloat16()).square())
+    learning = x.clone().requires_grad_()  # autograd recording (training): torch's, with its backward
+    ops.activation(learning, "gelu_new").sum().backward()
+    assert learning.grad is not None
+    q.requires_grad_()
+    assert torch.equal(ops.one_query_attention(q, k, v), sdpa(q, k, v))
+    monkeypatch.setattr(native, "int8_kernel", lambda: None)  # no compiler: torch's
+    with torch.no_grad():
+        assert torch.equal(ops.one_query_attention(q, k, v), sdpa(q, k, v))
+        assert torch.equal(ops.activation(x, "gelu_new"), torch.nn.functional.gelu(x, approximate="tanh"))
+        assert torch.equal(ops.bound_attention(caches)(q[:, :, 0], caches[1], 9), sdpa(q, k, v))
+
+
+@needs_cc
+def test_an_int8_c_fc_computes_its_activation_in_the_kernels_pass(monkeypatch):
+    from nanogpt_cli import ops
+    from nanogpt_cli.model import Activation, bound_activated
+
+    torch.manual_seed(0)
+    linear = Int8Linear.from_linear(torch.nn.Linear(64, 256))
+    x = torch.randn(2, 1, 64)
+    with torch.inference_mode():
+        for name in ("gelu_new", "relu2", "gelu"):
+            act = Activation(name)
+            expected = act(linear(x))  # the forward's two calls
+            fused = bound_activated(linear, act)
+            if name in native.ACTIVATIONS:
+                monkeypatch.setattr(ops, "activation", lambda *a: pytest.fail("activated outside the kernel"))
+            assert torch.equal(fused(x), expected), name
+            monkeypatch.undo()
+        prefill = torch.randn(precision.NATIVE_MAX_ROWS + 1, 64)  # rows the kernel does not take: the two calls
+        assert torch.equal(bound_activated(linear, Activation("gelu_new"))(prefill),
+                           Activation("gelu_new")(linear(prefill)))

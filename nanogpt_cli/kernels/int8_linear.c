@@ -7,9 +7,12 @@
  * with a software prefetch far enough ahead that the stream stays ahead of the arithmetic. Output channels are
  * split between OpenMP threads; torch's own OpenMP runtime is the one already loaded, so both share one pool.
  * Built by nanogpt_cli/native.py with -O3 -march=native -fopenmp, once per CPU; docs/performance.md has figures.
+ * Also here, for the same decoding step: float32 products of a few rows, a query's attention, the MLP's activation.
  */
 #include <math.h>
 #include <stdint.h>
+#include <omp.h>
+#include <stdlib.h>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -52,6 +55,15 @@ const char *ngpt_int8_path(void) {
 #define VCVT(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm512_add_ps(a, b)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VMAX(a, b) _mm512_max_ps(a, b)
+#define VMIN(a, b) _mm512_min_ps(a, b)
+#define VDIV(a, b) _mm512_div_ps(a, b)
+#define VSET1(a) _mm512_set1_ps(a)
+#define VSTORE(p, a) _mm512_storeu_ps(p, a)
+#define VROUND(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VPOW2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), \
+                                                                          _mm512_set1_epi32(127)), 23))
 static float vsum(__m512 a) { return _mm512_reduce_add_ps(a); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VLEN 8
@@ -61,6 +73,15 @@ static float vsum(__m512 a) { return _mm512_reduce_add_ps(a); }
 #define VCVT(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm256_add_ps(a, b)
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+#define VMAX(a, b) _mm256_max_ps(a, b)
+#define VMIN(a, b) _mm256_min_ps(a, b)
+#define VDIV(a, b) _mm256_div_ps(a, b)
+#define VSET1(a) _mm256_set1_ps(a)
+#define VSTORE(p, a) _mm256_storeu_ps(p, a)
+#define VROUND(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VPOW2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), \
+                                                                          _mm256_set1_epi32(127)), 23))
 static float vsum(__m256 a) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -92,18 +113,96 @@ static float dot(const float *x, const int8_t *w, int64_t in) {
   return sum;
 }
 
+/* e^x for x <= 88, flushed to 0 below -87, NaN kept: Cephes' expf (its range reduction and polynomial, within 2
+ * ulp), eight or sixteen at a time, and one at a time in the same operations (fmaf is the vectors' FMA), so that a
+ * value's exponential does not depend on where in a vector it falls. */
+#define EXP_STEPS(MAX, ROUND, FMA, MUL, ADD, SET, POW2)                                     \
+  x = MAX(SET(-87.0f), x); /* max(a, b) is b when either is NaN */                            \
+  T n = ROUND(MUL(x, SET(1.44269504088896341f)));                                           \
+  T r = FMA(n, SET(-0.693359375f), x);                                                       \
+  r = FMA(n, SET(2.12194440e-4f), r);                                                        \
+  T p = SET(1.9875691500e-4f);                                                               \
+  p = FMA(p, r, SET(1.3981999507e-3f));                                                      \
+  p = FMA(p, r, SET(8.3334519073e-3f));                                                      \
+  p = FMA(p, r, SET(4.1665795894e-2f));                                                      \
+  p = FMA(p, r, SET(1.6666665459e-1f));                                                      \
+  p = FMA(p, r, SET(5.0000001201e-1f));                                                      \
+  p = FMA(p, MUL(r, r), ADD(r, SET(1.0f)));                                                  \
+  return MUL(p, POW2(n));
+
+#define SMAX(a, b) ((a) > (b) ? (a) : (b))
+#define SMUL(a, b) ((a) * (b))
+#define SADD(a, b) ((a) + (b))
+#define SSET(a) (a)
+static inline float spow2(float n) {
+  union { int32_t i; float f; } u = {.i = ((int32_t)n + 127) << 23};
+  return u.f;
+}
+static inline float sexp(float x) {
+  typedef float T;
+  if (x != x) return x;
+  EXP_STEPS(SMAX, rintf, fmaf, SMUL, SADD, SSET, spow2)
+}
+#ifdef VLEN
+static inline VEC vexp(VEC x) {
+  typedef VEC T;
+  EXP_STEPS(VMAX, VROUND, VFMA, VMUL, VADD, VSET1, VPOW2)
+}
+#endif
+
+/* The MLP's activation in place over n floats: act 1 GELU's tanh form, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715
+ * x^3))), written x / (1 + e^(-2u)) (the same function, without 1 + tanh's cancellation for negative x); act 2
+ * ReLU squared (NaN kept, as torch's relu keeps it); anything else nothing. */
+#define GELU_K -1.5957691216057308f /* -2 sqrt(2 / pi) */
+static void activate(float *y, int64_t n, int act) {
+  int64_t j = 0;
+  if (act == 1) {
+#ifdef VLEN
+    for (; j + VLEN <= n; j += VLEN) {
+      VEC a = VLOAD(y + j);
+      VEC u = VMUL(VMUL(a, VSET1(GELU_K)), VFMA(VMUL(a, a), VSET1(0.044715f), VSET1(1.0f)));
+      VSTORE(y + j, VDIV(a, VADD(VSET1(1.0f), vexp(VMIN(u, VSET1(88.0f))))));  /* a NaN a stays NaN */
+    }
+#endif
+    for (; j < n; j++) {
+      float a = y[j], u = SMUL(SMUL(a, GELU_K), fmaf(SMUL(a, a), 0.044715f, 1.0f));
+      y[j] = a / (1.0f + sexp(u < 88.0f ? u : 88.0f));
+    }
+  } else if (act == 2) {
+    #pragma omp simd
+    for (j = 0; j < n; j++) {
+      float r = y[j] > 0.0f ? y[j] : 0.0f;
+      y[j] = y[j] != y[j] ? y[j] : r * r;
+    }
+  }
+}
+
+/* The activation alone (`ops.activation`): y = act(x), one thread (a decoding step's 3072 values take a few us). */
+void ngpt_activation(const float *x, float *y, int64_t n, int act) {
+  for (int64_t j = 0; j < n; j++) y[j] = x[j];
+  activate(y, n, act);
+}
+
 /* With a residual (rows, out), y = residual + the product, rounded as the product and then the sum would be one
  * after the other: a block's x + c_proj(...) of a decoding step in the pass that writes the product, one torch op
- * fewer between two weight streams (`model.bound_residual`). */
+ * fewer between two weight streams (`model.bound_residual`). With act (1 or 2, see `activate`; then no residual),
+ * y = act(the product), each thread's outputs activated while they are in its cache: the MLP's c_fc and its
+ * activation in one call, bit for bit the two calls (`ngpt_activation`). */
 void ngpt_int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, const float *residual,
-                      float *y, int64_t rows, int64_t out, int64_t in, int threads) {
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < out; n++) {
-    const int8_t *wn = w + n * in;
-    for (int64_t m = 0; m < rows; m++) {
-      float v = dot(x + m * in, wn, in) * scale[n] + (bias ? bias[n] : 0.0f);
-      y[m * out + n] = residual ? residual[m * out + n] + v : v;
+                      float *y, int64_t rows, int64_t out, int64_t in, int threads, int act) {
+  #pragma omp parallel num_threads(threads)
+  {
+    int64_t teams = omp_get_num_threads(), team = omp_get_thread_num();
+    int64_t lo = out * team / teams, hi = out * (team + 1) / teams;  /* this thread's output channels */
+    for (int64_t n = lo; n < hi; n++) {
+      const int8_t *wn = w + n * in;
+      for (int64_t m = 0; m < rows; m++) {
+        float v = dot(x + m * in, wn, in) * scale[n] + (bias ? bias[n] : 0.0f);
+        y[m * out + n] = residual ? residual[m * out + n] + v : v;
+      }
     }
+    if (act)
+      for (int64_t m = 0; m < rows; m++) activate(y + m * out + lo, hi - lo, act);
   }
 }
 
@@ -196,5 +295,102 @@ void ngpt_f32_linear(const float *x, const float *w, const float *bias, float *y
         }
 #endif
     }
+  }
+}
+
+/* One query per row against its keys and values: F.scaled_dot_product_attention(q, k, v) of a decoding step,
+ * softmax(q . k / sqrt(hs)) @ v for each of rows x heads, where torch's CPU attention spends 60-80 us a call
+ * on a 2-core EPYC choosing and setting up its kernel for a product this small (GPT-2 124M's twelve layers:
+ * 0.9 ms of an int8 step of 10). q (rows, heads, hs) and k, v (rows, heads, keys, hs) at any strides but a
+ * contiguous last dimension; y (rows, heads, hs) contiguous. Row r sees its first counts[r] keys (counts NULL:
+ * all of them; rows at different lengths in one batch). The exponentials eight or sixteen at a time (`vexp`),
+ * the rest in float32 as torch's math. */
+
+static void attend(const float *q, const float *k, const float *v, float *y, float *s, int64_t n, int64_t hs,
+                   int64_t kv_step, float scale) {
+  if (n <= 0) {  /* no key to see: torch's softmax of nothing */
+    for (int64_t j = 0; j < hs; j++) y[j] = NAN;
+    return;
+  }
+  float largest = -INFINITY;
+  for (int64_t t = 0; t < n; t++) {
+    const float *kt = k + t * kv_step;
+    float dotp = 0.0f;
+    int64_t j = 0;
+#ifdef VLEN
+    if (hs >= VLEN) {
+      VEC a = VZERO();
+      for (; j + VLEN <= hs; j += VLEN) a = VFMA(VLOAD(q + j), VLOAD(kt + j), a);
+      dotp = vsum(a);
+    }
+#endif
+    for (; j < hs; j++) dotp += q[j] * kt[j];
+    s[t] = dotp * scale;
+    largest = s[t] > largest ? s[t] : largest;
+  }
+  float total = 0.0f;
+  int64_t t = 0;
+#ifdef VLEN
+  VEC m = VSET1(largest), acc = VZERO();
+  for (; t + VLEN <= n; t += VLEN) {
+    VEC e = vexp(VADD(VLOAD(s + t), VMUL(m, VSET1(-1.0f))));
+    VSTORE(s + t, e);
+    acc = VADD(acc, e);
+  }
+  total = vsum(acc);
+#endif
+  for (; t < n; t++) {
+    s[t] = expf(s[t] - largest);
+    total += s[t];
+  }
+  float inverse = 1.0f / total;
+  int64_t j = 0;
+#ifdef VLEN
+  for (; j + 4 * VLEN <= hs; j += 4 * VLEN) {  /* GPT-2's 64 floats: four (AVX512) or eight (AVX2) registers */
+    VEC a0 = VZERO(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t u = 0; u < n; u++) {
+      const float *vt = v + u * kv_step + j;
+      VEC p = VSET1(s[u]);
+      a0 = VFMA(p, VLOAD(vt), a0);
+      a1 = VFMA(p, VLOAD(vt + VLEN), a1);
+      a2 = VFMA(p, VLOAD(vt + 2 * VLEN), a2);
+      a3 = VFMA(p, VLOAD(vt + 3 * VLEN), a3);
+    }
+    VEC w = VSET1(inverse);
+    VSTORE(y + j, VMUL(a0, w));
+    VSTORE(y + j + VLEN, VMUL(a1, w));
+    VSTORE(y + j + 2 * VLEN, VMUL(a2, w));
+    VSTORE(y + j + 3 * VLEN, VMUL(a3, w));
+  }
+  for (; j + VLEN <= hs; j += VLEN) {
+    VEC a = VZERO();
+    for (int64_t u = 0; u < n; u++) a = VFMA(VSET1(s[u]), VLOAD(v + u * kv_step + j), a);
+    VSTORE(y + j, VMUL(a, VSET1(inverse)));
+  }
+#endif
+  for (; j < hs; j++) {
+    float a = 0.0f;
+    for (int64_t u = 0; u < n; u++) a += s[u] * v[u * kv_step + j];
+    y[j] = a * inverse;
+  }
+}
+
+void ngpt_attention_step(const float *q, const float *k, const float *v, float *y, const int64_t *counts,
+                         int64_t rows, int64_t heads, int64_t keys, int64_t hs, int64_t q_row, int64_t q_head,
+                         int64_t kv_row, int64_t kv_head, int64_t kv_step, int threads) {
+  float scale = 1.0f / sqrtf((float)hs);
+  #pragma omp parallel num_threads(threads)
+  {
+    float local[4096];  /* each thread's scores: on its stack up to 4096 keys, beyond that on the heap */
+    float *s = keys <= 4096 ? local : malloc((size_t)keys * sizeof(float));
+    #pragma omp for schedule(static)
+    for (int64_t task = 0; task < rows * heads; task++) {
+      int64_t r = task / heads, h = task % heads;
+      int64_t n = counts ? counts[r] : keys;
+      n = n < keys ? n : keys;
+      attend(q + r * q_row + h * q_head, k + r * kv_row + h * kv_head, v + r * kv_row + h * kv_head,
+             y + task * hs, s, s ? n : 0, hs, kv_step, scale);  /* no memory for the scores: NaN, not a crash */
+    }
+    if (s != local) free(s);
   }
 }
