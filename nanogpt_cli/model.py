@@ -471,10 +471,9 @@ class DecodingStep:
                 q = qk[:, 0]
                 cache[0, :, :, start] = qk[:, 1]
                 cache[1, :, :, start] = qkv[:, 2]
-            else:
-                q = qkv[:, 0]
-                cache[:, :, :, start] = qkv[:, 1:].transpose(0, 1)  # keys and values in one copy
-            y = attend(q, cache, end)  # attention over the first end positions: (B, nh, 1, hs)
+                y = attend(q, cache, end)  # attention over the first end positions: (B, nh, 1, hs)
+            else:  # the new keys and values go into the cache in the attention's own call
+                y = attend(qkv, cache, end)
             x = attn_proj(y.view(B, 1, nh * hs), x)  # x + c_proj(y); (B, nh, 1, hs): the heads side by side
             x = mlp_proj(c_fc_act(ln_2(x)), x)  # x + the MLP's
         kv_cache.advance(1)

@@ -57,7 +57,7 @@ class Int8Kernel:
         self._quantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
         self._attention = self._lib.ngpt_attention_step
         self._attention.restype = None
-        self._attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9 + [ctypes.c_int]
+        self._attention.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 10 + [ctypes.c_int]
         self._activation = self._lib.ngpt_activation
         self._activation.restype = None
         self._activation.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int]
@@ -87,8 +87,8 @@ class Int8Kernel:
         caller checks (`ops.one_query_attention`)."""
         B, nh, L, hs = k.shape
         self._attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                        None if counts is None else counts.data_ptr(), B, nh, L, hs, q.stride(0), q.stride(1),
-                        k.stride(0), k.stride(1), k.stride(2), threads)
+                        None if counts is None else counts.data_ptr(), None, None, -1, B, nh, L, hs, q.stride(0),
+                        q.stride(1), k.stride(0), k.stride(1), k.stride(2), threads)
 
     def activation(self, name: str, x, out) -> None:
         """out = the MLP's activation `name` (a name of ACTIVATIONS: "gelu_new", GELU's tanh form, or "relu2", ReLU

@@ -111,7 +111,7 @@ def one_query_attention(q, k, v, mask=None, counts=None):
             and not torch.compiler.is_compiling()):
         kernel = _native()
         if kernel is not None:
-            out = torch.empty(q.shape)
+            out = torch.empty(q.shape, dtype=torch.float32)
             kernel.attention(q, k, v, out, counts, torch.get_num_threads())
             return out
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -120,25 +120,39 @@ def one_query_attention(q, k, v, mask=None, counts=None):
 def bound_attention(caches):
     """attend(q, cache, end) = one_query_attention(q[:, :, None], cache[0, :, :, :end], cache[1, :, :, :end]) for
     the decoding step (`model.DecodingStep`): q (B, nh, hs), cache one layer of caches (n_layer, 2, B, nh,
-    positions, hs). The caches are checked once, here (a step's twelve calls would each spend longer checking
-    than attending), and each call checks only q; the kernel's call is one_query_attention's, bit for bit."""
+    positions, hs). Or q is c_attn's whole output (B, 3, nh, hs), the queries and the step's keys and values, which
+    are first written at position end - 1 of the cache (by the kernel, one torch copy fewer a layer). The caches
+    are checked once, here (a step's twelve calls would each spend longer checking than attending), and each call
+    checks only q; the kernel's call is one_query_attention's, bit for bit."""
     kernel = None
     if (caches.dtype is torch.float32 and caches.is_cpu and caches.stride(-1) == 1
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
         kernel = _native()
+
+    def unbound(q, cache, end):
+        if q.dim() == 4:  # the step's keys and values into the cache, in one copy
+            cache[:, :, :, end - 1] = q[:, 1:].transpose(0, 1)
+            q = q[:, 0]
+        return one_query_attention(q[:, :, None], cache[0, :, :, :end], cache[1, :, :, :end])
+
     if kernel is None:
-        return lambda q, cache, end: one_query_attention(q[:, :, None], cache[0, :, :, :end], cache[1, :, :, :end])
+        return unbound
     fn, threads = kernel._attention, torch.get_num_threads()
     rows, heads, hs = caches.size(2), caches.size(3), caches.size(5)
     values, kv_row, kv_head, kv_step = caches.stride(1) * caches.element_size(), *caches.stride()[2:5]
+    shapes = {3: (rows, heads, hs), 4: (rows, 3, heads, hs)}
 
     def attend(q, cache, end):
-        if not (q.dtype is torch.float32 and q.is_cpu and q.shape == (rows, heads, hs) and q.stride(2) == 1):
-            return one_query_attention(q[:, :, None], cache[0, :, :, :end], cache[1, :, :, :end])
-        out = torch.empty(rows, heads, 1, hs)
-        keys = cache.data_ptr()
-        fn(q.data_ptr(), keys, keys + values, out.data_ptr(), None, rows, heads, end, hs, q.stride(0), q.stride(1),
-           kv_row, kv_head, kv_step, threads)
+        if not (q.dtype is torch.float32 and q.is_cpu and q.shape == shapes.get(q.dim()) and q.stride(-1) == 1):
+            return unbound(q, cache, end)
+        out = torch.empty(rows, heads, 1, hs, dtype=torch.float32)
+        keys, queries = cache.data_ptr(), q.data_ptr()
+        new_k = new_v = None
+        if q.dim() == 4:
+            new_k = queries + q.stride(1) * 4
+            new_v = new_k + q.stride(1) * 4
+        fn(queries, keys, keys + values, out.data_ptr(), None, new_k, new_v, end - 1, rows, heads, end, hs,
+           q.stride(0), q.stride(-2), kv_row, kv_head, kv_step, threads)
         return out
 
     return attend
@@ -164,7 +178,7 @@ def activation(x, name: str):
     if name != "gelu" and _native_input(x) and not (torch.is_grad_enabled() and x.requires_grad):
         kernel = _native()
         if kernel is not None:
-            out = torch.empty(x.shape)
+            out = torch.empty(x.shape, dtype=torch.float32)
             kernel.activation(name, x, out)
             return out
     if name == "relu2":

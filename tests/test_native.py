@@ -385,8 +385,22 @@ def test_a_decoding_steps_attention_and_activation_take_the_kernel_and_the_rest_
                                    atol=2e-6, rtol=0)
         caches = torch.stack([torch.stack([k, v])] * 2)  # (layers, 2, B, nh, positions, hs)
         assert torch.equal(ops.bound_attention(caches)(q[:, :, 0], caches[1], 9), native_attention)  # bit for bit
+        qkv = torch.randn(2, 3, 3, 16)  # c_attn's output: the step's keys and values written by the kernel
+        written, expected = caches.clone(), caches.clone()
+        expected[1, :, :, :, 6] = qkv[:, 1:].transpose(0, 1)
+        got = ops.bound_attention(written)(qkv, written[1], 7)
+        assert torch.equal(written, expected)
+        assert torch.equal(got, ops.one_query_attention(qkv[:, 0, :, None], expected[1, 0, :, :, :7],
+                                                        expected[1, 1, :, :, :7]))
         native_gelu = ops.activation(x, "gelu_new")
         torch.testing.assert_close(native_gelu, torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6, rtol=0)
+        torch.set_default_dtype(torch.float64)  # the kernels' outputs are float32 whatever the default
+        try:
+            assert torch.equal(ops.one_query_attention(q, k, v), native_attention)
+            assert torch.equal(ops.bound_attention(caches)(q[:, :, 0], caches[1], 9), native_attention)
+            assert torch.equal(ops.activation(x, "gelu_new"), native_gelu)
+        finally:
+            torch.set_default_dtype(torch.float32)
         monkeypatch.setattr(native.Int8Kernel, "attention", lambda *a: pytest.fail("the kernel was called"))
         monkeypatch.setattr(native.Int8Kernel, "activation", lambda *a: pytest.fail("the kernel was called"))
         # torch's: a mask with no counts, another dtype, several queries, a prefill's many values, the exact GELU
@@ -408,6 +422,10 @@ def test_a_decoding_steps_attention_and_activation_take_the_kernel_and_the_rest_
         assert torch.equal(ops.one_query_attention(q, k, v), sdpa(q, k, v))
         assert torch.equal(ops.activation(x, "gelu_new"), torch.nn.functional.gelu(x, approximate="tanh"))
         assert torch.equal(ops.bound_attention(caches)(q[:, :, 0], caches[1], 9), sdpa(q, k, v))
+        written = caches.clone()
+        assert torch.equal(ops.bound_attention(written)(qkv, written[1], 7),
+                           sdpa(qkv[:, 0, :, None], expected[1, 0, :, :, :7], expected[1, 1, :, :, :7]))
+        assert torch.equal(written, expected)
 
 
 @needs_cc

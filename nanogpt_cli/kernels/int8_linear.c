@@ -303,7 +303,8 @@ void ngpt_f32_linear(const float *x, const float *w, const float *bias, float *y
  * on a 2-core EPYC choosing and setting up its kernel for a product this small (GPT-2 124M's twelve layers:
  * 0.9 ms of an int8 step of 10). q (rows, heads, hs) and k, v (rows, heads, keys, hs) at any strides but a
  * contiguous last dimension; y (rows, heads, hs) contiguous. Row r sees its first counts[r] keys (counts NULL:
- * all of them; rows at different lengths in one batch). The exponentials eight or sixteen at a time (`vexp`),
+ * all of them; rows at different lengths in one batch). With new_k and new_v (q's strides), each head's new key and
+ * value are first written at position at of k and v: the step's cache write, one torch copy fewer a layer. The exponentials eight or sixteen at a time (`vexp`),
  * the rest in float32 as torch's math. */
 
 static void attend(const float *q, const float *k, const float *v, float *y, float *s, int64_t n, int64_t hs,
@@ -375,9 +376,10 @@ static void attend(const float *q, const float *k, const float *v, float *y, flo
   }
 }
 
-void ngpt_attention_step(const float *q, const float *k, const float *v, float *y, const int64_t *counts,
-                         int64_t rows, int64_t heads, int64_t keys, int64_t hs, int64_t q_row, int64_t q_head,
-                         int64_t kv_row, int64_t kv_head, int64_t kv_step, int threads) {
+void ngpt_attention_step(const float *q, float *k, float *v, float *y, const int64_t *counts, const float *new_k,
+                         const float *new_v, int64_t at, int64_t rows, int64_t heads, int64_t keys, int64_t hs,
+                         int64_t q_row, int64_t q_head, int64_t kv_row, int64_t kv_head, int64_t kv_step,
+                         int threads) {
   float scale = 1.0f / sqrtf((float)hs);
   #pragma omp parallel num_threads(threads)
   {
@@ -386,6 +388,11 @@ void ngpt_attention_step(const float *q, const float *k, const float *v, float *
     #pragma omp for schedule(static)
     for (int64_t task = 0; task < rows * heads; task++) {
       int64_t r = task / heads, h = task % heads;
+      if (new_k && at >= 0 && at < keys)  /* the step's own key and value first, at position at of its cache */
+        for (int64_t j = 0; j < hs; j++) {
+          k[r * kv_row + h * kv_head + at * kv_step + j] = new_k[r * q_row + h * q_head + j];
+          v[r * kv_row + h * kv_head + at * kv_step + j] = new_v[r * q_row + h * q_head + j];
+        }
       int64_t n = counts ? counts[r] : keys;
       n = n < keys ? n : keys;
       attend(q + r * q_row + h * q_head, k + r * kv_row + h * kv_head, v + r * kv_row + h * kv_head,
