@@ -108,10 +108,10 @@ def one_query_attention(q, k, v, mask=None, counts=None):
             and (counts is None or (counts.dtype is torch.long and counts.is_cpu and counts.is_contiguous()
                                     and counts.shape == (q.size(0),)))
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and not torch.compiler.is_compiling()):
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         kernel = _native()
         if kernel is not None:
-            out = torch.empty(q.shape, dtype=torch.float32)
+            out = torch.empty(q.shape, dtype=torch.float32, device="cpu")
             kernel.attention(q, k, v, out, counts, torch.get_num_threads())
             return out
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -125,8 +125,8 @@ def bound_attention(caches):
     are checked once, here (a step's twelve calls would each spend longer checking than attending), and each call
     checks only q; the kernel's call is one_query_attention's, bit for bit."""
     kernel = None
-    if (caches.dtype is torch.float32 and caches.is_cpu and caches.stride(-1) == 1
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+    if (caches.dtype is torch.float32 and caches.is_cpu and caches.stride(-1) == 1 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         kernel = _native()
 
     def unbound(q, cache, end):
@@ -138,14 +138,15 @@ def bound_attention(caches):
     if kernel is None:
         return unbound
     fn, threads = kernel._attention, torch.get_num_threads()
-    rows, heads, hs = caches.size(2), caches.size(3), caches.size(5)
+    rows, heads, positions, hs = caches.shape[2:]
     values, kv_row, kv_head, kv_step = caches.stride(1) * caches.element_size(), *caches.stride()[2:5]
     shapes = {3: (rows, heads, hs), 4: (rows, 3, heads, hs)}
 
     def attend(q, cache, end):
-        if not (q.dtype is torch.float32 and q.is_cpu and q.shape == shapes.get(q.dim()) and q.stride(-1) == 1):
+        if not (q.dtype is torch.float32 and q.is_cpu and q.shape == shapes.get(q.dim()) and q.stride(-1) == 1
+                and 0 < end <= positions):
             return unbound(q, cache, end)
-        out = torch.empty(rows, heads, 1, hs, dtype=torch.float32)
+        out = torch.empty(rows, heads, 1, hs, dtype=torch.float32, device="cpu")
         keys, queries = cache.data_ptr(), q.data_ptr()
         new_k = new_v = None
         if q.dim() == 4:
@@ -163,8 +164,8 @@ NATIVE_VALUES = 65536  # a decoding step's few rows (GPT-2 124M: 768 or 3072 a r
 
 def _native_input(x) -> bool:
     """Whether x is a decoding step's few rows: contiguous float32 on the CPU, not being compiled."""
-    return (x.dtype is torch.float32 and x.is_cpu and 0 < x.numel() <= NATIVE_VALUES and x.is_contiguous()
-            and not torch.compiler.is_compiling())
+    return (not torch.compiler.is_compiling() and x.dtype is torch.float32 and x.is_cpu
+            and 0 < x.numel() <= NATIVE_VALUES and x.is_contiguous())
 
 
 def activation(x, name: str):
@@ -178,7 +179,7 @@ def activation(x, name: str):
     if name != "gelu" and _native_input(x) and not (torch.is_grad_enabled() and x.requires_grad):
         kernel = _native()
         if kernel is not None:
-            out = torch.empty(x.shape, dtype=torch.float32)
+            out = torch.empty(x.shape, dtype=torch.float32, device="cpu")
             kernel.activation(name, x, out)
             return out
     if name == "relu2":

@@ -88,9 +88,10 @@ class Int8Linear(nn.Module):
                     and (residual is None or (not act and native_residual(residual, x, out_features)))):
                 x = x if x.is_contiguous() else x.contiguous()
                 out = x.new_empty(*x.shape[:-1], out_features)
+                fused = act if rows * out_features <= ops.NATIVE_VALUES else 0  # else ops.activation's torch kernel
                 fn(x.data_ptr(), *pointers, None if residual is None else residual.data_ptr(), out.data_ptr(), rows,
-                   out_features, in_features, torch.get_num_threads(), act)
-                return out
+                   out_features, in_features, torch.get_num_threads(), fused)
+                return out if fused == act else ops.activation(out, activation)
             return unbound(x, residual)
         return forward
 

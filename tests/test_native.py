@@ -349,12 +349,14 @@ def test_the_activations_equal_torchs_and_run_bit_for_bit_in_the_products_pass(t
             shifted = torch.empty(n - shift)
             kernel.activation("gelu_new", x[shift:].contiguous(), shifted)
             assert torch.equal(shifted, gelu[shift:]), (n, shift)
-    special = torch.tensor([float("nan"), float("inf"), 0.0, -0.0, 100.0, -100.0, 1e-30, -1e-30, 9.0, -9.0] * 2)
+    special = torch.tensor([float("nan"), float("inf"), 0.0, -0.0, 100.0, -100.0, 1e-30, -1e-30, 9.0, -9.0,
+                            -float("inf"), -1e30, -3e38, -60.0] * 2)  # -inf's GELU NaN, the others' -0, as torch's
     for name, torchs in (("gelu_new", torch.nn.functional.gelu(special, approximate="tanh")),
                          ("relu2", torch.relu(special).square())):
         out = torch.empty_like(special)
         kernel.activation(name, special, out)
         torch.testing.assert_close(out, torchs, equal_nan=True, atol=1e-7, rtol=1e-6)
+        assert torch.equal(out[10:14].isnan(), torchs[10:14].isnan()) and (out[11:14].abs() < 1e-30).all()
     for rows, out_features, in_features in [(1, 3, 15), (2, 67, 16), (1, 200, 64), (3, 3072 + 3, 24)]:
         weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
         scales, bias, x = torch.rand(out_features) + 0.01, torch.randn(out_features), torch.randn(rows, in_features)
@@ -412,6 +414,9 @@ def test_a_decoding_steps_attention_and_activation_take_the_kernel_and_the_rest_
         assert torch.equal(ops.activation(big, "gelu_new"), torch.nn.functional.gelu(big, approximate="tanh"))
         assert torch.equal(ops.activation(x, "gelu"), torch.nn.functional.gelu(x))
         assert torch.equal(ops.activation(x.bfloat16(), "relu2"), torch.relu(x.bfloat16()).square())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: torch's bf16 attention
+        assert ops.one_query_attention(q, k, v).dtype is torch.bfloat16
+        assert ops.bound_attention(caches)(q[:, :, 0], caches[1], 9).dtype is torch.bfloat16
     learning = x.clone().requires_grad_()  # autograd recording (training): torch's, with its backward
     ops.activation(learning, "gelu_new").sum().backward()
     assert learning.grad is not None
@@ -445,6 +450,11 @@ def test_an_int8_c_fc_computes_its_activation_in_the_kernels_pass(monkeypatch):
                 monkeypatch.setattr(ops, "activation", lambda *a: pytest.fail("activated outside the kernel"))
             assert torch.equal(fused(x), expected), name
             monkeypatch.undo()
+        monkeypatch.setattr(ops, "NATIVE_VALUES", 300)  # more values than the standalone activation takes
+        for rows in (1, 2):  # 256 values: in the kernel's pass; 512: ops.activation's torch kernel, as the forward's
+            x = torch.randn(rows, 1, 64)
+            assert torch.equal(bound_activated(linear, Activation("gelu_new"))(x), Activation("gelu_new")(linear(x)))
+        monkeypatch.undo()
         prefill = torch.randn(precision.NATIVE_MAX_ROWS + 1, 64)  # rows the kernel does not take: the two calls
         assert torch.equal(bound_activated(linear, Activation("gelu_new"))(prefill),
                            Activation("gelu_new")(linear(prefill)))

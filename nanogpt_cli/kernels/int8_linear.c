@@ -59,6 +59,7 @@ const char *ngpt_int8_path(void) {
 #define VMAX(a, b) _mm512_max_ps(a, b)
 #define VMIN(a, b) _mm512_min_ps(a, b)
 #define VDIV(a, b) _mm512_div_ps(a, b)
+#define VSELECT_GE(u, limit, yes, no) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, limit, _CMP_GE_OQ), no, yes)
 #define VSET1(a) _mm512_set1_ps(a)
 #define VSTORE(p, a) _mm512_storeu_ps(p, a)
 #define VROUND(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -77,6 +78,7 @@ static float vsum(__m512 a) { return _mm512_reduce_add_ps(a); }
 #define VMAX(a, b) _mm256_max_ps(a, b)
 #define VMIN(a, b) _mm256_min_ps(a, b)
 #define VDIV(a, b) _mm256_div_ps(a, b)
+#define VSELECT_GE(u, limit, yes, no) _mm256_blendv_ps(no, yes, _mm256_cmp_ps(u, limit, _CMP_GE_OQ))
 #define VSET1(a) _mm256_set1_ps(a)
 #define VSTORE(p, a) _mm256_storeu_ps(p, a)
 #define VROUND(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -113,7 +115,7 @@ static float dot(const float *x, const int8_t *w, int64_t in) {
   return sum;
 }
 
-/* e^x for x <= 88, flushed to 0 below -87, NaN kept: Cephes' expf (its range reduction and polynomial, within 2
+/* e^x for x <= 88 (below -87, e^-87 = 1.6e-38: nothing a sum of ones notices), NaN kept: Cephes' expf (its range reduction and polynomial, within 2
  * ulp), eight or sixteen at a time, and one at a time in the same operations (fmaf is the vectors' FMA), so that a
  * value's exponential does not depend on where in a vector it falls. */
 #define EXP_STEPS(MAX, ROUND, FMA, MUL, ADD, SET, POW2)                                     \
@@ -151,8 +153,9 @@ static inline VEC vexp(VEC x) {
 #endif
 
 /* The MLP's activation in place over n floats: act 1 GELU's tanh form, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715
- * x^3))), written x / (1 + e^(-2u)) (the same function, without 1 + tanh's cancellation for negative x); act 2
- * ReLU squared (NaN kept, as torch's relu keeps it); anything else nothing. */
+ * x^3))), written x / (1 + e^(-2u)) (the same function, without 1 + tanh's cancellation for negative x), and x * 0
+ * where e^(-2u) would pass e^88 (-0 for a finite x, NaN for -inf: torch's values there); act 2 ReLU squared (NaN
+ * kept, as torch's relu keeps it); anything else nothing. */
 #define GELU_K -1.5957691216057308f /* -2 sqrt(2 / pi) */
 static void activate(float *y, int64_t n, int act) {
   int64_t j = 0;
@@ -161,12 +164,13 @@ static void activate(float *y, int64_t n, int act) {
     for (; j + VLEN <= n; j += VLEN) {
       VEC a = VLOAD(y + j);
       VEC u = VMUL(VMUL(a, VSET1(GELU_K)), VFMA(VMUL(a, a), VSET1(0.044715f), VSET1(1.0f)));
-      VSTORE(y + j, VDIV(a, VADD(VSET1(1.0f), vexp(VMIN(u, VSET1(88.0f))))));  /* a NaN a stays NaN */
+      VEC g = VDIV(a, VADD(VSET1(1.0f), vexp(VMIN(u, VSET1(88.0f)))));  /* a NaN a stays NaN */
+      VSTORE(y + j, VSELECT_GE(u, VSET1(88.0f), VMUL(a, VZERO()), g));
     }
 #endif
     for (; j < n; j++) {
       float a = y[j], u = SMUL(SMUL(a, GELU_K), fmaf(SMUL(a, a), 0.044715f, 1.0f));
-      y[j] = a / (1.0f + sexp(u < 88.0f ? u : 88.0f));
+      y[j] = u >= 88.0f ? a * 0.0f : a / (1.0f + sexp(u < 88.0f ? u : 88.0f));
     }
   } else if (act == 2) {
     #pragma omp simd
@@ -360,7 +364,7 @@ static void attend(const float *q, const float *k, const float *v, float *y, flo
   total = vsum(acc);
 #endif
   for (; t < n; t++) {
-    s[t] = expf(s[t] - largest);
+    s[t] = sexp(s[t] - largest);
     total += s[t];
   }
   float inverse = 1.0f / total;
