@@ -55,7 +55,10 @@ NORMS = ("layernorm", "rmsnorm")
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (torch's LayerNorm cannot turn the bias off alone)."""
+    """LayerNorm with an optional bias (torch's LayerNorm cannot turn the bias off alone); a decoding step's few
+    rows in ngpt's native kernel where it can (`ops.norm`)."""
+
+    kind, eps = "layer_norm", 1e-5
 
     def __init__(self, ndim: int, bias: bool):
         super().__init__()
@@ -63,26 +66,26 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return ops.norm(x, self.kind, self.weight, self.bias, self.eps)
 
     def bound_forward(self):
-        weight, bias = self.weight, self.bias
-        return lambda x: F.layer_norm(x, weight.shape, weight, bias, 1e-5)
+        return ops.bound_norm(self.kind, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019, as in Llama): no mean subtracted, no bias."""
+
+    kind, eps, bias = "rms_norm", 1e-6, None
 
     def __init__(self, ndim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
 
     def forward(self, x):
-        return ops.rms_norm(x, self.weight, 1e-6)
+        return ops.norm(x, self.kind, self.weight, None, self.eps)
 
     def bound_forward(self):
-        weight = self.weight
-        return lambda x: ops.rms_norm(x, weight, 1e-6)
+        return ops.bound_norm(self.kind, self.weight, None, self.eps)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -405,16 +408,21 @@ def bound_residual(module: nn.Module):
     return lambda x, residual: residual + forward(x)
 
 
-def bound_activated(linear: nn.Module, act: nn.Module):
-    """act(linear(x)) as one function, the two bound as `bound` binds them: a Linear says how to compute an
-    Activation in its own pass with a `bound_activated_forward` method (precision's Int8Linear: the MLP's c_fc and
-    its GELU in one call of the native kernel, bit for bit the two calls)."""
-    if isinstance(act, Activation) and getattr(type(linear), "bound_activated_forward", None) is not None:
-        fused = linear.bound_activated_forward(act.name)
+def bound_fused(linear: nn.Module, norm: nn.Module | None = None, act: nn.Module | None = None):
+    """act(linear(norm(x))) as one function (norm, act or both None: left out), each bound as `bound` binds it: a
+    Linear says how to compute a LayerNorm or RMSNorm before its product and an Activation after it in its own
+    call with a `bound_activated_forward` method (precision's Int8Linear: ln_2, the MLP's c_fc and its GELU in one
+    call of the native kernel, bit for bit the three calls)."""
+    if (isinstance(norm, LayerNorm | RMSNorm | None) and isinstance(act, Activation | None)
+            and getattr(type(linear), "bound_activated_forward", None) is not None):
+        fused = linear.bound_activated_forward(None if act is None else act.name, norm)
         if fused is not None:
             return fused
-    product, activation = bound(linear), bound(act)
-    return lambda x: activation(product(x))
+    normalise, product = None if norm is None else bound(norm), bound(linear)
+    activation = None if act is None else bound(act)
+    if normalise is None:
+        return product if activation is None else lambda x: activation(product(x))
+    return (lambda x: product(normalise(x))) if activation is None else lambda x: activation(product(normalise(x)))
 
 
 class DecodingStep:
@@ -443,9 +451,9 @@ class DecodingStep:
         self.rotary = (model.rope_cos, model.rope_sin) if config.position == "rope" else None
         self.ln_e = bound(tr.ln_e) if config.embedding_norm else None
         self.qk_norm = config.qk_norm
-        self.layers = [(bound(b.ln_1), bound(b.attn.c_attn), bound_residual(b.attn.c_proj), bound(b.ln_2),
-                        bound_activated(b.mlp.c_fc, b.mlp.act), bound_residual(b.mlp.c_proj)) for b in tr.h]
-        self.ln_f, self.lm_head = bound(tr.ln_f), bound(model.lm_head)
+        self.layers = [(bound_fused(b.attn.c_attn, b.ln_1), bound_residual(b.attn.c_proj),
+                        bound_fused(b.mlp.c_fc, b.ln_2, b.mlp.act), bound_residual(b.mlp.c_proj)) for b in tr.h]
+        self.head = bound_fused(model.lm_head, tr.ln_f)
         self.softcap = config.logit_softcap
 
     def __call__(self, idx, kv_cache: KVCache):
@@ -464,8 +472,8 @@ class DecodingStep:
             x = self.ln_e(x)
         caches = kv_cache.root.buffer[:, :, kv_cache.row_range]  # (n_layer, 2, B, nh, positions, hs)
         attend = ops.bound_attention(caches)
-        for cache, (ln_1, c_attn, attn_proj, ln_2, c_fc_act, mlp_proj) in zip(caches, self.layers, strict=True):
-            qkv = c_attn(ln_1(x)).view(B, 3, nh, hs)
+        for cache, (c_attn, attn_proj, c_fc, mlp_proj) in zip(caches, self.layers, strict=True):
+            qkv = c_attn(x).view(B, 3, nh, hs)  # c_attn(ln_1(x))
             if self.qk_norm or rotary is not None:
                 qk = norm_and_rotate(qkv[:, :2], self.qk_norm, rotary)
                 q = qk[:, 0]
@@ -475,7 +483,7 @@ class DecodingStep:
             else:  # the new keys and values go into the cache in the attention's own call
                 y = attend(qkv, cache, end)
             x = attn_proj(y.view(B, 1, nh * hs), x)  # x + c_proj(y); (B, nh, 1, hs): the heads side by side
-            x = mlp_proj(c_fc_act(ln_2(x)), x)  # x + the MLP's
+            x = mlp_proj(c_fc(x), x)  # x + c_proj(act(c_fc(ln_2(x))))
         kv_cache.advance(1)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.head(x)  # lm_head(ln_f(x))
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)

@@ -33,11 +33,14 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 BUILD_SECONDS = 120  # a compiler that hangs must not hang ngpt
 ACTIVATIONS = {"gelu_new": 1, "relu2": 2}  # the MLP activations the kernels compute, by their `act` number
+NORMS = {"layer_norm": 1, "rms_norm": 2}  # the norms the kernels compute, by their `norm` number
 
 
 class Int8Kernel:
     """ngpt_int8_linear of one built library, and the instruction set it was built for ("avx512", "avx2",
     "generic")."""
+
+    NORMS = NORMS
 
     def __init__(self, library: Path):
         self.library = library
@@ -47,8 +50,9 @@ class Int8Kernel:
         self._lib.ngpt_int8_path.restype = ctypes.c_char_p
         self.path = self._lib.ngpt_int8_path().decode()
         self._fn = self._lib.ngpt_int8_linear
-        self._fn.restype = None
-        self._fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+                             + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_float])
         self._float = self._lib.ngpt_f32_linear
         self._float.restype = None
         self._float.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -61,17 +65,25 @@ class Int8Kernel:
         self._activation = self._lib.ngpt_activation
         self._activation.restype = None
         self._activation.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int]
+        self._norm = self._lib.ngpt_norm
+        self._norm.restype = None
+        self._norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int, ctypes.c_float]
 
-    def __call__(self, x, weight, scales, bias, out, rows: int, threads: int, residual=None, activation=None) -> None:
+    def __call__(self, x, weight, scales, bias, out, rows: int, threads: int, residual=None, activation=None,
+                 norm=None) -> None:
         """out = x @ (weight * scales[:, None]).T + bias (+ residual, where given) for `rows` rows: contiguous
         float32 x (rows, in), out and residual (rows, out) in any shape of that size, float32 scales and bias (or
         None) of out values, contiguous int8 weight (out, in), all on the CPU (the caller checks:
         `precision.int8_linear`). The sum is rounded as residual + (the product) would be. With an activation
         (a name of ACTIVATIONS; then no residual), out = the activation of the product, bit for bit
-        `activation`'s."""
-        self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
-                 None if residual is None else residual.data_ptr(), out.data_ptr(), rows, weight.size(0),
-                 weight.size(1), threads, ACTIVATIONS[activation] if activation else 0)
+        `activation`'s. With a norm (kind, gain, bias, eps: a name of NORMS, float32 tensors of in values or None),
+        x's rows are normalised first, in the same call, bit for bit `norm` and then the product."""
+        kind, gain, shift, eps = norm or (None, None, None, 0.0)
+        check(self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
+                       None if residual is None else residual.data_ptr(), out.data_ptr(), rows, weight.size(0),
+                       weight.size(1), threads, ACTIVATIONS[activation] if activation else 0,
+                       None if gain is None else gain.data_ptr(), None if shift is None else shift.data_ptr(),
+                       NORMS[kind] if kind else 0, eps))
 
     def float_linear(self, x, weight, bias, out, rows: int, threads: int) -> None:
         """out = x @ weight.T + bias for `rows` rows, all float32 on the CPU: contiguous x (rows, in) and out
@@ -96,11 +108,24 @@ class Int8Kernel:
         `ops.activation`); one thread."""
         self._activation(x.data_ptr(), out.data_ptr(), x.numel(), ACTIVATIONS[name])
 
+    def norm(self, kind: str, x, gain, bias, out, eps: float) -> None:
+        """out = the norm `kind` (a name of NORMS: "layer_norm", "rms_norm") of x's rows over its last dimension,
+        with gain and bias (float32 tensors of as many values, or None); x and out contiguous float32 on the CPU
+        with as many values (the caller checks: `ops.norm`); one thread."""
+        self._norm(x.data_ptr(), None if gain is None else gain.data_ptr(), None if bias is None else bias.data_ptr(),
+                   out.data_ptr(), x.numel() // x.size(-1), x.size(-1), NORMS[kind], eps)
+
     def quantize(self, weight, quantized, scales, threads: int) -> None:
         """quantized (out, in) int8 and scales (out,) float32 of a contiguous float32 weight (out, in) on the CPU:
         `precision.quantize_rows`' formula, bit for bit."""
         self._quantize(weight.data_ptr(), quantized.data_ptr(), scales.data_ptr(), weight.size(0), weight.size(1),
                        threads)
+
+
+def check(status: int) -> None:
+    """A kernel's status: -1 is memory it could not allocate."""
+    if status:
+        raise MemoryError("ngpt's native kernel could not allocate its working memory")
 
 
 def _cpu_key() -> str:

@@ -54,18 +54,24 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         return int8_linear(x, self.weight, self.scales, self.bias, self.float_scales)
 
-    def bound_forward(self, activation: str | None = None):  # see model.bound
+    def bound_forward(self, activation: str | None = None, norm: nn.Module | None = None):  # see model.bound
         """f(x, residual=None) = int8_linear(x, ..., residual) on this layer's tensors; with an activation (a name
-        of `native.ACTIVATIONS`), f(x) = ops.activation(int8_linear(x, ...), activation). Between two weight
-        streams a decoding step's Python runs cold, and int8_linear's checks of every tensor cost more than the
-        kernel's call. So where the native kernel takes the layer's tensors as they are now, they are checked here,
-        once, and each call checks only its rows and that the tensors are still the ones checked: the same storage
-        (held here, so that its address cannot become another tensor's) and the same scales (their version); the
-        activation then runs in the kernel's pass, bit for bit ops.activation's there. Anything else, and any call
-        with autograd on, goes through int8_linear (and ops.activation)."""
+        of `native.ACTIVATIONS`), f(x) = ops.activation(int8_linear(x, ...), activation); with a norm (a module of
+        model.py's LayerNorm or RMSNorm: `kind`, `weight`, `bias`, `eps`), f(x) = the product of norm(x).
+
+        Between two weight streams a decoding step's Python runs cold, and int8_linear's checks of every tensor
+        cost more than the kernel's call. So where the native kernel takes the layer's tensors as they are now,
+        they are checked here, once, and each call checks only its rows and that the tensors are still the ones
+        checked: the same storage (held here, so that its address cannot become another tensor's) and the same
+        scales (their version). The norm and the activation then run in the kernel's call, bit for bit ops.norm's
+        and ops.activation's there (native for as few values as theirs are). Anything else, and any call with
+        autograd on, goes through ops.norm, int8_linear and ops.activation."""
         weight, scales, bias, float_scales = self.weight, self.scales, self.bias, self.float_scales
+        normalise = None if norm is None else model_norm(norm)
 
         def unbound(x, residual=None):
+            if normalise is not None:
+                x = normalise(x)
             y = int8_linear(x, weight, scales, bias, float_scales, residual)
             return y if activation is None else ops.activation(y, activation)
 
@@ -74,11 +80,18 @@ class Int8Linear(nn.Module):
                 or not (bias is None or bias.is_contiguous())):
             return unbound
         in_features, out_features, version = self.in_features, self.out_features, scales._version
-        watched = [t for t in (weight, scales, bias) if t is not None]
+        gain = shift = None
+        kind = 0
+        if norm is not None and all(t is None or ops._native_parameter(t, in_features)
+                                    for t in (norm.weight, norm.bias)):
+            gain, shift, kind = norm.weight, norm.bias, native.NORMS[norm.kind]
+        watched = [t for t in (weight, scales, bias, gain, shift) if t is not None]
         held = [t.detach() for t in watched]  # the storage checked, alive as long as this function is
         addresses = [t.data_ptr() for t in held]
         scales32 = float_scales(scales)
         pointers = (weight.data_ptr(), scales32.data_ptr(), None if bias is None else bias.data_ptr())
+        norm_pointers = (None if gain is None else gain.data_ptr(), None if shift is None else shift.data_ptr())
+        eps = norm.eps if norm is not None else 0.0
         fn, act = kernel._fn, native.ACTIVATIONS[activation] if activation is not None else 0
 
         def forward(x, residual=None, _held=(held, scales32)):
@@ -86,19 +99,26 @@ class Int8Linear(nn.Module):
             if (rows and not torch.is_grad_enabled() and scales._version == version
                     and [t.data_ptr() for t in watched] == addresses
                     and (residual is None or (not act and native_residual(residual, x, out_features)))):
+                normed = kind if x.is_contiguous() and rows * in_features <= ops.NATIVE_VALUES else 0  # as ops.norm
+                if normalise is not None and not normed:
+                    x = normalise(x)
                 x = x if x.is_contiguous() else x.contiguous()
                 out = x.new_empty(*x.shape[:-1], out_features)
                 fused = act if rows * out_features <= ops.NATIVE_VALUES else 0  # else ops.activation's torch kernel
-                fn(x.data_ptr(), *pointers, None if residual is None else residual.data_ptr(), out.data_ptr(), rows,
-                   out_features, in_features, torch.get_num_threads(), fused)
+                native.check(fn(x.data_ptr(), *pointers, None if residual is None else residual.data_ptr(),
+                                out.data_ptr(), rows, out_features, in_features, torch.get_num_threads(), fused,
+                                *norm_pointers, normed, eps))
                 return out if fused == act else ops.activation(out, activation)
             return unbound(x, residual)
         return forward
 
-    def bound_activated_forward(self, activation: str):  # see model.bound_activated
-        """activation(self(x)) as one function, the activation in the kernel's pass (`bound_forward`), or None where
-        the kernel has no such activation."""
-        return self.bound_forward(activation) if activation in native.ACTIVATIONS else None
+    def bound_activated_forward(self, activation: str | None = None, norm: nn.Module | None = None):
+        """norm(x) (a norm module, or None), this layer's product and the activation (a name, or None) as one
+        function, the norm and the activation in the kernel's call (`bound_forward`), or None where the kernel has
+        no such activation (see model.bound_fused)."""
+        if activation is not None and activation not in native.ACTIVATIONS:
+            return None
+        return self.bound_forward(activation, norm)
 
     bound_residual_forward = bound_forward  # see model.bound_residual: residual + self(x), the sum in the kernel
 
@@ -163,6 +183,11 @@ def native_weights(weight, scales, bias) -> bool:
             and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu and bias.dim() == 1
                                   and bias.numel() == out_features
                                   and not (torch.is_grad_enabled() and bias.requires_grad))))
+
+
+def model_norm(norm: nn.Module):
+    """norm's forward as a function of x (model.py's LayerNorm and RMSNorm: ops.bound_norm of its tensors)."""
+    return ops.bound_norm(norm.kind, norm.weight, norm.bias, norm.eps)
 
 
 def native_rows(x, in_features: int) -> int:

@@ -436,7 +436,7 @@ def test_a_decoding_steps_attention_and_activation_take_the_kernel_and_the_rest_
 @needs_cc
 def test_an_int8_c_fc_computes_its_activation_in_the_kernels_pass(monkeypatch):
     from nanogpt_cli import ops
-    from nanogpt_cli.model import Activation, bound_activated
+    from nanogpt_cli.model import Activation, bound_fused
 
     torch.manual_seed(0)
     linear = Int8Linear.from_linear(torch.nn.Linear(64, 256))
@@ -445,7 +445,7 @@ def test_an_int8_c_fc_computes_its_activation_in_the_kernels_pass(monkeypatch):
         for name in ("gelu_new", "relu2", "gelu"):
             act = Activation(name)
             expected = act(linear(x))  # the forward's two calls
-            fused = bound_activated(linear, act)
+            fused = bound_fused(linear, None, act)
             if name in native.ACTIVATIONS:
                 monkeypatch.setattr(ops, "activation", lambda *a: pytest.fail("activated outside the kernel"))
             assert torch.equal(fused(x), expected), name
@@ -453,8 +453,123 @@ def test_an_int8_c_fc_computes_its_activation_in_the_kernels_pass(monkeypatch):
         monkeypatch.setattr(ops, "NATIVE_VALUES", 300)  # more values than the standalone activation takes
         for rows in (1, 2):  # 256 values: in the kernel's pass; 512: ops.activation's torch kernel, as the forward's
             x = torch.randn(rows, 1, 64)
-            assert torch.equal(bound_activated(linear, Activation("gelu_new"))(x), Activation("gelu_new")(linear(x)))
+            assert torch.equal(bound_fused(linear, None, Activation("gelu_new"))(x), Activation("gelu_new")(linear(x)))
         monkeypatch.undo()
         prefill = torch.randn(precision.NATIVE_MAX_ROWS + 1, 64)  # rows the kernel does not take: the two calls
-        assert torch.equal(bound_activated(linear, Activation("gelu_new"))(prefill),
+        assert torch.equal(bound_fused(linear, None, Activation("gelu_new"))(prefill),
                            Activation("gelu_new")(linear(prefill)))
+
+
+def norm_reference(x, kind, weight, bias, eps):
+    x = x.double()
+    centred = x - x.mean(-1, keepdim=True) if kind == "layer_norm" else x
+    y = centred / (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    y = y if weight is None else y * weight.double()
+    return y if bias is None else y + bias.double()
+
+
+@needs_cc
+@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
+def test_the_norms_equal_torchs_and_run_bit_for_bit_before_the_product(tmp_path, extra, path):
+    kernel = native.build(extra, folder=tmp_path)
+    assert kernel.path == path
+    torch.manual_seed(0)
+    # every tail of the four vectors a pass sums, a row far from zero (the variance of its spread), many rows
+    for rows, n, offset in [(1, 1, 0.0), (1, 7, 0.0), (2, 17, 0.0), (1, 64, 0.0), (3, 100, 0.0), (1, 768, 0.0),
+                            (2, 768, 300.0), (9, 3072 + 5, 0.0)]:
+        x = torch.randn(rows, n) * 3 + offset
+        for kind, weight, bias, eps in (("layer_norm", torch.randn(n), torch.randn(n), 1e-5),
+                                        ("layer_norm", torch.randn(n), None, 1e-5),
+                                        ("rms_norm", torch.randn(n), None, 1e-6), ("rms_norm", None, None, 1e-6)):
+            out = torch.full((rows, n), float("nan"))
+            kernel.norm(kind, x, weight, bias, out, eps)
+            expected = norm_reference(x, kind, weight, bias, eps)
+            assert (out.double() - expected).abs().max().item() <= 2e-5 * (1 + expected.abs().max().item()), (
+                kind, rows, n)
+    for rows, out_features, in_features in [(1, 3, 15), (2, 67, 16), (1, 200, 768), (8, 5, 768)]:  # 8 x 768: malloc
+        weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+        scales, bias, x = torch.rand(out_features) + 0.01, torch.randn(out_features), torch.randn(rows, in_features)
+        gain, shift = torch.randn(in_features), torch.randn(in_features)
+        for kind, norm_bias in (("layer_norm", shift), ("layer_norm", None), ("rms_norm", None)):
+            for activation in (None, *native.ACTIVATIONS):
+                normed, separate, fused = torch.empty(rows, in_features), *(torch.empty(rows, out_features)
+                                                                             for _ in range(2))
+                kernel.norm(kind, x, gain, norm_bias, normed, 1e-5)
+                kernel(normed, weight, scales, bias, separate, rows, threads=2, activation=activation)
+                kernel(x, weight, scales, bias, fused, rows, threads=2, activation=activation,
+                       norm=(kind, gain, norm_bias, 1e-5))
+                assert torch.equal(fused, separate), (kind, activation, rows, in_features)
+
+
+@needs_cc
+def test_a_decoding_steps_norms_take_the_kernel_and_the_rest_torchs(monkeypatch):
+    from nanogpt_cli import ops
+    from nanogpt_cli.model import LayerNorm, RMSNorm
+
+    torch.manual_seed(0)
+    layer, nobias, rms = LayerNorm(96, bias=True), LayerNorm(96, bias=False), RMSNorm(96)
+    for module in (layer, nobias, rms):
+        for p in module.parameters():
+            p.data.normal_()
+    x = torch.randn(2, 1, 96)
+    with torch.no_grad():
+        for module in (layer, nobias, rms):
+            torchs = (torch.nn.functional.layer_norm(x, (96,), module.weight, module.bias, 1e-5)
+                      if module.kind == "layer_norm" else ops.rms_norm(x, module.weight, 1e-6))
+            native_norm = module(x)
+            torch.testing.assert_close(native_norm, torchs, atol=2e-6, rtol=1e-6)
+            assert torch.equal(module.bound_forward()(x), native_norm)  # bit for bit
+        assert not torch.equal(layer(big := torch.randn(ops.NATIVE_VALUES // 96, 96)),  # the kernel's bits, not
+                               torch.nn.functional.layer_norm(big, (96,), layer.weight, layer.bias, 1e-5))  # torch's
+        monkeypatch.setattr(native.Int8Kernel, "norm", lambda *a: pytest.fail("the kernel was called"))
+        bound = layer.bound_forward()
+        expected = torch.nn.functional.layer_norm
+        big = torch.randn(ops.NATIVE_VALUES // 96 + 1, 96)  # a prefill's many values, another dtype, a strided view
+        for rows in (big, x.bfloat16(), torch.randn(96, 2).T):
+            assert torch.equal(layer(rows), expected(rows, (96,), layer.weight, layer.bias, 1e-5))
+        assert torch.equal(bound(big), expected(big, (96,), layer.weight, layer.bias, 1e-5))
+        layer.to(torch.bfloat16)  # the bound tensors now hold other storage: torch's
+        assert torch.equal(bound(x.bfloat16()), expected(x.bfloat16(), (96,), layer.weight, layer.bias, 1e-5))
+        layer.float()
+    learning = x.clone().requires_grad_()  # autograd recording (training): torch's, with its backward
+    layer(learning).sum().backward()
+    rms(learning).sum().backward()
+    assert learning.grad is not None and layer.weight.grad is not None and rms.weight.grad is not None
+    monkeypatch.setattr(native, "int8_kernel", lambda: None)  # no compiler: torch's
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected(x, (96,), layer.weight, layer.bias, 1e-5))
+        assert torch.equal(layer.bound_forward()(x), expected(x, (96,), layer.weight, layer.bias, 1e-5))
+
+
+@needs_cc
+def test_an_int8_product_computes_the_norm_before_it_in_its_own_call(monkeypatch):
+    from nanogpt_cli import ops
+    from nanogpt_cli.model import Activation, LayerNorm, RMSNorm, bound_fused
+
+    torch.manual_seed(0)
+    linear = Int8Linear.from_linear(torch.nn.Linear(64, 256))
+    norms = [LayerNorm(64, bias=True), LayerNorm(64, bias=False), RMSNorm(64)]
+    for norm in norms:
+        for p in norm.parameters():
+            p.data.normal_()
+    with torch.inference_mode():
+        for norm in norms:
+            for act in (None, Activation("gelu_new"), Activation("gelu")):
+                for rows in (1, 3):
+                    x = torch.randn(rows, 1, 64)
+                    expected = linear(norm(x)) if act is None else act(linear(norm(x)))  # the forward's calls
+                    if act is None or act.name in native.ACTIVATIONS:  # the norm in the product's call alone
+                        monkeypatch.setattr(precision, "model_norm", lambda n: lambda x: pytest.fail("a norm apart"))
+                        monkeypatch.setattr(ops, "norm", lambda *a: pytest.fail("normalised outside the kernel"))
+                    fused = bound_fused(linear, norm, act)
+                    assert torch.equal(fused(x), expected), (norm.kind, act, rows)
+                    monkeypatch.undo()
+        norm = norms[0]
+        monkeypatch.setattr(ops, "NATIVE_VALUES", 100)  # more values than the standalone norm takes: torch's norm
+        x = torch.randn(2, 1, 64)
+        assert torch.equal(bound_fused(linear, norm)(x), linear(norm(x)))
+        monkeypatch.undo()
+        prefill = torch.randn(precision.NATIVE_MAX_ROWS + 1, 64)  # rows the kernel does not take: the calls apart
+        assert torch.equal(bound_fused(linear, norm)(prefill), linear(norm(prefill)))
+        strided = torch.randn(64, 2).T  # a view the standalone norm leaves to torch's: so does the fused
+        assert torch.equal(bound_fused(linear, norm)(strided), linear(norm(strided)))

@@ -187,13 +187,73 @@ void ngpt_activation(const float *x, float *y, int64_t n, int act) {
   activate(y, n, act);
 }
 
+/* The sum of n floats, and of their squares less `centre`, in VLEN lanes (four chains) then the tail in order. */
+static float row_sum(const float *x, int64_t n, float centre, int squares) {
+  int64_t j = 0;
+  float sum = 0.0f;
+#ifdef VLEN
+  VEC a0 = VZERO(), a1 = a0, a2 = a0, a3 = a0, c = VSET1(-centre);  /* x + -centre: x - centre, exactly */
+  if (squares) {
+    for (; j + 4 * VLEN <= n; j += 4 * VLEN) {
+      VEC d0 = VADD(VLOAD(x + j), c), d1 = VADD(VLOAD(x + j + VLEN), c);
+      VEC d2 = VADD(VLOAD(x + j + 2 * VLEN), c), d3 = VADD(VLOAD(x + j + 3 * VLEN), c);
+      a0 = VFMA(d0, d0, a0), a1 = VFMA(d1, d1, a1), a2 = VFMA(d2, d2, a2), a3 = VFMA(d3, d3, a3);
+    }
+  } else {
+    for (; j + 4 * VLEN <= n; j += 4 * VLEN) {
+      a0 = VADD(VLOAD(x + j), a0), a1 = VADD(VLOAD(x + j + VLEN), a1);
+      a2 = VADD(VLOAD(x + j + 2 * VLEN), a2), a3 = VADD(VLOAD(x + j + 3 * VLEN), a3);
+    }
+  }
+  sum = vsum(VADD(VADD(a0, a1), VADD(a2, a3)));
+#endif
+  for (; j < n; j++) {
+    float d = x[j] - centre;
+    sum += squares ? d * d : x[j];
+  }
+  return sum;
+}
+
+/* One row of a norm, kind 1: LayerNorm, (x - mean) / sqrt(var + eps) * w + b (the biased variance, two passes);
+ * kind 2: RMSNorm, x / sqrt(mean(x^2) + eps) * w. w or b may be NULL (no gain, no bias). In float32 throughout,
+ * within float32's rounding of torch's. Not inlined: the standalone call and the one inside a product run the same
+ * instructions, so they agree bit for bit. */
+__attribute__((noinline)) static void norm_row(const float *x, const float *w, const float *b, float *y, int64_t n,
+                                               int kind, float eps) {
+  float mean = kind == 1 ? row_sum(x, n, 0.0f, 0) / (float)n : 0.0f;
+  float rstd = 1.0f / sqrtf(row_sum(x, n, mean, 1) / (float)n + eps);
+  for (int64_t j = 0; j < n; j++) {
+    float v = (x[j] - mean) * rstd;
+    if (w) v *= w[j];
+    if (b) v += b[j];
+    y[j] = v;
+  }
+}
+
+/* y = the norm `kind` (see norm_row) of each of the rows of x (rows, n); one thread. */
+void ngpt_norm(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t n, int kind,
+               float eps) {
+  for (int64_t m = 0; m < rows; m++) norm_row(x + m * n, w, b, y + m * n, n, kind, eps);
+}
+
+#define NORM_STACK 4096  /* floats of normalised input on the stack (a batch-1 step's 768-3072); more: malloc */
+
 /* With a residual (rows, out), y = residual + the product, rounded as the product and then the sum would be one
  * after the other: a block's x + c_proj(...) of a decoding step in the pass that writes the product, one torch op
  * fewer between two weight streams (`model.bound_residual`). With act (1 or 2, see `activate`; then no residual),
  * y = act(the product), each thread's outputs activated while they are in its cache: the MLP's c_fc and its
- * activation in one call, bit for bit the two calls (`ngpt_activation`). */
-void ngpt_int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, const float *residual,
-                      float *y, int64_t rows, int64_t out, int64_t in, int threads, int act) {
+ * activation in one call, bit for bit the two calls (`ngpt_activation`). With norm (1 or 2, see norm_row), x's
+ * rows are first normalised (norm_w, norm_b, eps): the norm before the product in the same call, bit for bit
+ * `ngpt_norm` and then the product. Returns 0, or -1 where the normalised rows' memory cannot be had. */
+int ngpt_int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, const float *residual,
+                     float *y, int64_t rows, int64_t out, int64_t in, int threads, int act, const float *norm_w,
+                     const float *norm_b, int norm, float eps) {
+  float stack[NORM_STACK], *normed = stack;
+  if (norm) {
+    if (rows * in > NORM_STACK && !(normed = malloc(sizeof(float) * rows * in))) return -1;
+    ngpt_norm(x, norm_w, norm_b, normed, rows, in, norm, eps);
+    x = normed;
+  }
   #pragma omp parallel num_threads(threads)
   {
     int64_t teams = omp_get_num_threads(), team = omp_get_thread_num();
@@ -208,6 +268,8 @@ void ngpt_int8_linear(const float *x, const int8_t *w, const float *scale, const
     if (act)
       for (int64_t m = 0; m < rows; m++) activate(y + m * out + lo, hi - lo, act);
   }
+  if (normed != stack) free(normed);
+  return 0;
 }
 
 /* q, scale = precision.quantize_rows(w) for a float32 w (out, in), bit for bit: each row's largest |w| over 127
