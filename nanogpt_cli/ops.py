@@ -178,8 +178,8 @@ def norm(x, kind: str, weight, bias, eps: float):
     native kernel (`native.Int8Kernel.norm`, float32, within float32's rounding of torch's), the same code as the
     norm an int8 product computes in its own call before its product (`precision.Int8Linear.bound_forward`), so
     the two agree bit for bit; the rest, and anything recording autograd, in torch's."""
-    if (_native_input(x) and all(t is None or _native_parameter(t, x.size(-1)) for t in (weight, bias))
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
+    if (not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+            and _native_input(x) and all(t is None or _native_parameter(t, x.size(-1)) for t in (weight, bias))):
         kernel = _native()
         if kernel is not None:
             out = torch.empty_like(x)  # x is contiguous float32 on the CPU (`_native_input`)
