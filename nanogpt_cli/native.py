@@ -68,6 +68,9 @@ class Int8Kernel:
         self._norm = self._lib.ngpt_norm
         self._norm.restype = None
         self._norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int, ctypes.c_float]
+        self._sample = self._lib.ngpt_sample
+        self._sample.restype = ctypes.c_int
+        self._sample.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 2
 
     def __call__(self, x, weight, scales, bias, out, rows: int, threads: int, residual=None, activation=None,
                  norm=None) -> None:
@@ -114,6 +117,17 @@ class Int8Kernel:
         with as many values (the caller checks: `ops.norm`); one thread."""
         self._norm(x.data_ptr(), None if gain is None else gain.data_ptr(), None if bias is None else bias.data_ptr(),
                    out.data_ptr(), x.numel() // x.size(-1), x.size(-1), NORMS[kind], eps)
+
+    def sample(self, logits, top_k: int, temperature: float, uniforms, out) -> bool:
+        """out (rows, 1) int64 = the next token of each row of float32 logits (rows, n) on the CPU with a contiguous
+        last dimension: greedy at temperature 0, else drawn at uniforms[row] (float64, one per row, in [0, 1)) from
+        the softmax at temperature of the top_k largest values and those tied with the k-th (0: all), as
+        `generate.sample_next` draws (the caller checks: `ops.sample`); one thread. False where a row holds a NaN,
+        a +inf or nothing finite to sample: out is then not to be read."""
+        status = self._sample(logits.data_ptr(), logits.size(0), logits.size(1), logits.stride(0), top_k,
+                              temperature, None if uniforms is None else uniforms.data_ptr(), out.data_ptr())
+        check(min(status, 0))
+        return status == 0
 
     def quantize(self, weight, quantized, scales, threads: int) -> None:
         """quantized (out, in) int8 and scales (out,) float32 of a contiguous float32 weight (out, in) on the CPU:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from nanogpt_cli import ops
 from nanogpt_cli.checkpoint import FORMAT
 from nanogpt_cli.cli import app
 from nanogpt_cli.generate import BatchDecoder, Generation, KVCache, Request, sample_next
@@ -126,7 +127,16 @@ def test_on_cuda_the_cache_matches_a_full_forward(monkeypatch):
 # ---------------------------------------------------------------- sampling filters
 
 
-def test_sample_next_strategies():
+@pytest.fixture(params=["native", "torch"])
+def draw(request, monkeypatch):
+    """Each sampling test twice: float32 logits on the CPU drawn in the native kernel (`ops.sample`; torch's ops
+    where it cannot be built), then in torch's ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(ops, "sample", lambda *args: None)
+    return request.param
+
+
+def test_sample_next_strategies(draw):
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]])
     assert sample_next(logits, temperature=0).tolist() == [[3], [0]]  # greedy
     g = torch.Generator().manual_seed(0)
@@ -141,7 +151,7 @@ def test_sample_next_strategies():
     assert cold.count(3) >= 99
 
 
-def test_top_k_draws_among_the_k_largest_with_the_masked_distribution():
+def test_top_k_draws_among_the_k_largest_with_the_masked_distribution(draw):
     # drawing among the top-k's own softmax is nanoGPT's draw (the others masked to -inf) by another route:
     # the same probabilities, read off 40,000 draws of each
     torch.manual_seed(0)
@@ -162,7 +172,7 @@ def test_top_k_draws_among_the_k_largest_with_the_masked_distribution():
     assert picks <= set(head) and head[0] in picks
 
 
-def test_top_k_keeps_the_logits_tied_with_the_kth():
+def test_top_k_keeps_the_logits_tied_with_the_kth(draw):
     # as masking below the k-th value does (nanoGPT, Hugging Face): bf16 logits tie often
     logits = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 0.0]])
     g = torch.Generator().manual_seed(0)
@@ -171,7 +181,7 @@ def test_top_k_keeps_the_logits_tied_with_the_kth():
     assert set(picks[1].tolist()) == {0, 1, 2}  # a row with no tie keeps its own k
 
 
-def test_padding_ids_past_vocab_size_are_never_sampled():
+def test_padding_ids_past_vocab_size_are_never_sampled(draw):
     model = tiny()
     generation = Generation(model, torch.zeros(4, 1, dtype=torch.long), 20, temperature=2.0, vocab_size=5,
                             generator=torch.Generator().manual_seed(0))

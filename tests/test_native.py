@@ -35,16 +35,22 @@ if "avx2" in FLAGS:
     PATHS.append((("-mno-avx512f", "-mno-avx2", "-mno-fma"), "generic"))
 
 
+@pytest.fixture(params=PATHS, ids=[p for _, p in PATHS])
+def kernel(request, tmp_path):
+    """The kernel built for each instruction path this CPU has, checked to have taken it."""
+    extra, path = request.param
+    kernel = native.build(extra, folder=tmp_path)
+    assert kernel.path == path
+    return kernel
+
+
 def reference(x, weight, scales, bias):
     y = x.double() @ (weight.double() * scales.double()[:, None]).T
     return y if bias is None else y + bias.double()
 
 
 @needs_cc
-@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
-def test_the_kernel_equals_the_formula_on_every_path_and_shape(tmp_path, extra, path):
-    kernel = native.build(extra, folder=tmp_path)
-    assert kernel.path == path
+def test_the_kernel_equals_the_formula_on_every_path_and_shape(kernel):
     torch.manual_seed(0)
     for rows, out_features, in_features in [(1, 1, 1), (1, 3, 15), (2, 67, 16), (1, 5, 17), (3, 4, 63), (1, 9, 64),
                                             (5, 2, 65), (1, 33, 100), (2, 130, 768), (1, 8, 3072 + 40)]:
@@ -64,10 +70,7 @@ def test_the_kernel_equals_the_formula_on_every_path_and_shape(tmp_path, extra, 
 
 
 @needs_cc
-@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
-def test_the_float32_kernel_equals_the_product_on_every_path_and_shape(tmp_path, extra, path):
-    kernel = native.build(extra, folder=tmp_path)
-    assert kernel.path == path
+def test_the_float32_kernel_equals_the_product_on_every_path_and_shape(kernel):
     torch.manual_seed(0)
     # every tile shape (3 channels by 4 rows and their remainders) and every tail of a vector's length
     for rows, out_features, in_features in [(1, 1, 1), (2, 3, 15), (4, 67, 16), (3, 5, 17), (5, 4, 63), (8, 9, 64),
@@ -194,9 +197,7 @@ def torch_quantize_rows(weight, monkeypatch):
 
 
 @needs_cc
-@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
-def test_the_native_quantization_is_the_formula_bit_for_bit(tmp_path, monkeypatch, extra, path):
-    kernel = native.build(extra, folder=tmp_path)
+def test_the_native_quantization_is_the_formula_bit_for_bit(monkeypatch, kernel):
     torch.manual_seed(0)
     weight = torch.randn(50, 77) * torch.logspace(-30, 3, 50)[:, None]  # tiny rows to large ones
     weight[3] = 0  # an all-zero row: scale 1
@@ -304,10 +305,7 @@ def attention_reference(q, k, v, counts):
 
 
 @needs_cc
-@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
-def test_the_attention_kernel_equals_torchs_on_every_path_and_shape(tmp_path, extra, path):
-    kernel = native.build(extra, folder=tmp_path)
-    assert kernel.path == path
+def test_the_attention_kernel_equals_torchs_on_every_path_and_shape(kernel):
     torch.manual_seed(0)
     # every tail of a vector's length in the head size and the keys, one key, and past the stack's 4096 scores
     for rows, heads, keys, hs in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 12, 17, 64), (3, 2, 33, 16), (2, 4, 100, 65),
@@ -332,10 +330,7 @@ def test_the_attention_kernel_equals_torchs_on_every_path_and_shape(tmp_path, ex
 
 
 @needs_cc
-@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
-def test_the_activations_equal_torchs_and_run_bit_for_bit_in_the_products_pass(tmp_path, extra, path):
-    kernel = native.build(extra, folder=tmp_path)
-    assert kernel.path == path
+def test_the_activations_equal_torchs_and_run_bit_for_bit_in_the_products_pass(kernel):
     torch.manual_seed(0)
     for n in (1, 7, 8, 17, 40, 3072, 3072 + 5):
         x = torch.randn(n) * 4
@@ -469,10 +464,7 @@ def norm_reference(x, kind, weight, bias, eps):
 
 
 @needs_cc
-@pytest.mark.parametrize("extra, path", PATHS, ids=[p for _, p in PATHS])
-def test_the_norms_equal_torchs_and_run_bit_for_bit_before_the_product(tmp_path, extra, path):
-    kernel = native.build(extra, folder=tmp_path)
-    assert kernel.path == path
+def test_the_norms_equal_torchs_and_run_bit_for_bit_before_the_product(kernel):
     torch.manual_seed(0)
     # every tail of the four vectors a pass sums, a row far from zero (the variance of its spread), many rows
     for rows, n, offset in [(1, 1, 0.0), (1, 7, 0.0), (2, 17, 0.0), (1, 64, 0.0), (3, 100, 0.0), (1, 768, 0.0),
@@ -573,3 +565,88 @@ def test_an_int8_product_computes_the_norm_before_it_in_its_own_call(monkeypatch
         assert torch.equal(bound_fused(linear, norm)(prefill), linear(norm(prefill)))
         strided = torch.randn(64, 2).T  # a view the standalone norm leaves to torch's: so does the fused
         assert torch.equal(bound_fused(linear, norm)(strided), linear(norm(strided)))
+
+
+def draw_interval(x, k, temperature, u):
+    """The float64 inverse CDF of a row's top-k softmax (candidates: the values >= the k-th largest; k 0: all), in
+    index order: (the mass before each index, the mass up to it) over the target u * the whole mass."""
+    x = x.double()
+    kth = -float("inf") if k == 0 else x.sort(descending=True).values[k - 1]
+    weight = torch.where(x >= kth, torch.exp(x / temperature - x.max() / temperature), 0.0)
+    weight = torch.where(x / temperature - x.max() / temperature >= -87, weight, 0.0)
+    upto = weight.cumsum(0)
+    return upto - weight, upto, u * upto[-1].item()
+
+
+@needs_cc
+def test_the_sampling_kernel_draws_the_top_k_softmax_on_every_path(kernel):
+    torch.manual_seed(0)
+    # every tail of a vector's length, GPT-2's padded vocabulary, ties (bf16-rounded values), -inf among the values,
+    # k from 1 to all, and a heap past the stack's 4096
+    for n, ks in [(1, (0, 1)), (7, (0, 1, 3, 6)), (17, (0, 2, 16)), (50257, (0, 1, 50, 200)), (9000, (5000,))]:
+        for values in ("normal", "ties", "-inf"):
+            x = torch.randn(3, n) * 3
+            if values == "ties":
+                x = x.bfloat16().float()
+            elif values == "-inf" and n > 1:
+                x[:, ::2] = -float("inf")
+            wide = torch.full((3, n + 5), float("nan"))
+            wide[:, :n] = x  # rows at a stride past their values
+            rows = wide[:, :n]
+            for k in ks:
+                for temperature in (0.5, 1.0, 3.0):
+                    u = torch.rand(3, dtype=torch.float64)
+                    out = torch.full((3, 1), -1, dtype=torch.long)
+                    assert kernel.sample(rows, k, temperature, u, out), (n, k, values)
+                    for r in range(3):
+                        before, upto, target = draw_interval(x[r], k, temperature, u[r].item())
+                        pick = out[r, 0].item()
+                        slack = 1e-5 * upto[-1].item()  # float32 exponentials against float64 ones
+                        assert before[pick] - slack <= target < upto[pick] + slack, (n, k, values, temperature, r)
+                        assert upto[pick] > before[pick]  # never a value that weighs nothing
+                out = torch.full((3, 1), -1, dtype=torch.long)
+                assert kernel.sample(rows, k, 0.0, None, out)  # greedy: torch's argmax, the first of tied largest
+                assert torch.equal(out, x.argmax(-1, keepdim=True)), (n, k, values)
+    x = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # u at the ends of [0, 1): the first and the last candidate
+    out = torch.empty(1, 1, dtype=torch.long)
+    for u, expected in ((0.0, 0), (1 - 2**-53, 2)):
+        assert kernel.sample(x, 3, 1.0, torch.tensor([u], dtype=torch.float64), out) and out.item() == expected
+    u = torch.full((1,), 0.5, dtype=torch.float64)
+    for bad in (float("nan"), float("inf")):  # a NaN or +inf: False, for torch's ops to say what they say of it
+        row = torch.randn(1, 50)
+        row[0, 37] = bad
+        assert not kernel.sample(row, 10, 1.0, u, out) and not kernel.sample(row, 0, 0.0, None, out)
+    nothing = torch.full((1, 50), -float("inf"))  # nothing finite to draw from; greedy takes the first, as argmax
+    assert not kernel.sample(nothing, 0, 1.0, u, out)
+    assert kernel.sample(nothing, 0, 0.0, None, out) and out.item() == 0
+
+
+@needs_cc
+def test_sample_next_draws_in_the_kernel_without_top_p_and_in_torchs_ops_otherwise(monkeypatch):
+    from nanogpt_cli import ops
+    from nanogpt_cli.generate import sample_next
+
+    calls = []
+    draw = native.Int8Kernel.sample
+    monkeypatch.setattr(native.Int8Kernel, "sample", lambda self, *a: calls.append(a[2]) or draw(self, *a))
+    torch.manual_seed(0)
+    logits = torch.randn(2, 300)
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_k in ((0.8, 200), (1.0, None), (0.0, None), (1e-9, 5)):
+        picked = sample_next(logits, temperature, top_k, None, g)
+        assert picked.shape == (2, 1) and picked.dtype is torch.long
+    assert calls == [0.8, 1.0, 0.0, 1e-6]  # below MIN_TEMPERATURE: MIN_TEMPERATURE, as torch's ops divide
+    assert torch.equal(sample_next(logits, 1e-9, 5, None, g), logits.argmax(-1, keepdim=True))
+    calls.clear()
+    for rows, top_p in ((logits, 0.9), (logits.bfloat16(), None), (logits.T.contiguous().T, None)):
+        sample_next(rows, 1.0, 50, top_p, g)  # top_p, another dtype, a strided last dimension: torch's ops
+    with torch.enable_grad():
+        sample_next(logits.clone().requires_grad_(), 1.0, 50, None, g)
+    assert calls == []
+    nan = logits.clone()
+    nan[1, 3] = float("nan")
+    with pytest.raises(RuntimeError):  # the kernel declines; torch's multinomial refuses the NaN, as before
+        sample_next(nan, 1.0, None, None, g)
+    assert len(calls) == 1
+    monkeypatch.setattr(native, "int8_kernel", lambda: None)  # no compiler: torch's
+    assert ops.sample(logits, 1.0, 50, g) is None

@@ -7,7 +7,8 @@
  * with a software prefetch far enough ahead that the stream stays ahead of the arithmetic. Output channels are
  * split between OpenMP threads; torch's own OpenMP runtime is the one already loaded, so both share one pool.
  * Built by nanogpt_cli/native.py with -O3 -march=native -fopenmp, once per CPU; docs/performance.md has figures.
- * Also here, for the same decoding step: float32 products of a few rows, a query's attention, the MLP's activation.
+ * Also here, for the same decoding step: float32 products of a few rows, a query's attention, the MLP's activation,
+ * the norms, and the draw of the next token.
  */
 #include <math.h>
 #include <stdint.h>
@@ -60,6 +61,8 @@ const char *ngpt_int8_path(void) {
 #define VMIN(a, b) _mm512_min_ps(a, b)
 #define VDIV(a, b) _mm512_div_ps(a, b)
 #define VSELECT_GE(u, limit, yes, no) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, limit, _CMP_GE_OQ), no, yes)
+#define VANY_ABOVE(a, limit) (_mm512_cmp_ps_mask(a, limit, _CMP_NLE_UQ) != 0) /* a lane > limit, or NaN */
+#define VANY_GE(a, limit) (_mm512_cmp_ps_mask(a, limit, _CMP_GE_OQ) != 0)
 #define VSET1(a) _mm512_set1_ps(a)
 #define VSTORE(p, a) _mm512_storeu_ps(p, a)
 #define VROUND(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -79,6 +82,8 @@ static float vsum(__m512 a) { return _mm512_reduce_add_ps(a); }
 #define VMIN(a, b) _mm256_min_ps(a, b)
 #define VDIV(a, b) _mm256_div_ps(a, b)
 #define VSELECT_GE(u, limit, yes, no) _mm256_blendv_ps(no, yes, _mm256_cmp_ps(u, limit, _CMP_GE_OQ))
+#define VANY_ABOVE(a, limit) (_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_NLE_UQ)) != 0)
+#define VANY_GE(a, limit) (_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_GE_OQ)) != 0)
 #define VSET1(a) _mm256_set1_ps(a)
 #define VSTORE(p, a) _mm256_storeu_ps(p, a)
 #define VROUND(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -485,4 +490,155 @@ void ngpt_attention_step(const float *q, float *k, float *v, float *y, const int
     }
     if (s != local) free(s);
   }
+}
+
+/* The draw of a decoding step's next token (`ops.sample`): torch's top-k, the temperature's division, softmax and
+ * multinomial over GPT-2's 50304 logits took 0.7-0.8 ms of a 12 ms int8 step on a 2-core EPYC, each op a pass
+ * that runs cold after the head's weight stream. Here one call makes three passes over each row, most of them
+ * comparisons of eight or sixteen values at a time against a threshold:
+ * 1. the k-th largest value (a min-heap of the k largest so far; a vector with nothing above the heap's least is
+ *    skipped) and the largest; NaN anywhere returns 1 (the caller's torch ops then say what they say of it);
+ * 2. the mass of the candidates, every value >= the k-th (the k largest and those tied with the k-th: what masking
+ *    the others to -inf keeps), e^(x / temperature - the largest's), summed one value at a time in double;
+ * 3. the same sums again, up to the first candidate where they pass u times the mass.
+ * That is the inverse CDF of the candidates' softmax at u, in index order: the distribution torch's ops draw
+ * from, with one uniform u per row (from the caller's generator). Values whose exponent is below -87 weigh 0 (e^-87
+ * is 1.6e-38 of the largest's 1). temperature 0 is greedy: the first index of the largest, torch's argmax. k 0 (or
+ * >= n): every value is a candidate. A +inf, every value -inf or an overflowing x / temperature also return 1. */
+#define HEAP_STACK 4096  /* the heap of a top-k on the stack up to this k; beyond it on the heap */
+
+static void sift_down(float *heap, int64_t k, int64_t i) {  /* a min-heap: heap[0] is the least */
+  float v = heap[i];
+  for (;;) {
+    int64_t c = 2 * i + 1;
+    if (c >= k) break;
+    if (c + 1 < k && heap[c + 1] < heap[c]) c++;
+    if (heap[c] >= v) break;
+    heap[i] = heap[c];
+    i = c;
+  }
+  heap[i] = v;
+}
+
+/* The k-th largest of x's n values (1 <= k <= n) in *kth and the largest in *top; 1 where a value is NaN. */
+static int kth_largest(const float *x, int64_t n, int64_t k, float *heap, float *kth, float *top) {
+  float largest = -INFINITY;
+  for (int64_t i = 0; i < k; i++) {
+    if (x[i] != x[i]) return 1;
+    heap[i] = x[i];
+    largest = x[i] > largest ? x[i] : largest;
+  }
+  for (int64_t i = k / 2; i-- > 0;) sift_down(heap, k, i);
+  int64_t i = k;
+#ifdef VLEN
+  for (; i + VLEN <= n; i += VLEN) {
+    if (!VANY_ABOVE(VLOAD(x + i), VSET1(heap[0]))) continue;
+    for (int64_t j = i; j < i + VLEN; j++) {
+      if (x[j] != x[j]) return 1;
+      if (x[j] > heap[0]) {
+        heap[0] = x[j];
+        sift_down(heap, k, 0);
+        largest = x[j] > largest ? x[j] : largest;
+      }
+    }
+  }
+#endif
+  for (; i < n; i++) {
+    if (x[i] != x[i]) return 1;
+    if (x[i] > heap[0]) {
+      heap[0] = x[i];
+      sift_down(heap, k, 0);
+      largest = x[i] > largest ? x[i] : largest;
+    }
+  }
+  *kth = heap[0];
+  *top = largest;
+  return 0;
+}
+
+/* The candidates' weights of x[i..i+m) into e (m values, m <= VLEN or 1): e^(x / temperature - zmax) where x >= kth
+ * and the exponent is at least -87, else 0. Vectors and single values give the same weight to the same value. */
+static void weights(const float *x, int64_t m, float kth, float temperature, float zmax, float *e) {
+#ifdef VLEN
+  if (m == VLEN) {
+    VEC v = VLOAD(x), d = VADD(VDIV(v, VSET1(temperature)), VSET1(-zmax));
+    d = VSELECT_GE(v, VSET1(kth), d, VSET1(-INFINITY));
+    VSTORE(e, VSELECT_GE(d, VSET1(-87.0f), vexp(d), VZERO()));
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < m; j++) {
+    float d = x[j] / temperature + -zmax;
+    e[j] = x[j] >= kth && d >= -87.0f ? sexp(d) : 0.0f;
+  }
+}
+
+/* Pass 2 (target < 0: the candidates' mass) or 3 (the index where the running mass passes target). */
+static double walk(const float *x, int64_t n, float kth, float temperature, float zmax, double target,
+                   int64_t *pick) {
+  double mass = 0.0;
+  int64_t last = -1, i = 0;
+  float e[16];
+  while (i < n) {
+    int64_t m = 1;
+#ifdef VLEN
+    if (i + VLEN <= n) {
+      m = VLEN;
+      if (!VANY_GE(VLOAD(x + i), VSET1(kth))) {  /* no candidate here: they weigh 0 */
+        i += m;
+        continue;
+      }
+    }
+#endif
+    weights(x + i, m, kth, temperature, zmax, e);
+    for (int64_t j = 0; j < m; j++) {
+      if (e[j] > 0.0f) last = i + j;
+      mass += e[j];
+      if (target >= 0.0 && mass > target) {
+        *pick = i + j;
+        return mass;
+      }
+    }
+    i += m;
+  }
+  *pick = last;  /* target rounded up to the whole mass: the last candidate that weighs anything */
+  return mass;
+}
+
+/* out[r] = the next token of each of the rows of logits (rows, n), row r at logits + r * stride: see above. u holds
+ * a uniform in [0, 1) per row (unused at temperature 0). Returns 0; 1 for a row with a NaN, a +inf or nothing
+ * finite (see above); -1 where the heap's memory cannot be had. */
+int ngpt_sample(const float *logits, int64_t rows, int64_t n, int64_t stride, int64_t k, float temperature,
+                const double *u, int64_t *out) {
+  int all = k <= 0 || k >= n;
+  int64_t size = all ? 1 : k;
+  float stack[HEAP_STACK], *heap = size <= HEAP_STACK ? stack : malloc(sizeof(float) * size);
+  int status = 0;
+  if (!heap) return -1;
+  for (int64_t r = 0; r < rows && !status; r++) {
+    const float *x = logits + r * stride;
+    float kth, top;
+    if (n <= 0 || kth_largest(x, n, size, heap, &kth, &top) || !(top < INFINITY)) {
+      status = 1;
+      break;
+    }
+    if (temperature == 0.0f) {  /* greedy: the first index of the largest */
+      int64_t i = 0;
+      while (x[i] != top) i++;
+      out[r] = i;
+      continue;
+    }
+    float zmax = top / temperature;
+    if (!(zmax > -INFINITY && zmax < INFINITY)) {
+      status = 1;
+      break;
+    }
+    if (all) kth = -INFINITY;
+    int64_t pick;
+    double mass = walk(x, n, kth, temperature, zmax, -1.0, &pick);
+    walk(x, n, kth, temperature, zmax, u[r] * mass, &pick);
+    out[r] = pick;
+  }
+  if (heap != stack) free(heap);
+  return status;
 }
