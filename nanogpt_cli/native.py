@@ -1,7 +1,8 @@
 """The one native library: weight-only int8 products on a CPU at the speed of memory (`kernels/int8_linear.c`),
 and in the same file the float32 product of a batched decoding step's few rows, which oneDNN and MKL compute
-far from the bandwidth on an AVX2 EPYC (`precision.onednn_linear`), and a decoding step's attention of one query
-per row and MLP activation, which torch's kernels spend longer setting up than computing (`ops`).
+far from the bandwidth on an AVX2 EPYC and MKL on an Ice Lake Xeon (`precision.native_rows_linear`), and a
+decoding step's attention of one query per row and MLP activation, which torch's kernels spend longer setting up
+than computing (`ops`).
 
 torch has no weight-only int8 product that streams at the bandwidth on a CPU: `_weight_int8pack_mm` is
 compute-bound (on a 2-core Xeon with AMX it reads GPT-2 124M's int8 matrices at 11-12 GB/s where a read runs at
@@ -91,7 +92,7 @@ class Int8Kernel:
     def float_linear(self, x, weight, bias, out, rows: int, threads: int) -> None:
         """out = x @ weight.T + bias for `rows` rows, all float32 on the CPU: contiguous x (rows, in) and out
         (rows, out) in any shape of that size, contiguous weight (out, in), bias (or None) of out values (the
-        caller checks: `precision.onednn_linear`). The product of a batched decoding step's few rows."""
+        caller checks: `precision.native_rows_linear`). The product of a batched decoding step's few rows."""
         self._float(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
                     rows, weight.size(0), weight.size(1), threads)
 

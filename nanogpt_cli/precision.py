@@ -11,9 +11,10 @@ channel), a CPU kernel; elsewhere `--quantize int8` is refused. On a CPU, a bf16
 one-row matrix product (`VectorLinear`), and float32 weights that decode 4 rows or more at once are stored
 transposed, which MKL's GEMM of a few rows streams 1.2-1.8x faster (`transposed_storage`). On x86 CPUs that are
 not Intel's, MKL (torch's BLAS, which runs every float32 Linear) is far from the bandwidth, so there the
-products go through oneDNN (`OneDNNLinear`), and a batched step's few float32 rows through ngpt's native kernel
-(`float_rows_native`; where it cannot be built, weights decoding 2 rows or more are stored transposed instead).
-docs/performance.md has the measurements.
+products go through oneDNN (`OneDNNLinear`). A batched step's few float32 rows go through ngpt's native kernel
+where it was measured faster than the route's own product (`float_rows_native`: oneDNN's on an AVX2 EPYC, MKL's
+on an AVX512 Xeon, `RowsLinear`); elsewhere, or where it cannot be built, weights decoding several rows at a time
+are stored transposed instead. docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -294,36 +295,71 @@ def onednn_linear(x, weight, bias):
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))):
         return F.linear(x, weight, bias)
+    out = native_rows_linear(x, weight, bias, "onednn") if x.numel() > weight.size(1) else None  # rows > 1
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "") if out is None else out
+
+
+class RowsLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state_dict) whose float32 products of a batched decoding step's 2 to
+    NATIVE_MAX_ROWS rows run in ngpt's native kernel (`native_rows_linear`) and everything else in torch's F.linear
+    (MKL): the CPUs of MKL's route where `float_rows_native("mkl")`. On a 2-core Ice Lake Xeon (AVX512) GPT-2 124M's
+    49 matrices for 4 rows took 26.8 ms and for 8 rows 30.8 ms in the kernel, against MKL's 46-50 and 49-67 ms
+    (either layout), where one row takes 22-23 ms."""
+
+    def forward(self, x):
+        return rows_linear(x, self.weight, self.bias)
+
+    def bound_forward(self):  # see model.bound
+        weight, bias = self.weight, self.bias
+        return lambda x: rows_linear(x, weight, bias)
+
+
+def rows_linear(x, weight, bias):
+    """F.linear(x, weight, bias), a batched decoding step's few float32 rows through `native_rows_linear`."""
+    out = native_rows_linear(x, weight, bias, "mkl") if x.numel() > weight.size(1) else None  # rows > 1
+    return F.linear(x, weight, bias) if out is None else out
+
+
+def native_rows_linear(x, weight, bias, kernel: str):
+    """x @ weight.T + bias through ngpt's native float32 kernel (`native.Int8Kernel.float_linear`) for 2 to
+    NATIVE_MAX_ROWS float32 rows on a CPU at inference, weight stored (out, in), where `float_rows_native(kernel)`;
+    None for anything else (the caller's kernel then computes it)."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
-    if (1 < rows <= NATIVE_MAX_ROWS and x.dtype is torch.float32 and x.shape[-1] == in_features
-            and weight.is_contiguous() and (bias is None or (bias.dtype is torch.float32 and bias.dim() == 1
-                                                             and bias.numel() == out_features))
-            and float_rows_native("onednn")):
-        out = x.new_empty(*x.shape[:-1], out_features)
-        native.int8_kernel().float_linear(x if x.is_contiguous() else x.contiguous(), weight,
-                                          None if bias is None else bias.contiguous(), out, rows,
-                                          torch.get_num_threads())
-        return out
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if not (1 < rows <= NATIVE_MAX_ROWS and x.dtype is torch.float32 and weight.dtype is torch.float32
+            and x.shape[-1] == in_features and x.is_cpu and weight.is_cpu and weight.is_contiguous()
+            and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu and bias.dim() == 1
+                                  and bias.numel() == out_features))
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and float_rows_native(kernel)):
+        return None
+    out = x.new_empty(*x.shape[:-1], out_features)
+    native.int8_kernel().float_linear(x if x.is_contiguous() else x.contiguous(), weight,
+                                      None if bias is None else bias.contiguous(), out, rows, torch.get_num_threads())
+    return out
+
+
+# (route, the native kernel's instruction set) where a batch's few float32 rows take the native kernel, measured:
+# oneDNN's on an AVX2 EPYC (Zen 3), MKL's on an AVX512 Xeon (Ice Lake). The AVX512 EPYC (Zen 5) keeps oneDNN on
+# transposed weights (13.4 ms for 2 rows, 21.2 for 8: near the read; the kernel unmeasured there).
+NATIVE_ROWS_ROUTES = {("onednn", "avx2"), ("mkl", "avx512")}
 
 
 def float_rows_native(kernel: str) -> bool:
-    """Whether float32 products of a few rows go through ngpt's native kernel with this CPU's Linear `kernel`:
-    on the oneDNN route, where it builds for AVX2 (not AVX512). On an AVX2 EPYC (Zen 3, 2 cores) it computes
-    GPT-2 124M's matrices for 2-4 rows in 15-16 ms and for 8 rows in 23 ms, against oneDNN's 29-35 and 41-46 ms
-    (16.6 ms for one row), with the weights as loaded. On the AVX512 EPYC (Zen 5) oneDNN on transposed weights
-    measured 13.4 ms for 2 rows and 21.2 for 8, near the read; the kernel is unmeasured there, so that route
-    stays, as does MKL's (Intel), measured with transposed weights."""
-    if kernel != "onednn":
-        return False
+    """Whether float32 products of a few rows go through ngpt's native kernel with this CPU's Linear `kernel`
+    (`NATIVE_ROWS_ROUTES`). On an AVX2 EPYC (Zen 3, 2 cores) it computes GPT-2 124M's matrices for 2-4 rows in
+    15-16 ms and for 8 rows in 23 ms, against oneDNN's 29-35 and 41-46 ms (16.6 ms for one row); on an Ice Lake
+    Xeon (AVX512, 2 cores) for 4 rows in 26.8 ms and 8 rows in 30.8, against MKL's 46-50 and 49-67 ms (22-23 ms for
+    one row). Weights then keep the layout they were loaded in."""
     built = native.int8_kernel()
-    return built is not None and built.path == "avx2"
+    return built is not None and (kernel, built.path) in NATIVE_ROWS_ROUTES
 
 
 def retype_linears(model: nn.Module, cls: type[nn.Linear]) -> nn.Module:
-    """Make every plain nn.Linear of the model (in place) a cls (VectorLinear or OneDNNLinear): the same module
-    and parameters, only its forward changes."""
+    """Make every plain nn.Linear of the model (in place) a cls (VectorLinear, OneDNNLinear, RowsLinear): the same
+    module and parameters, only its forward changes."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = cls
@@ -415,6 +451,8 @@ def for_inference(model: nn.Module, device: torch.device, dtype: str, quantize: 
         model = retype_linears(model, OneDNNLinear)
     elif dtype == "bfloat16" and cpu_has_fast_bf16():  # measured with AMX (see above)
         model = vector_linears(model)
+    elif dtype == "float32" and quantize == "none" and rows >= 2 and float_rows_native(kernel):
+        model = retype_linears(model, RowsLinear)  # one row a step keeps F.linear: no call between it and MKL
     if (dtype == "float32" and quantize == "none" and rows >= TRANSPOSED_FROM_ROWS[kernel]
             and not float_rows_native(kernel)):
         model = transposed_storage(model)

@@ -87,35 +87,43 @@ def test_the_float32_kernel_equals_the_product_on_every_path_and_shape(kernel):
 
 
 @needs_cc
-def test_onednn_linear_takes_the_float32_kernel_for_a_few_rows_only(monkeypatch):
+@pytest.mark.parametrize("cls, path", [("OneDNNLinear", "avx2"), ("RowsLinear", "avx512")])
+def test_a_batch_of_a_few_float32_rows_takes_the_native_kernel_and_nothing_else(monkeypatch, cls, path):
     kernel = native.int8_kernel()
     assert kernel is not None, native.int8_kernel_status()
     calls = []
 
     class Counting:
-        path = "avx2"  # the CPUs whose few rows take it (`precision.float_rows_native`); it runs on any path
-
         def float_linear(self, *args):
             calls.append(args[4])  # rows
             kernel.float_linear(*args)
 
+    # the build whose few rows take it on the Linear's route (`precision.float_rows_native`): oneDNN's with AVX2,
+    # MKL's with AVX512; the kernel itself runs on any path
+    Counting.path = path
     monkeypatch.setattr(native, "int8_kernel", lambda: Counting())
     torch.manual_seed(0)
-    linear = precision.retype_linears(torch.nn.Linear(96, 40), precision.OneDNNLinear)
+    linear = precision.retype_linears(torch.nn.Linear(96, 40), getattr(precision, cls))
     with torch.inference_mode():
         for shape in [(2, 1, 96), (precision.NATIVE_MAX_ROWS, 96), (3, 2, 96)]:  # decoding steps of 2-16 rows
             x = torch.randn(shape)
             got, bound = linear(x), linear.bound_forward()(x)
             torch.testing.assert_close(got, torch.nn.functional.linear(x, linear.weight, linear.bias))
-            assert torch.equal(bound, got)
+            assert torch.equal(bound, got) and got.shape == (*shape[:-1], 40)
         assert calls == [2, 2, 16, 16, 6, 6]
-        linear(torch.randn(1, 1, 96))  # one row: oneDNN's matrix-vector product, measured at the bandwidth
-        linear(torch.randn(precision.NATIVE_MAX_ROWS + 1, 96))  # a prefill: oneDNN's GEMM
+        # one row (the route's own matrix-vector product, measured at the bandwidth) and a prefill (its GEMM)
+        for x in [torch.randn(1, 1, 96), torch.randn(precision.NATIVE_MAX_ROWS + 1, 96)]:
+            torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear(torch.randn(4, 96)).dtype is torch.bfloat16  # autocast: torch's, which casts
     x = torch.randn(4, 96, requires_grad=True)
-    assert linear(x).requires_grad  # autograd recording: F.linear
+    y = linear(x)
+    assert y.requires_grad  # autograd recording: F.linear, which has a backward
+    y.sum().backward()
+    assert x.grad is not None
     precision.transposed_storage(linear)
     with torch.inference_mode():
-        linear(torch.randn(4, 96))  # weights stored (in, out): oneDNN's
+        linear(torch.randn(4, 96))  # weights stored (in, out): the route's own product
     assert calls == [2, 2, 16, 16, 6, 6]
 
 

@@ -157,19 +157,33 @@ def test_float32_weights_decoding_several_rows_are_stored_transposed(monkeypatch
                if isinstance(m, Int8Linear))
 
 
-def test_float32_weights_keep_their_layout_where_the_native_kernel_takes_the_few_rows(monkeypatch):
+@pytest.mark.parametrize("kernel, path, cls", [("onednn", "avx2", "OneDNNLinear"), ("mkl", "avx512", "RowsLinear")])
+def test_float32_weights_keep_their_layout_where_the_native_kernel_takes_the_few_rows(monkeypatch, kernel, path,
+                                                                                      cls):
     import nanogpt_cli.precision as precision
 
-    monkeypatch.setattr(precision, "cpu_linear_kernel", lambda: "onednn")
+    monkeypatch.setattr(precision, "cpu_linear_kernel", lambda: kernel)
     from types import SimpleNamespace
 
-    monkeypatch.setattr(precision.native, "int8_kernel", lambda: SimpleNamespace(path="avx512"))
-    assert not precision.float_rows_native("onednn")  # measured there with oneDNN on transposed weights
-    monkeypatch.setattr(precision.native, "int8_kernel", lambda: SimpleNamespace(path="avx2"))
-    assert precision.float_rows_native("onednn") and not precision.float_rows_native("mkl")
+    real_kernel = precision.native.int8_kernel
+    for route in ("onednn", "mkl"):  # the routes measured: oneDNN's with AVX2 (Zen 3), MKL's with AVX512 (Ice Lake)
+        for built in ("avx2", "avx512", "generic"):
+            monkeypatch.setattr(precision.native, "int8_kernel", lambda built=built: SimpleNamespace(path=built))
+            assert precision.float_rows_native(route) == ((route, built) in {("onednn", "avx2"), ("mkl", "avx512")})
+    monkeypatch.setattr(precision.native, "int8_kernel", lambda: None)
+    assert not precision.float_rows_native("onednn") and not precision.float_rows_native("mkl")
+    monkeypatch.setattr(precision.native, "int8_kernel", lambda: SimpleNamespace(path=path))
     many = for_inference(tiny_model(), CPU, "float32", rows=8)  # as loaded: no copy at start-up
     linears = [m for m in many.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(type(m) is precision.OneDNNLinear and m.weight.is_contiguous() for m in linears)
+    assert linears and all(type(m).__name__ == cls and m.weight.is_contiguous() for m in linears)
+    one = for_inference(tiny_model(), CPU, "float32", rows=1)  # one row a step: the route's own Linear
+    assert all(type(m) is (torch.nn.Linear if kernel == "mkl" else precision.OneDNNLinear)
+               for m in one.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(precision.native, "int8_kernel", real_kernel)  # int8 quantizes through the real one
+    monkeypatch.setattr(precision, "float_rows_native", lambda route: True)
+    for dtype, quantize in [("bfloat16", "none"), ("float32", "int8")]:  # only float32 weights take it
+        assert not any(type(m) is precision.RowsLinear
+                       for m in for_inference(tiny_model(), CPU, dtype, quantize, rows=8).modules())
 
 
 def test_cpu_linear_kernel_is_onednn_on_x86_cpus_other_than_intels(monkeypatch):
