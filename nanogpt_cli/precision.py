@@ -303,7 +303,7 @@ class RowsLinear(nn.Linear):
     """An nn.Linear (same parameters, same state_dict) whose float32 products of a batched decoding step's 2 to
     NATIVE_MAX_ROWS rows run in ngpt's native kernel (`native_rows_linear`) and everything else in torch's F.linear
     (MKL): the CPUs of MKL's route where `float_rows_native("mkl")`. On a 2-core Ice Lake Xeon (AVX512) GPT-2 124M's
-    49 matrices for 4 rows took 26.8 ms and for 8 rows 30.8 ms in the kernel, against MKL's 46-50 and 49-67 ms
+    49 matrices for 4 rows took 26.8 ms and for 8 rows 30.8 ms in the kernel, against MKL's 46-50 and 43-69 ms
     (either layout), where one row takes 22-23 ms."""
 
     def forward(self, x):
@@ -351,7 +351,7 @@ def float_rows_native(kernel: str) -> bool:
     """Whether float32 products of a few rows go through ngpt's native kernel with this CPU's Linear `kernel`
     (`NATIVE_ROWS_ROUTES`). On an AVX2 EPYC (Zen 3, 2 cores) it computes GPT-2 124M's matrices for 2-4 rows in
     15-16 ms and for 8 rows in 23 ms, against oneDNN's 29-35 and 41-46 ms (16.6 ms for one row); on an Ice Lake
-    Xeon (AVX512, 2 cores) for 4 rows in 26.8 ms and 8 rows in 30.8, against MKL's 46-50 and 49-67 ms (22-23 ms for
+    Xeon (AVX512, 2 cores) for 4 rows in 26.8 ms and 8 rows in 30.8, against MKL's 46-50 and 43-69 ms (22-23 ms for
     one row). Weights then keep the layout they were loaded in."""
     built = native.int8_kernel()
     return built is not None and (kernel, built.path) in NATIVE_ROWS_ROUTES
