@@ -4,17 +4,18 @@
     ngpt sample --out-dir RUN --quantize int8         # cpu: a quarter of the bytes, per-output-channel scales
 
 At batch 1 a decoding step reads every weight once, so its time follows the bytes of the weights. bf16 weights
-halve them; int8 weights quarter the matrices' (the embedding tables stay as they are: a token reads one row).
-The int8 matmul is torch's `_weight_int8pack_mm` (int8 weights, bf16 activations, a bf16 scale per output
-channel), a CPU kernel; elsewhere `--quantize int8` is refused. On a CPU, a bf16 Linear's product of a single row
-(batch-1 decoding) runs as torch's matrix-vector product, which streams bf16 weights 1.45x faster than its
-one-row matrix product (`VectorLinear`), and float32 weights that decode 4 rows or more at once are stored
-transposed, which MKL's GEMM of a few rows streams 1.2-1.8x faster (`transposed_storage`). On x86 CPUs that are
-not Intel's, MKL (torch's BLAS, which runs every float32 Linear) is far from the bandwidth, so there the
-products go through oneDNN (`OneDNNLinear`). A batched step's few float32 rows go through ngpt's native kernel
-where it was measured faster than the route's own product (`float_rows_native`: oneDNN's on an AVX2 EPYC, MKL's
-on an AVX512 Xeon, `RowsLinear`); elsewhere, or where it cannot be built, weights decoding several rows at a time
-are stored transposed instead. docs/performance.md has the measurements.
+halve them; int8 weights quarter the matrices' (the embedding tables stay as they are: a token reads one row). The
+int8 matmul is torch's `_weight_int8pack_mm` (int8 weights, bf16 activations, a bf16 scale per output channel), a
+CPU kernel; elsewhere `--quantize int8` is refused. On a CPU, a bf16 Linear's product of a single row (batch-1
+decoding) runs as torch's matrix-vector product, which streams bf16 weights 1.45x faster than its one-row matrix
+product (`VectorLinear`), and float32 weights that decode 4 rows or more at once are stored transposed, which MKL's
+GEMM of a few rows streams 1.2-1.8x faster (`transposed_storage`), where the native kernel below does not take
+those rows. On x86 CPUs that are not Intel's, MKL (torch's BLAS, which runs every float32 Linear) is far from the
+bandwidth, so there the products go through oneDNN (`OneDNNLinear`). A batched step's few float32 rows go through
+ngpt's native kernel where it was measured faster than the route's own product (`float_rows_native`: oneDNN's on an
+AVX2 EPYC, MKL's on an AVX512 Xeon without bf16 instructions, `RowsLinear`); elsewhere, or where it cannot be
+built, weights decoding several rows at a time are stored transposed instead. docs/performance.md has the
+measurements.
 """
 
 from __future__ import annotations
@@ -295,16 +296,18 @@ def onednn_linear(x, weight, bias):
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))):
         return F.linear(x, weight, bias)
-    out = native_rows_linear(x, weight, bias, "onednn") if x.numel() > weight.size(1) else None  # rows > 1
+    out = (native_rows_linear(x, weight, bias) if x.numel() > weight.size(1) and float_rows_native("onednn")
+           else None)  # rows > 1, on the CPUs where the kernel takes them
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "") if out is None else out
 
 
 class RowsLinear(nn.Linear):
     """An nn.Linear (same parameters, same state_dict) whose float32 products of a batched decoding step's 2 to
     NATIVE_MAX_ROWS rows run in ngpt's native kernel (`native_rows_linear`) and everything else in torch's F.linear
-    (MKL): the CPUs of MKL's route where `float_rows_native("mkl")`. On a 2-core Ice Lake Xeon (AVX512) GPT-2 124M's
-    49 matrices for 4 rows took 26.8 ms and for 8 rows 30.8 ms in the kernel, against MKL's 46-50 and 43-69 ms
-    (either layout), where one row takes 22-23 ms."""
+    (MKL): the Linears of a float32 model decoding several rows a step on the CPUs of MKL's route where
+    `float_rows_native("mkl")`. On a 2-core Ice Lake Xeon (AVX512) GPT-2 124M's 49 matrices for 4 rows took 26.8 ms
+    and for 8 rows 30.8 ms in the kernel, against MKL's 46-50 and 43-69 ms (either layout), where one row takes
+    22-23 ms."""
 
     def forward(self, x):
         return rows_linear(x, self.weight, self.bias)
@@ -316,45 +319,51 @@ class RowsLinear(nn.Linear):
 
 def rows_linear(x, weight, bias):
     """F.linear(x, weight, bias), a batched decoding step's few float32 rows through `native_rows_linear`."""
-    out = native_rows_linear(x, weight, bias, "mkl") if x.numel() > weight.size(1) else None  # rows > 1
+    out = native_rows_linear(x, weight, bias) if x.numel() > weight.size(1) else None  # rows > 1
     return F.linear(x, weight, bias) if out is None else out
 
 
-def native_rows_linear(x, weight, bias, kernel: str):
+def native_rows_linear(x, weight, bias):
     """x @ weight.T + bias through ngpt's native float32 kernel (`native.Int8Kernel.float_linear`) for 2 to
-    NATIVE_MAX_ROWS float32 rows on a CPU at inference, weight stored (out, in), where `float_rows_native(kernel)`;
-    None for anything else (the caller's kernel then computes it)."""
+    NATIVE_MAX_ROWS float32 rows on a CPU at inference, weight stored (out, in); None for anything else, and where
+    the kernel cannot be had or the model is being compiled (the caller's kernel then computes it). Which CPUs
+    call it is the caller's (`float_rows_native`)."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
     if not (1 < rows <= NATIVE_MAX_ROWS and x.dtype is torch.float32 and weight.dtype is torch.float32
             and x.shape[-1] == in_features and x.is_cpu and weight.is_cpu and weight.is_contiguous()
             and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu and bias.dim() == 1
                                   and bias.numel() == out_features))
-            and not torch.is_autocast_enabled("cpu")
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))
-            and float_rows_native(kernel)):
+                                                  or (bias is not None and bias.requires_grad)))):
+        return None
+    kernel = native.int8_kernel()
+    if kernel is None:
         return None
     out = x.new_empty(*x.shape[:-1], out_features)
-    native.int8_kernel().float_linear(x if x.is_contiguous() else x.contiguous(), weight,
-                                      None if bias is None else bias.contiguous(), out, rows, torch.get_num_threads())
+    kernel.float_linear(x if x.is_contiguous() else x.contiguous(), weight, None if bias is None else bias.contiguous(),
+                        out, rows, torch.get_num_threads())
     return out
 
 
 # (route, the native kernel's instruction set) where a batch's few float32 rows take the native kernel, measured:
-# oneDNN's on an AVX2 EPYC (Zen 3), MKL's on an AVX512 Xeon (Ice Lake). The AVX512 EPYC (Zen 5) keeps oneDNN on
-# transposed weights (13.4 ms for 2 rows, 21.2 for 8: near the read; the kernel unmeasured there).
+# oneDNN's on an AVX2 EPYC (Zen 3), MKL's on an AVX512 Xeon without bf16 instructions (Ice Lake). The AVX512 EPYC
+# (Zen 5) keeps oneDNN on transposed weights (13.4 ms for 2 rows, 21.2 for 8: near the read), and a Xeon with AMX
+# MKL on transposed weights (38.8 ms for 8 rows): the kernel is unmeasured on both.
 NATIVE_ROWS_ROUTES = {("onednn", "avx2"), ("mkl", "avx512")}
 
 
 def float_rows_native(kernel: str) -> bool:
     """Whether float32 products of a few rows go through ngpt's native kernel with this CPU's Linear `kernel`
-    (`NATIVE_ROWS_ROUTES`). On an AVX2 EPYC (Zen 3, 2 cores) it computes GPT-2 124M's matrices for 2-4 rows in
-    15-16 ms and for 8 rows in 23 ms, against oneDNN's 29-35 and 41-46 ms (16.6 ms for one row); on an Ice Lake
-    Xeon (AVX512, 2 cores) for 4 rows in 26.8 ms and 8 rows in 30.8, against MKL's 46-50 and 43-69 ms (22-23 ms for
-    one row). Weights then keep the layout they were loaded in."""
+    (`NATIVE_ROWS_ROUTES`; on MKL's route not on CPUs with AMX or AVX512-BF16, the AMX Xeon measured with MKL). On
+    an AVX2 EPYC (Zen 3, 2 cores) it computes GPT-2 124M's matrices for 2-4 rows in 15-16 ms and for 8 rows in 23
+    ms, against oneDNN's 29-35 and 41-46 ms (16.6 ms for one row); on an Ice Lake Xeon (AVX512, 2 cores) for 4 rows
+    in 26.8 ms and 8 rows in 30.8, against MKL's 46-50 and 43-69 ms (22-23 ms for one row). Weights then keep the
+    layout they were loaded in."""
     built = native.int8_kernel()
-    return built is not None and (kernel, built.path) in NATIVE_ROWS_ROUTES
+    return (built is not None and (kernel, built.path) in NATIVE_ROWS_ROUTES
+            and not (kernel == "mkl" and cpu_has_fast_bf16()))
 
 
 def retype_linears(model: nn.Module, cls: type[nn.Linear]) -> nn.Module:

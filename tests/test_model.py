@@ -289,6 +289,30 @@ def test_the_decoding_step_binds_each_precisions_linears(monkeypatch, dtype, qua
     assert len(calls) == (2 + 6) * (4 * model.config.n_layer + 1)
 
 
+def test_a_batchs_decoding_step_through_the_native_rows_gives_the_forwards_logits(monkeypatch):
+    import nanogpt_cli.precision as precision
+    from nanogpt_cli import native
+
+    kernel = native.int8_kernel()
+    if kernel is None:
+        pytest.skip(f"no native kernel here: {native.int8_kernel_status()}")
+    rows = []
+    monkeypatch.setattr(precision, "cpu_linear_kernel", lambda: "mkl")
+    monkeypatch.setattr(precision, "float_rows_native", lambda route: True)  # an Ice Lake Xeon's choice
+    monkeypatch.setattr(type(kernel), "float_linear",
+                        lambda self, *a, real=type(kernel).float_linear: rows.append(a[4]) or real(self, *a))
+    model = precision.for_inference(tiny(), torch.device("cpu"), "float32", rows=3)
+    assert {type(m) for m in model.modules() if isinstance(m, nn.Linear)} == {precision.RowsLinear}
+    pairs = decode_both(model, rows=3, prompt=6)  # the prefills' 18 rows through MKL, each step's 3 the kernel
+    for forward, step in pairs:
+        torch.testing.assert_close(step, forward, atol=0, rtol=0)
+    # every Linear of the 6 steps both ways, and each prefill's head (its rows' last positions only)
+    assert set(rows) == {3} and len(rows) == 2 * 6 * (4 * model.config.n_layer + 1) + 2
+    reference = decode_both(tiny(), rows=3, prompt=6)  # the same weights through torch's Linear
+    for (forward, _), (expected, _) in zip(pairs, reference, strict=True):
+        torch.testing.assert_close(forward, expected, atol=1e-5, rtol=1e-5)  # the kernel's float rounding
+
+
 def test_the_decoding_step_calls_modules_it_cannot_bind_and_falls_back_to_the_forward(monkeypatch):
     from nanogpt_cli.generate import KVCache
 

@@ -116,6 +116,13 @@ def test_a_batch_of_a_few_float32_rows_takes_the_native_kernel_and_nothing_else(
             torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert linear(torch.randn(4, 96)).dtype is torch.bfloat16  # autocast: torch's, which casts
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            assert linear(torch.randn(4, 96)).shape == (4, 40)  # being compiled: torch's (no graph break)
+        halved = precision.retype_linears(torch.nn.Linear(96, 40, bias=False), getattr(precision, cls))
+        halved.to(torch.bfloat16)
+        with pytest.raises(RuntimeError):  # float32 rows against bf16 weights: torch's own error, not the kernel
+            halved(torch.randn(4, 96))
     x = torch.randn(4, 96, requires_grad=True)
     y = linear(x)
     assert y.requires_grad  # autograd recording: F.linear, which has a backward

@@ -166,10 +166,16 @@ def test_float32_weights_keep_their_layout_where_the_native_kernel_takes_the_few
     from types import SimpleNamespace
 
     real_kernel = precision.native.int8_kernel
-    for route in ("onednn", "mkl"):  # the routes measured: oneDNN's with AVX2 (Zen 3), MKL's with AVX512 (Ice Lake)
-        for built in ("avx2", "avx512", "generic"):
-            monkeypatch.setattr(precision.native, "int8_kernel", lambda built=built: SimpleNamespace(path=built))
-            assert precision.float_rows_native(route) == ((route, built) in {("onednn", "avx2"), ("mkl", "avx512")})
+    # the routes measured: oneDNN's with AVX2 (Zen 3), MKL's with AVX512 on a CPU without bf16 instructions (Ice
+    # Lake); a Xeon with AMX (bf16 instructions) keeps MKL's, measured there
+    for bf16 in (False, True):
+        monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda bf16=bf16: bf16)
+        for route in ("onednn", "mkl"):
+            for built in ("avx2", "avx512", "generic"):
+                monkeypatch.setattr(precision.native, "int8_kernel", lambda built=built: SimpleNamespace(path=built))
+                measured = {("onednn", "avx2")} if bf16 else {("onednn", "avx2"), ("mkl", "avx512")}
+                assert precision.float_rows_native(route) == ((route, built) in measured), (bf16, route, built)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr(precision.native, "int8_kernel", lambda: None)
     assert not precision.float_rows_native("onednn") and not precision.float_rows_native("mkl")
     monkeypatch.setattr(precision.native, "int8_kernel", lambda: SimpleNamespace(path=path))
