@@ -25,8 +25,10 @@ from nanogpt_cli.errors import UsageError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: CPU instructions that make bf16 matmuls faster than fp32."""
+    """AMX or AVX512-BF16: CPU instructions that make bf16 matmuls faster than fp32. Read once a process (a model's
+    load asks up to three times: `precision.for_inference`)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = f.read()
